@@ -1,0 +1,15 @@
+// CPU kernels. They take the same plain params structs as the CUDA kernels; the
+// torch glue in csrc/api has already validated shapes, dtypes and index ranges.
+#pragma once
+#include "../mla_params.h"
+
+namespace mla::cpu {
+
+// cache[slot] = [kv_c | k_pe] for every slot >= 0. Parallel over tokens.
+void append_kv(const AppendParams& params);
+
+// Absorbed MLA decode: out = softmax(scale * q . K^T) . V with V = K[:, :512].
+// Writes params.out and params.lse. Parallel over (sequence, KV chunk) with an lse merge.
+void decode(const DecodeParams& params);
+
+}  // namespace mla::cpu

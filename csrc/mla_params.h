@@ -1,0 +1,84 @@
+// Plain parameter structs shared by the torch glue (csrc/api) and the kernels
+// (csrc/cpu, csrc/cuda). No torch headers here: CUDA kernels include this file and
+// must compile with plain nvcc.
+//
+// Shape names used in the comments:
+//   b   batch (sequences)          s_q  queries per sequence (1, or 2+ for MTP)
+//   h   query heads                T    tokens appended in one call
+//   NB  cache blocks               BS   block_size (tokens per block)
+//   MB  max_blocks_per_seq         D = 576 = DC (512 latent) + DR (64 rope)
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MLA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MLA_HOST_DEVICE inline
+#endif
+
+namespace mla {
+
+constexpr int kLatentDim = 512;                     // DC: kv_lora_rank, also head_dim_v
+constexpr int kRopeDim = 64;                        // DR: qk_rope_head_dim
+constexpr int kHeadDim = kLatentDim + kRopeDim;     // D: one cache row
+
+// Element types the kernels understand. The glue maps torch dtypes onto these.
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat8E4M3 = 3 };
+
+struct AppendParams {
+  const void* kv_c;         // [T, DC]  row stride kv_c_row_stride elements, last dim contiguous
+  const void* k_pe;         // [T, DR]  row stride k_pe_row_stride elements, last dim contiguous
+  void* cache;              // [NB, BS, D]  strides cache_block_stride / cache_token_stride, last dim contiguous
+  const void* slot_mapping; // [T] int64 or int32 (slot_is_int64); slot = block * BS + offset, < 0 = skip
+  const float* scale;       // [1] fp8 dequant scale (cache stores x / scale); nullptr for non-fp8 caches
+
+  int64_t kv_c_row_stride;
+  int64_t k_pe_row_stride;
+  int64_t cache_block_stride;
+  int64_t cache_token_stride;
+  int64_t num_tokens;       // T
+  int64_t num_blocks;       // NB
+  int32_t block_size;       // BS
+  bool slot_is_int64;
+  DType input_dtype;        // dtype of kv_c and k_pe
+  DType cache_dtype;
+};
+
+struct DecodeParams {
+  const void* q_nope;       // [b, s_q, h, DC]  (or the packed [b, s_q, h, D] query: then q_pe = q_nope + DC)
+  const void* q_pe;         // [b, s_q, h, DR]
+  const void* cache;        // [NB, BS, D]  strides cache_block_stride / cache_token_stride
+  const int32_t* block_table;   // [b, MB]  row stride block_table_batch_stride
+  const int32_t* cache_seqlens; // [b]  tokens in the cache per sequence (includes the s_q new ones)
+  const float* kv_scale;    // [1] fp8 dequant scale, nullptr for non-fp8 caches
+  void* out;                // [b, s_q, h, DC]  contiguous, q's dtype
+  float* lse;               // [b, s_q, h]      contiguous, natural log; -inf where no key is visible
+
+  // Strides in elements. The head dim of q_nope/q_pe is contiguous.
+  int64_t q_nope_batch_stride, q_nope_seq_stride, q_nope_head_stride;
+  int64_t q_pe_batch_stride, q_pe_seq_stride, q_pe_head_stride;
+  int64_t cache_block_stride, cache_token_stride;
+  int64_t block_table_batch_stride;
+
+  int32_t batch;            // b
+  int32_t seqlen_q;         // s_q
+  int32_t num_heads;        // h
+  int32_t num_blocks;       // NB
+  int32_t block_size;       // BS
+  int32_t max_blocks_per_seq;  // MB
+  float softmax_scale;
+  bool causal;
+  DType q_dtype;            // dtype of q_nope, q_pe and out
+  DType cache_dtype;
+};
+
+// Number of keys visible to query row j (0 <= j < s_q) of a sequence with cache length L.
+// Bottom-right aligned causal mask: query j sees keys t <= L - s_q + j.
+MLA_HOST_DEVICE int32_t visible_keys(int32_t seqlen, int32_t seqlen_q, int32_t j, bool causal) {
+  if (seqlen <= 0) return 0;
+  if (!causal) return seqlen;
+  int32_t n = seqlen - seqlen_q + j + 1;
+  return n < 0 ? 0 : (n > seqlen ? seqlen : n);
+}
+
+}  // namespace mla

@@ -1,0 +1,14 @@
+"""mla_ext: DeepSeek Multi-head Latent Attention (MLA) kernels for PyTorch.
+
+    mla_ext.append_kv(kv_c, k_pe, cache, slot_mapping)           # write the paged latent cache
+    mla_ext.decode(q_nope, q_pe, cache, block_table, cache_seqlens,
+                   softmax_scale=...)                             # absorbed decode attention
+
+See README.md and docs/ for the layouts and the math.
+"""
+from . import reference
+from ._ops import HEAD_DIM, LATENT_DIM, ROPE_DIM
+from .ops import append_kv, decode, set_index_checks
+
+__all__ = ["append_kv", "decode", "set_index_checks", "reference", "LATENT_DIM", "ROPE_DIM", "HEAD_DIM"]
+__version__ = "0.1.0"

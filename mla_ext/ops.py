@@ -1,0 +1,75 @@
+"""The public operations. Thin wrappers over torch.ops.mla_ext.*: the C++ layer checks
+every argument (naming it) before anything is written; see docs/api.md."""
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import _ops  # noqa: F401  (registers the ops)
+
+
+def append_kv(
+    kv_c: torch.Tensor,
+    k_pe: torch.Tensor,
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    scale: Optional[torch.Tensor] = None,
+) -> None:
+    """Write new tokens into the paged latent cache, in place.
+
+    kv_c          [T, 512]  normalised latent c_t (cache dtype; any float dtype for an fp8 cache)
+    k_pe          [T, 64]   rotated rope key
+    cache         [num_blocks, block_size, 576] or [num_blocks, block_size, 1, 576]
+    slot_mapping  [T] int64 or int32; slot = block_id * block_size + offset; < 0 skips the token
+    scale         float32 [1], only for a float8_e4m3fn cache (stores x / scale)
+    """
+    torch.ops.mla_ext.append_kv(kv_c, k_pe, cache, slot_mapping, scale)
+
+
+def decode(
+    q_nope: torch.Tensor,
+    q_pe: Optional[torch.Tensor],
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    softmax_scale: float,
+    causal: bool = True,
+    return_lse: bool = False,
+    out: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Absorbed MLA decode attention over the paged latent cache.
+
+    q_nope         [b, s_q, h, 512]  absorbed query W_UK^T q_nope (or the packed [b, s_q, h, 576] with q_pe=None)
+    q_pe           [b, s_q, h, 64]   rotated rope query, or None for a packed q_nope
+    cache          [num_blocks, block_size, 576] (or [..., 1, 576]); dtype = q's (or float8_e4m3fn with scale)
+    block_table    [b, max_blocks_per_seq] int32
+    cache_seqlens  [b] int32, tokens in the cache per sequence (including the s_q new ones)
+    softmax_scale  required: DeepSeek uses 1/sqrt(192) (times mscale^2 under YaRN)
+    causal         bottom-right aligned mask for s_q > 1: query j sees keys t <= L - s_q + j
+    out            optional [b, s_q, h, 512] output buffer in q's dtype
+
+    Returns out [b, s_q, h, 512] in q's dtype, and lse [b, s_q, h] fp32 (natural log) when return_lse.
+    """
+    if out is None:
+        out, lse = torch.ops.mla_ext.decode(
+            q_nope, q_pe, cache, block_table, cache_seqlens, float(softmax_scale), causal, scale
+        )
+    else:
+        lse = torch.empty(q_nope.shape[:3], dtype=torch.float32, device=q_nope.device)
+        torch.ops.mla_ext.decode_out(
+            q_nope, q_pe, cache, block_table, cache_seqlens, float(softmax_scale), causal, scale, out, lse
+        )
+    return (out, lse) if return_lse else out
+
+
+def set_index_checks(enabled: bool) -> bool:
+    """Turn the index-value checks on or off; returns the previous setting.
+
+    On the CPU they always run. On CUDA they need a host sync, so they run only in eager
+    mode outside graph capture, and only while enabled (default: on, or
+    MLA_EXT_INDEX_CHECKS=0 in the environment to start off). Kernels never dereference an
+    out-of-range index either way.
+    """
+    return torch.ops.mla_ext.set_index_checks(enabled)

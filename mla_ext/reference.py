@@ -1,0 +1,74 @@
+"""Readable reference implementations of the two ops, in plain torch.
+
+They follow SPEC's math line by line, in float32 by default (float64 on request), with
+no paging tricks: each sequence's cache rows are gathered through its block table and
+attention is computed densely. Tests and benchmarks compare the kernels against these.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+LATENT_DIM = 512
+ROPE_DIM = 64
+HEAD_DIM = LATENT_DIM + ROPE_DIM
+
+
+def _cache_3d(cache: torch.Tensor) -> torch.Tensor:
+    return cache.squeeze(2) if cache.dim() == 4 else cache
+
+
+def gather_sequence(cache: torch.Tensor, block_table_row: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """The first `seqlen` cache rows of one sequence, in order: [seqlen, 576]."""
+    cache = _cache_3d(cache)
+    block_size = cache.shape[1]
+    positions = torch.arange(seqlen, device=cache.device)
+    blocks = block_table_row[positions // block_size].long()
+    return cache[blocks, positions % block_size]
+
+
+def append_kv(kv_c: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Return a copy of `cache` with rows [kv_c | k_pe] written at the slots >= 0."""
+    new = cache.clone()
+    flat = _cache_3d(new).reshape(-1, HEAD_DIM)  # [num_blocks * block_size, 576], a view of `new`
+    keep = slot_mapping >= 0
+    rows = torch.cat([kv_c, k_pe], dim=-1).to(cache.dtype)
+    flat[slot_mapping[keep].long()] = rows[keep]
+    return new
+
+
+def decode(
+    q_nope: torch.Tensor,
+    q_pe: Optional[torch.Tensor],
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    causal: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed MLA decode, densely per sequence.
+
+    Returns out [b, s_q, h, 512] in q's dtype and lse [b, s_q, h] float32 (natural log;
+    -inf, with out = 0, for a query that sees no key).
+    """
+    q = q_nope if q_pe is None else torch.cat([q_nope, q_pe], dim=-1)  # [b, s_q, h, 576]
+    b, s_q, h, _ = q.shape
+    out = torch.zeros(b, s_q, h, LATENT_DIM, dtype=compute_dtype, device=q.device)
+    lse = torch.full((b, s_q, h), float("-inf"), dtype=compute_dtype, device=q.device)
+    for i in range(b):
+        seqlen = int(cache_seqlens[i])
+        if seqlen == 0:
+            continue
+        kv = gather_sequence(cache, block_table[i], seqlen).to(compute_dtype)  # [L, 576]
+        scores = softmax_scale * torch.einsum("shd,td->sht", q[i].to(compute_dtype), kv)  # [s_q, h, L]
+        if causal:
+            # Query j sees keys t <= L - s_q + j (bottom-right aligned).
+            j = torch.arange(s_q, device=q.device).view(s_q, 1, 1)
+            t = torch.arange(seqlen, device=q.device).view(1, 1, seqlen)
+            scores = scores.masked_fill(t > seqlen - s_q + j, float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)  # [s_q, h]; -inf where every key is masked
+        seen = torch.isfinite(row_lse)
+        probs = torch.where(seen[..., None], torch.exp(scores - row_lse[..., None]), 0.0)
+        out[i] = torch.einsum("sht,td->shd", probs, kv[:, :LATENT_DIM])
+        lse[i] = row_lse
+    return out.to(q.dtype), lse.float()
