@@ -8,7 +8,17 @@ See README.md and docs/ for the layouts and the math.
 """
 from . import reference
 from ._ops import HEAD_DIM, LATENT_DIM, ROPE_DIM
+from .fp8 import fp8_scale_for
 from .ops import append_kv, decode, set_index_checks
 
-__all__ = ["append_kv", "decode", "set_index_checks", "reference", "LATENT_DIM", "ROPE_DIM", "HEAD_DIM"]
+__all__ = [
+    "append_kv",
+    "decode",
+    "set_index_checks",
+    "fp8_scale_for",
+    "reference",
+    "LATENT_DIM",
+    "ROPE_DIM",
+    "HEAD_DIM",
+]
 __version__ = "0.1.0"

@@ -26,12 +26,35 @@ def gather_sequence(cache: torch.Tensor, block_table_row: torch.Tensor, seqlen: 
     return cache[blocks, positions % block_size]
 
 
-def append_kv(kv_c: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+FP8_E4M3_MAX = 448.0
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale rounded to nearest-even float8_e4m3fn, saturated to +-448 (torch's own
+    cast would turn out-of-range values into NaN, hence the clamp first)."""
+    return (x.float() / scale.float()).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def dequantize(cache: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The cache's values in `dtype`: x * scale for an fp8 cache, a plain cast otherwise."""
+    if cache.dtype == torch.float8_e4m3fn:
+        return cache.to(dtype) * scale.to(dtype)
+    return cache.to(dtype)
+
+
+def append_kv(
+    kv_c: torch.Tensor,
+    k_pe: torch.Tensor,
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Return a copy of `cache` with rows [kv_c | k_pe] written at the slots >= 0."""
     new = cache.clone()
     flat = _cache_3d(new).reshape(-1, HEAD_DIM)  # [num_blocks * block_size, 576], a view of `new`
     keep = slot_mapping >= 0
-    rows = torch.cat([kv_c, k_pe], dim=-1).to(cache.dtype)
+    rows = torch.cat([kv_c, k_pe], dim=-1)
+    rows = quantize_fp8(rows, scale) if cache.dtype == torch.float8_e4m3fn else rows.to(cache.dtype)
     flat[slot_mapping[keep].long()] = rows[keep]
     return new
 
@@ -45,11 +68,13 @@ def decode(
     softmax_scale: float,
     causal: bool = True,
     compute_dtype: torch.dtype = torch.float32,
+    scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA decode, densely per sequence.
 
     Returns out [b, s_q, h, 512] in q's dtype and lse [b, s_q, h] float32 (natural log;
-    -inf, with out = 0, for a query that sees no key).
+    -inf, with out = 0, for a query that sees no key). For a float8_e4m3fn cache, pass
+    its `scale`: rows are dequantized as x * scale.
     """
     q = q_nope if q_pe is None else torch.cat([q_nope, q_pe], dim=-1)  # [b, s_q, h, 576]
     b, s_q, h, _ = q.shape
@@ -59,7 +84,7 @@ def decode(
         seqlen = int(cache_seqlens[i])
         if seqlen == 0:
             continue
-        kv = gather_sequence(cache, block_table[i], seqlen).to(compute_dtype)  # [L, 576]
+        kv = dequantize(gather_sequence(cache, block_table[i], seqlen), scale, compute_dtype)  # [L, 576]
         scores = softmax_scale * torch.einsum("shd,td->sht", q[i].to(compute_dtype), kv)  # [s_q, h, L]
         if causal:
             # Query j sees keys t <= L - s_q + j (bottom-right aligned).

@@ -247,6 +247,11 @@ void validate_block_table(const at::Tensor& block_table_cpu, const at::Tensor& s
   }
 }
 
+void validate_scale_value(const at::Tensor& scale_cpu, const char* op) {
+  const float s = scale_cpu.data_ptr<float>()[0];
+  TORCH_CHECK_VALUE(std::isfinite(s) && s > 0, op, ": scale must be finite and > 0, got ", s);
+}
+
 bool index_checks_enabled() { return g_index_checks.load(); }
 
 bool set_index_checks(bool enabled) { return g_index_checks.exchange(enabled); }

@@ -33,6 +33,7 @@ void check_decode_outputs(const at::Tensor& q_nope, const at::Tensor& out, const
 void validate_slots(const at::Tensor& slot_mapping_cpu, int64_t num_slots);
 void validate_block_table(const at::Tensor& block_table_cpu, const at::Tensor& seqlens_cpu, int64_t num_blocks,
                           int64_t block_size);
+void validate_scale_value(const at::Tensor& scale_cpu, const char* op);
 
 // Whether the glue validates index values (on CUDA this costs a host sync, so it is
 // skipped under graph capture and may be switched off; kernels never dereference an

@@ -11,12 +11,15 @@ namespace {
 void append_kv_cpu(at::Tensor kv_c, at::Tensor k_pe, at::Tensor cache, const at::Tensor& slot_mapping,
                    const std::optional<at::Tensor>& scale) {
   at::Tensor cache3d = cache_3d(cache, "mla_ext.append_kv");
-  AppendParams p = check_append(kv_c, k_pe, cache3d, slot_mapping, scale);
-  validate_slots(slot_mapping, p.num_blocks * p.block_size);
-  TORCH_CHECK_NOT_IMPLEMENTED(p.cache_dtype != DType::kFloat8E4M3,
-                              "mla_ext.append_kv: float8_e4m3fn caches are not supported on the CPU yet");
+  // The kernel and validate_slots index slot_mapping densely: a strided one (a slice) must
+  // be made contiguous first, or they read the wrong entries.
+  const at::Tensor slots = slot_mapping.contiguous();
+  AppendParams p = check_append(kv_c, k_pe, cache3d, slots, scale);
+  validate_slots(slots, p.num_blocks * p.block_size);
+  if (scale.has_value()) validate_scale_value(*scale, "mla_ext.append_kv");
   if (p.num_tokens == 0) return;
-  cpu::append_kv(p);
+  if (p.cache_dtype == DType::kFloat8E4M3) cpu::append_kv_fp8(p);
+  else cpu::append_kv(p);
 }
 
 void decode_out_cpu(at::Tensor q_nope, std::optional<at::Tensor> q_pe, const at::Tensor& cache,
@@ -26,6 +29,7 @@ void decode_out_cpu(at::Tensor q_nope, std::optional<at::Tensor> q_pe, const at:
   DecodeParams p = check_decode(q_nope, q_pe, cache3d, block_table, cache_seqlens, softmax_scale, causal, scale);
   check_decode_outputs(q_nope, out, lse);
   validate_block_table(block_table, cache_seqlens, p.num_blocks, p.block_size);
+  if (scale.has_value()) validate_scale_value(*scale, "mla_ext.decode");
   TORCH_CHECK_NOT_IMPLEMENTED(p.cache_dtype != DType::kFloat8E4M3,
                               "mla_ext.decode: float8_e4m3fn caches are not supported on the CPU yet");
   p.out = out.data_ptr();

@@ -8,6 +8,10 @@ namespace mla::cpu {
 // cache[slot] = [kv_c | k_pe] for every slot >= 0. Parallel over tokens.
 void append_kv(const AppendParams& params);
 
+// The same into a float8_e4m3fn cache: stores e4m3(x / *scale), round-to-nearest-even,
+// saturated to +-448. Inputs may be fp32, fp16 or bf16.
+void append_kv_fp8(const AppendParams& params);
+
 // Absorbed MLA decode: out = softmax(scale * q . K^T) . V with V = K[:, :512].
 // Writes params.out and params.lse. Parallel over (sequence, KV chunk) with an lse merge.
 void decode(const DecodeParams& params);

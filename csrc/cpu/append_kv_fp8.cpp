@@ -1,0 +1,46 @@
+// CPU append into a float8_e4m3fn latent cache: cache[slot] = e4m3(x / scale), saturated.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include "cpu_kernels.h"
+#include "fp8.h"
+
+namespace mla::cpu {
+namespace {
+
+template <typename T>
+void quantize_rows(const AppendParams& p) {
+  const T* kv_c = static_cast<const T*>(p.kv_c);
+  const T* k_pe = static_cast<const T*>(p.k_pe);
+  uint8_t* cache = static_cast<uint8_t*>(p.cache);
+  const float scale = *p.scale;  // divide, not multiply by 1/scale: SPEC stores round(x / scale) exactly
+  at::parallel_for(0, p.num_tokens, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t slot = p.slot_is_int64 ? static_cast<const int64_t*>(p.slot_mapping)[t]
+                                           : static_cast<const int32_t*>(p.slot_mapping)[t];
+      if (slot < 0) continue;  // padding token
+      uint8_t* row = cache + (slot / p.block_size) * p.cache_block_stride + (slot % p.block_size) * p.cache_token_stride;
+      const T* c = kv_c + t * p.kv_c_row_stride;
+      const T* r = k_pe + t * p.k_pe_row_stride;
+      for (int d = 0; d < kLatentDim; ++d) row[d] = float_to_e4m3_saturate(static_cast<float>(c[d]) / scale);
+      for (int d = 0; d < kRopeDim; ++d)
+        row[kLatentDim + d] = float_to_e4m3_saturate(static_cast<float>(r[d]) / scale);
+    }
+  });
+}
+
+}  // namespace
+
+void append_kv_fp8(const AppendParams& p) {
+  TORCH_CHECK(p.cache_dtype == DType::kFloat8E4M3 && p.scale != nullptr, "mla_ext: append_kv_fp8 needs an fp8 cache");
+  switch (p.input_dtype) {
+    case DType::kFloat32: quantize_rows<float>(p); break;
+    case DType::kFloat16: quantize_rows<c10::Half>(p); break;
+    case DType::kBFloat16: quantize_rows<c10::BFloat16>(p); break;
+    default: TORCH_CHECK(false, "mla_ext: unsupported input dtype for an fp8 cache");
+  }
+}
+
+}  // namespace mla::cpu
