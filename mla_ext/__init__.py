@@ -6,8 +6,10 @@
 
 See README.md and docs/ for the layouts and the math.
 """
-from . import reference
+from . import absorb, flash_mla, integrations, reference
 from ._ops import HEAD_DIM, LATENT_DIM, ROPE_DIM
+from .absorb import absorb_query, expand_output, mla_softmax_scale, split_kv_b_proj
+from .cache import OutOfBlocksError, PagedLatentCache, StepMetadata
 from .fp8 import fp8_scale_for
 from .ops import append_kv, decode, set_index_checks
 
@@ -16,6 +18,16 @@ __all__ = [
     "decode",
     "set_index_checks",
     "fp8_scale_for",
+    "split_kv_b_proj",
+    "absorb_query",
+    "expand_output",
+    "mla_softmax_scale",
+    "PagedLatentCache",
+    "StepMetadata",
+    "OutOfBlocksError",
+    "absorb",
+    "flash_mla",
+    "integrations",
     "reference",
     "LATENT_DIM",
     "ROPE_DIM",

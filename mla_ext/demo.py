@@ -185,6 +185,16 @@ def main(argv=None) -> int:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-hf", action="store_true", help="skip part 2 (the HF transformers model)")
     args = parser.parse_args(argv)
+    print("=== Part 1: one MLA layer, absorbed decode vs the expanded computation\n")
     ok = run(args.batch, args.steps, args.block_size, getattr(torch, args.dtype), args.device)
+    if not args.skip_hf:
+        print("\n=== Part 2: a random DeepSeek-V3-shaped HF transformers model generating with and without mla_ext\n")
+        try:
+            from .demo_hf import run_hf_demo
+        except ImportError as err:  # transformers is optional for the library, pinned for the demo
+            print(f"skipped: {err} (pip install -r requirements-dev.txt)")
+        else:
+            ok = run_hf_demo(device=args.device) is not False and ok
     return 0 if ok else 1
