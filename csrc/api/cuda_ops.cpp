@@ -26,15 +26,13 @@ bool capturing() {
 
 bool run_index_checks() { return index_checks_enabled() && !capturing(); }
 
-// MLA_EXT_DECODE_IMPL=simple forces the CUDA-core decode kernel (debugging, comparisons).
+// MLA_EXT_DECODE_IMPL=simple forces the CUDA-core decode kernel (debugging, comparisons);
+// read on every call so tests can switch it.
 cuda::DecodeImpl requested_impl() {
-  static const cuda::DecodeImpl impl = [] {
-    const char* env = std::getenv("MLA_EXT_DECODE_IMPL");
-    if (env && std::strcmp(env, "simple") == 0) return cuda::DecodeImpl::kSimple;
-    if (env && std::strcmp(env, "tc") == 0) return cuda::DecodeImpl::kTensorCore;
-    return cuda::DecodeImpl::kAuto;
-  }();
-  return impl;
+  const char* env = std::getenv("MLA_EXT_DECODE_IMPL");
+  if (env && std::strcmp(env, "simple") == 0) return cuda::DecodeImpl::kSimple;
+  if (env && std::strcmp(env, "tc") == 0) return cuda::DecodeImpl::kTensorCore;
+  return cuda::DecodeImpl::kAuto;
 }
 
 void append_kv_cuda(at::Tensor kv_c, at::Tensor k_pe, at::Tensor cache, const at::Tensor& slot_mapping,
