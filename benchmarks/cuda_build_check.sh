@@ -14,7 +14,7 @@ VENV=${MLA_EXT_CUDA_VENV:-/root/.cache/mla_ext/venv-cuda}
 if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q torch==2.14.1 ninja==1.13.0 setuptools==80.9.0 numpy==2.3.5
+  "$VENV/bin/pip" install -q "${MLA_EXT_CUDA_TORCH_SPEC:-torch==2.14.1}" ninja==1.13.0 setuptools==80.9.0 numpy==2.3.5
 fi
 PY=$VENV/bin/python
 export PATH="$VENV/bin:$PATH"  # ninja
