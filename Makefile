@@ -10,7 +10,7 @@ CUDA_TORCH_SPEC ?= torch==2.14.1
 NVCC ?= nvcc
 MAX_JOBS ?= 2
 
-.PHONY: demo test bench build venv cuda-compile-check cuda-build-check clean
+.PHONY: demo test bench build venv cuda-compile-check cuda-build-check device-check clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,20 @@ test: build
 
 bench: build
 	$(PY) benchmarks/bench_decode.py --device cpu
+
+# CI, no GPU needed: every csrc/cuda/*.cu through plain nvcc for sm_80 + sm_90a, failing on
+# any spill (also: cmake -S . -B build/cmake -G Ninja && cmake --build build/cmake).
+cuda-compile-check:
+	NVCC=$(NVCC) MAX_JOBS=$(MAX_JOBS) benchmarks/cuda_compile_check.sh
+
+# CI, no GPU needed: the full CUDAExtension against a CUDA build of torch, import + dispatch keys.
+cuda-build-check:
+	MLA_EXT_CUDA_VENV=$(CUDA_VENV) MLA_EXT_CUDA_TORCH_SPEC="$(CUDA_TORCH_SPEC)" MAX_JOBS=$(MAX_JOBS) \
+		benchmarks/cuda_build_check.sh
+
+# On a GPU machine (one call): build for its arch, GPU tests, sanitizer, benchmark, $(OUT)/record.json.
+device-check:
+	benchmarks/device_check.sh
 
 clean:
 	rm -rf build *.egg-info mla_ext/*.so $(VENV)

@@ -8,7 +8,25 @@ import glob
 import os
 import shutil
 
-import torch
+
+def _fix_cuda_home() -> None:
+    """torch derives CUDA_HOME from `which nvcc`; a wrapper script such as /usr/local/bin/nvcc
+    then yields a directory without the toolkit's headers. Point it at the real toolkit."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    for home in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+            if home != os.path.dirname(os.path.dirname(nvcc)):
+                os.environ["CUDA_HOME"] = home
+            return
+
+
+_fix_cuda_home()
+
+import torch  # noqa: E402  (after _fix_cuda_home: cpp_extension reads CUDA_HOME on import)
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -32,8 +50,31 @@ def sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
+def cuda_include_dirs() -> list[str]:
+    """Extra include dirs for torch's CUDA headers: a pip-installed toolkit (nvidia-* wheels)
+    ships cuBLAS / cuSPARSE headers that a minimal system toolkit may lack."""
+    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "include", "cublas_v2.h")):
+        return []
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    found = []
+    for inc in sorted(glob.glob(os.path.join(site, "nvidia", "*", "include"))):
+        if os.path.exists(os.path.join(inc, "cublas_v2.h")) or os.path.exists(os.path.join(inc, "cusparse.h")):
+            found.append(inc)
+    return found
+
+
+def cxx_std() -> str:
+    """C++ standard for the torch-facing sources: recent torch headers require C++20."""
+    aten = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
+    try:
+        with open(aten) as f:
+            return "-std=c++20" if "C++20" in f.read() else "-std=c++17"
+    except OSError:
+        return "-std=c++17"
+
+
 def extension():
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x030A0000"]
+    cxx_flags = ["-O3", cxx_std(), "-fopenmp", "-DPy_LIMITED_API=0x030A0000"]
     srcs = sources("csrc/api/checks.cpp") + sources("csrc/api/registration.cpp") + sources("csrc/api/cpu_ops.cpp")
     srcs += sources("csrc/cpu/**/*.cpp")
     common = dict(name="mla_ext._C", extra_link_args=["-fopenmp"], py_limited_api=True)
@@ -44,8 +85,11 @@ def extension():
     srcs += sources("csrc/api/cuda_ops.cpp") + sources("csrc/cuda/**/*.cu")
     nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "--use_fast_math", "-Xptxas=-v,-warn-spills",
                   "--expt-relaxed-constexpr"]
-    return CUDAExtension(sources=srcs, extra_compile_args={"cxx": cxx_flags + ["-DMLA_EXT_WITH_CUDA"],
-                                                           "nvcc": nvcc_flags}, **common)
+    # -idirafter: searched after the toolkit's own include dir, so only headers it lacks come from there.
+    extra_inc = [flag for inc in cuda_include_dirs() for flag in ("-idirafter", inc)]
+    return CUDAExtension(sources=srcs,
+                         extra_compile_args={"cxx": cxx_flags + extra_inc + ["-DMLA_EXT_WITH_CUDA"], "nvcc": nvcc_flags},
+                         **common)
 
 
 setup(

@@ -54,6 +54,13 @@ struct DecodeParams {
   void* out;                // [b, s_q, h, DC]  contiguous, q's dtype
   float* lse;               // [b, s_q, h]      contiguous, natural log; -inf where no key is visible
 
+  // Split-KV workspace (CUDA only; the CPU kernels ignore these). With num_splits > 1 each
+  // split writes a normalised partial output and its lse here, and a combine pass merges
+  // them into out / lse. Rows are r = j * h + head (M = s_q * h rows per sequence).
+  float* o_accum;           // [b, num_splits, M, DC]  fp32, only read/written when num_splits > 1
+  float* lse_accum;         // [b, num_splits, M]      fp32 natural log, -inf = no key seen
+  int32_t num_splits;       // KV splits per sequence, from shapes only (never from seqlens values)
+
   // Strides in elements. The head dim of q_nope/q_pe is contiguous.
   int64_t q_nope_batch_stride, q_nope_seq_stride, q_nope_head_stride;
   int64_t q_pe_batch_stride, q_pe_seq_stride, q_pe_head_stride;

@@ -1,0 +1,170 @@
+"""GPU benchmark of mla_ext's CUDA kernels against the device's own ceilings and a plain
+torch implementation, in one run.
+
+    python benchmarks/bench_cuda.py --json out.json [--quick]
+
+Ceilings: a large device-to-device copy (bytes read + written) and a large bf16 matmul.
+Shapes (SPEC section 5): decode-tp8, decode-mtp, long-ctx (mla_ext and torch side by side),
+append with 65536 tokens. Counting:
+    FLOPs = 2 * b * s_q * h * L * (576 + 512)
+    bytes = elt * b * (s_q*h*576 + L*576 + s_q*h*512)        (decode, cache read once)
+    bytes = elt * T * 576 * 2                                  (append: read + write)
+"""
+import argparse
+import json
+import math
+import sys
+
+import torch
+
+import mla_ext
+
+D, DC, DR = 576, 512, 64
+SCALE = 1.0 / math.sqrt(192)
+DECODE_SHAPES = [  # name, b, s_q, h, L
+    ("decode-tp8", 128, 1, 16, 4096),
+    ("decode-mtp", 128, 2, 128, 4096),
+    ("long-ctx", 2, 1, 16, 32768),
+]
+
+
+def time_ms(fn, warmup=3, iters=20):
+    """Median of per-iteration CUDA-event times, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def ceilings(quick):
+    n = (1 << 28) if not quick else (1 << 26)  # 512 MiB of bf16 (128 MiB quick)
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), iters=10)
+    copy_gbps = 2 * src.numel() * src.element_size() / ms / 1e6
+    del src, dst
+    m = 8192 if not quick else 4096
+    a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, iters=10)
+    tflops = 2 * m ** 3 / ms / 1e9
+    return {"copy_gbps": round(copy_gbps, 1), "bf16_tflops": round(tflops, 1)}
+
+
+def torch_decode(q, cache, block_table, seqlens, L, block_size):
+    """Plain torch: gather the paged rows densely, then matmul / softmax / matmul in bf16
+    with fp32 softmax (what a user without a kernel would write). Equal lengths only."""
+    b, s_q, h, _ = q.shape
+    kv = cache[block_table[:, : L // block_size].long()].reshape(b, L, D)  # [b, L, 576]
+    scores = torch.matmul(q.reshape(b, s_q * h, D), kv.transpose(1, 2)).float() * SCALE
+    if s_q > 1:
+        j = torch.arange(s_q, device=q.device).repeat_interleave(h).view(1, -1, 1)
+        t = torch.arange(L, device=q.device).view(1, 1, -1)
+        scores = scores.masked_fill(t > L - s_q + j, float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(p, kv[..., :DC]).reshape(b, s_q, h, DC)
+
+
+def bench_decode(name, b, s_q, h, L, dtype=torch.bfloat16, block_size=64):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    blocks_per_seq = L // block_size
+    num_blocks = b * blocks_per_seq
+    cache = torch.randn(num_blocks, block_size, D, device="cuda", dtype=dtype, generator=gen)
+    block_table = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32).view(b, blocks_per_seq)
+    seqlens = torch.full((b,), L, dtype=torch.int32, device="cuda")
+    q = torch.randn(b, s_q, h, D, device="cuda", dtype=dtype, generator=gen)
+    q_nope, q_pe = q[..., :DC].contiguous(), q[..., DC:].contiguous()
+    elt = torch.finfo(dtype).bits // 8
+    flops = 2 * b * s_q * h * L * (D + DC)
+    nbytes = elt * b * (s_q * h * D + L * D + s_q * h * DC)
+
+    def run_ext():
+        return mla_ext.decode(q_nope, q_pe, cache, block_table, seqlens, softmax_scale=SCALE)
+
+    out = run_ext()
+    rows = []
+    ms = time_ms(run_ext)
+    rows.append(dict(name=name, impl="mla_ext", ms=round(ms, 4), gbps=round(nbytes / ms / 1e6, 1),
+                     tflops=round(flops / ms / 1e9, 2)))
+    try:
+        ref = torch_decode(q, cache, block_table, seqlens, L, block_size)
+        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        rows[-1]["rel_err_vs_torch"] = round(err, 5)
+        del ref
+        ms = time_ms(lambda: torch_decode(q, cache, block_table, seqlens, L, block_size), warmup=2, iters=5)
+        rows.append(dict(name=name, impl="torch", ms=round(ms, 4), gbps=round(nbytes / ms / 1e6, 1),
+                         tflops=round(flops / ms / 1e9, 2)))
+    except torch.OutOfMemoryError:
+        rows.append(dict(name=name, impl="torch", ms=None, gbps=None, tflops=None, note="out of memory"))
+    del cache
+    torch.cuda.empty_cache()
+    return rows
+
+
+def bench_append(T=65536, dtype=torch.bfloat16, block_size=64):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    num_blocks = T // block_size + 8
+    cache = torch.zeros(num_blocks, block_size, D, device="cuda", dtype=dtype)
+    kv = torch.randn(T, D, device="cuda", dtype=dtype, generator=gen)
+    kv_c, k_pe = kv[:, :DC].contiguous(), kv[:, DC:].contiguous()
+    slots = torch.randperm(num_blocks * block_size, device="cuda", generator=gen)[:T]
+    nbytes = 2 * T * D * (torch.finfo(dtype).bits // 8)
+    ms = time_ms(lambda: mla_ext.append_kv(kv_c, k_pe, cache, slots))
+    ok = torch.equal(cache.view(-1, D)[slots[:64]], kv[:64])
+    rows = [dict(name=f"append-{T}", impl="mla_ext", ms=round(ms, 4), gbps=round(nbytes / ms / 1e6, 1), tflops=0.0,
+                 correct=bool(ok))]
+    flat = cache.view(-1, D)
+
+    def torch_append():
+        flat[slots] = torch.cat([kv_c, k_pe], dim=-1)
+
+    ms = time_ms(torch_append)
+    rows.append(dict(name=f"append-{T}", impl="torch", ms=round(ms, 4), gbps=round(nbytes / ms / 1e6, 1), tflops=0.0))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--quick", action="store_true", help="smaller ceilings, fewer shapes (smoke test)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to benchmark")
+        return 0
+    mla_ext.set_index_checks(False)  # timing the kernels, not the host-side validation sync
+    torch.backends.cuda.matmul.allow_tf32 = False
+    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "index_checks": False}
+    record["ceilings"] = ceilings(args.quick)
+    results = []
+    for name, b, s_q, h, L in DECODE_SHAPES[: 1 if args.quick else None]:
+        results += bench_decode(name, b, s_q, h, L)
+    results += bench_append(T=4096 if args.quick else 65536)
+    record["results"] = results
+    c = record["ceilings"]
+    for r in results:
+        if r.get("gbps"):
+            r["pct_copy"] = round(100 * r["gbps"] / c["copy_gbps"], 1)
+        if r.get("tflops"):
+            r["pct_matmul"] = round(100 * r["tflops"] / c["bf16_tflops"], 1)
+    print(f"{'name':<14} {'impl':<8} {'ms':>9} {'GB/s':>8} {'TFLOPS':>8} {'%copy':>6}")
+    for r in results:
+        print(f"{r['name']:<14} {r['impl']:<8} {r['ms'] if r['ms'] is not None else '-':>9} "
+              f"{r['gbps'] or '-':>8} {r['tflops'] or '-':>8} {r.get('pct_copy', '-'):>6}")
+    print(f"ceilings: copy {c['copy_gbps']} GB/s, bf16 matmul {c['bf16_tflops']} TFLOPS")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Small append and decode cases for compute-sanitizer (memcheck, racecheck):
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python benchmarks/sanitize_cases.py
+
+Exercises the tensor-core kernel (one and several row blocks, several KV splits + combine),
+the CUDA-core kernel, odd block sizes, causal MTP rows that see no key, out-of-range
+indices with the checks off, and both append paths (16-byte vectors and scalar)."""
+import math
+import os
+
+import torch
+
+import mla_ext
+
+D, DC = 576, 512
+
+
+def decode_case(b, s_q, h, lens, block_size, width_extra=2, dtype=torch.bfloat16, bad=False):
+    g = torch.Generator(device="cuda").manual_seed(b * 131 + h)
+    need = [max(1, -(-n // block_size)) for n in lens]
+    nb = sum(need) + 1
+    cache = torch.randn(nb, block_size, D, device="cuda", dtype=dtype, generator=g)
+    table = torch.randint(0, nb, (b, max(need) + width_extra), device="cuda", dtype=torch.int32, generator=g)
+    if bad:
+        table[0, 0] = nb + 1000
+        table[-1, -1] = -3
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(b, s_q, h, D, device="cuda", dtype=dtype, generator=g)
+    out, lse = mla_ext.decode(q[..., :DC], q[..., DC:], cache, table, seqlens, softmax_scale=1 / math.sqrt(192),
+                              return_lse=True)
+    torch.cuda.synchronize()
+    return out, lse
+
+
+def main():
+    for impl in ("auto", "simple"):
+        if impl == "simple":
+            os.environ["MLA_EXT_DECODE_IMPL"] = "simple"
+        decode_case(3, 1, 16, [0, 5, 200], 16)
+        decode_case(2, 2, 40, [1, 77], 7)                        # M = 80: two row blocks, padding rows
+        decode_case(1, 1, 16, [3000], 64, width_extra=60)         # one CTA -> several KV splits + combine
+        decode_case(2, 3, 8, [2, 130], 1)                         # block_size 1, rows that see no key
+        decode_case(2, 1, 16, [100, 50], 16, dtype=torch.float16)
+        mla_ext.set_index_checks(False)
+        decode_case(2, 1, 16, [100, 10**9], 16, bad=True)         # out-of-range ids and length: clamped
+        mla_ext.set_index_checks(True)
+    os.environ.pop("MLA_EXT_DECODE_IMPL", None)
+    decode_case(2, 1, 16, [64, 9], 16, dtype=torch.float32)
+    cache = torch.zeros(4, 16, D, device="cuda", dtype=torch.bfloat16)
+    rows = torch.randn(6, D + 1, device="cuda", dtype=torch.bfloat16)
+    slots = torch.tensor([0, 63, -1, 17, 5, 40], device="cuda")
+    mla_ext.append_kv(rows[:, :DC].contiguous(), rows[:, DC:D].contiguous(), cache, slots)  # vector path
+    mla_ext.append_kv(rows[:, 1:DC + 1], rows[:, DC + 1:], cache, slots)                     # scalar path
+    mla_ext.set_index_checks(False)
+    mla_ext.append_kv(rows[:, :DC], rows[:, DC:D], cache, torch.tensor([64, 10**12, -5, 0, 1, 2], device="cuda"))
+    torch.cuda.synchronize()
+    print("sanitize cases done")
+
+
+if __name__ == "__main__":
+    main()

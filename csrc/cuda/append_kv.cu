@@ -1,0 +1,66 @@
+// Latent-cache append: cache[slot] = [kv_c | k_pe], one pass. Each thread moves one
+// vector (16 bytes when every row start is 16-byte aligned, else one element) of one
+// token's 576-wide row; consecutive threads cover consecutive vectors of a row, so loads
+// and stores are coalesced. Slots < 0 and slots past the cache are skipped.
+#include "common.cuh"
+#include "cuda_kernels.h"
+
+namespace mla::cuda {
+namespace {
+
+constexpr int kAppendThreads = 256;
+
+template <typename T, typename Vec>
+__global__ void __launch_bounds__(kAppendThreads) append_kv_kernel(const AppendParams p) {
+  constexpr int kElems = sizeof(Vec) / sizeof(T);     // elements per vector
+  constexpr int kLatentVecs = kLatentDim / kElems;
+  constexpr int kRowVecs = kHeadDim / kElems;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kAppendThreads + threadIdx.x;
+  const int64_t token = idx / kRowVecs;
+  const int v = static_cast<int>(idx - token * kRowVecs);
+  if (token >= p.num_tokens) return;
+  const int64_t slot = p.slot_is_int64 ? static_cast<const int64_t*>(p.slot_mapping)[token]
+                                       : static_cast<int64_t>(static_cast<const int32_t*>(p.slot_mapping)[token]);
+  if (slot < 0 || slot >= p.num_blocks * p.block_size) return;  // padding, or out of range: never written
+  const int64_t block = slot / p.block_size;
+  T* row = static_cast<T*>(p.cache) + block * p.cache_block_stride + (slot - block * p.block_size) * p.cache_token_stride;
+  const T* src = v < kLatentVecs ? static_cast<const T*>(p.kv_c) + token * p.kv_c_row_stride + v * kElems
+                                 : static_cast<const T*>(p.k_pe) + token * p.k_pe_row_stride + (v - kLatentVecs) * kElems;
+  *reinterpret_cast<Vec*>(row + v * kElems) = __ldg(reinterpret_cast<const Vec*>(src));
+}
+
+template <typename T, typename Vec>
+cudaError_t launch(const AppendParams& p, cudaStream_t stream) {
+  constexpr int kRowVecs = kHeadDim / (sizeof(Vec) / sizeof(T));
+  const int64_t total = p.num_tokens * kRowVecs;
+  const int64_t blocks = (total + kAppendThreads - 1) / kAppendThreads;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  append_kv_kernel<T, Vec><<<static_cast<unsigned>(blocks), kAppendThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+template <typename T, typename Scalar>
+cudaError_t dispatch(const AppendParams& p, cudaStream_t stream) {
+  constexpr int64_t e = sizeof(T);
+  const bool vec = aligned16(p.kv_c) && aligned16(p.k_pe) && aligned16(p.cache) && (p.kv_c_row_stride * e) % 16 == 0 &&
+                   (p.k_pe_row_stride * e) % 16 == 0 && (p.cache_block_stride * e) % 16 == 0 &&
+                   (p.cache_token_stride * e) % 16 == 0;
+  return vec ? launch<T, uint4>(p, stream) : launch<T, Scalar>(p, stream);
+}
+
+}  // namespace
+
+cudaError_t append_kv(const AppendParams& p, cudaStream_t stream) {
+  if (p.num_tokens == 0) return cudaSuccess;
+  if (p.input_dtype != p.cache_dtype) return cudaErrorInvalidValue;  // fp8 caches: not yet on CUDA
+  switch (p.cache_dtype) {
+    case DType::kFloat32: return dispatch<float, float>(p, stream);
+    case DType::kFloat16: return dispatch<__half, unsigned short>(p, stream);
+    case DType::kBFloat16: return dispatch<__nv_bfloat16, unsigned short>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace mla::cuda

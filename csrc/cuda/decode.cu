@@ -1,0 +1,278 @@
+// Decode planning and dispatch, the CUDA-core decode kernel (any dtype, any alignment)
+// and the split-KV combine kernel. The tensor-core kernel lives in decode_tc.cuh.
+#include <algorithm>
+#include <mutex>
+
+#include "cuda_kernels.h"
+#include "decode_tc.cuh"
+
+namespace mla::cuda {
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// CUDA-core decode: one CTA = (query row, split, sequence), 128 threads. Keys in tiles of
+// kSimpleTile: each warp scores a quarter of the tile (lanes split the 576-dim dot
+// product), then every thread updates the online softmax for its 4 output columns.
+constexpr int kSimpleThreads = 128;
+constexpr int kSimpleTile = 32;
+
+template <typename T>
+__global__ void __launch_bounds__(kSimpleThreads) decode_simple_kernel(const DecodeParams p) {
+  using Tr = TypeTraits<T>;
+  __shared__ float sq[kHeadDim];             // query row, pre-scaled by softmax_scale * log2 e
+  __shared__ float ss[kSimpleTile];          // scores of the tile (log2 units), -inf = masked
+  __shared__ const T* srow[kSimpleTile];     // cache rows of the tile, nullptr = zero row
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int32_t h = p.num_heads;
+  const int32_t M = p.seqlen_q * h;
+  const int32_t r = blockIdx.x % M;
+  const int32_t split = blockIdx.x / M;
+  const int32_t b = blockIdx.y;
+  const int32_t j = r / h, head = r % h;
+
+  const int32_t L = clamped_seqlen(p, b);
+  const int32_t n_keys = visible_keys(L, p.seqlen_q, j, p.causal);
+  const SplitRange range = split_range(n_keys, kSimpleTile, split, p.num_splits);
+  const float scale_log2 = p.softmax_scale * kLog2e;
+
+  {
+    const T* qn = static_cast<const T*>(p.q_nope) + b * p.q_nope_batch_stride + j * p.q_nope_seq_stride +
+                  head * p.q_nope_head_stride;
+    const T* qp = static_cast<const T*>(p.q_pe) + b * p.q_pe_batch_stride + j * p.q_pe_seq_stride +
+                  head * p.q_pe_head_stride;
+    for (int d = tid; d < kHeadDim; d += kSimpleThreads)
+      sq[d] = Tr::to_float(d < kLatentDim ? qn[d] : qp[d - kLatentDim]) * scale_log2;
+  }
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float m = -INFINITY, l = 0.f;
+  const int col = tid * 4;
+  for (int tile = range.tile_begin; tile < range.tile_end; ++tile) {
+    __syncthreads();  // previous tile's ss / srow fully consumed (and sq written, first time)
+    if (tid < kSimpleTile) {
+      const int32_t key = tile * kSimpleTile + tid;
+      srow[tid] = key < range.key_end ? cache_row<T>(p, b, key) : nullptr;
+    }
+    __syncthreads();
+    for (int k = warp; k < kSimpleTile; k += kSimpleThreads / 32) {
+      const int32_t key = tile * kSimpleTile + k;
+      const T* row = srow[k];
+      float dot = 0.f;
+      if (row != nullptr)
+        for (int d = lane; d < kHeadDim; d += 32) dot += sq[d] * Tr::to_float(row[d]);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      if (lane == 0) ss[k] = key < range.key_end ? dot : -INFINITY;  // missing block: a zero row
+    }
+    __syncthreads();
+    float tmax = -INFINITY;
+    for (int k = 0; k < kSimpleTile; ++k) tmax = fmaxf(tmax, ss[k]);
+    const float m_new = fmaxf(m, tmax);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    const float alpha = exp2f(m - m_use);
+    m = m_new;
+    l *= alpha;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[c] *= alpha;
+    for (int k = 0; k < kSimpleTile; ++k) {
+      const float pk = exp2f(ss[k] - m_use);
+      if (pk == 0.f) continue;
+      l += pk;
+      const T* row = srow[k];
+      if (row == nullptr) continue;  // zero row: contributes to the sum only
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[c] += pk * Tr::to_float(row[col + c]);
+    }
+  }
+
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  const float lse = l > 0.f ? (m + __log2f(l)) * kLn2 : -INFINITY;
+  if (p.num_splits == 1) {
+    T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * M + r) * kLatentDim + col;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) out[c] = Tr::from_float(acc[c] * inv);
+    if (tid == 0) p.lse[static_cast<int64_t>(b) * M + r] = lse;
+  } else {
+    const int64_t idx = (static_cast<int64_t>(b) * p.num_splits + split) * M + r;
+    *reinterpret_cast<float4*>(p.o_accum + idx * kLatentDim + col) =
+        make_float4(acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv);
+    if (tid == 0) p.lse_accum[idx] = lse;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Combine: out[b, r] = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse), and
+// lse = max + log(sum w). One CTA of 128 threads per (row, sequence), 4 columns a thread.
+constexpr int kCombineThreads = 128;
+
+template <typename T>
+__global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodeParams p) {
+  using Tr = TypeTraits<T>;
+  const int32_t M = p.seqlen_q * p.num_heads;
+  const int32_t r = blockIdx.x;
+  const int32_t b = blockIdx.y;
+  const int32_t S = p.num_splits;
+  const int64_t base = static_cast<int64_t>(b) * S * M + r;  // (b, split 0, r)
+  const int col = threadIdx.x * 4;
+
+  float mx = -INFINITY;
+  for (int s = 0; s < S; ++s) mx = fmaxf(mx, p.lse_accum[base + static_cast<int64_t>(s) * M]);
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  float wsum = 0.f;
+  if (mx != -INFINITY) {
+    for (int s = 0; s < S; ++s) {
+      const int64_t idx = base + static_cast<int64_t>(s) * M;
+      const float lse = p.lse_accum[idx];
+      if (lse == -INFINITY) continue;  // empty split
+      const float w = exp2f((lse - mx) * kLog2e);
+      const float4 v = *reinterpret_cast<const float4*>(p.o_accum + idx * kLatentDim + col);
+      acc.x += w * v.x;
+      acc.y += w * v.y;
+      acc.z += w * v.z;
+      acc.w += w * v.w;
+      wsum += w;
+    }
+  }
+  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+  T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * M + r) * kLatentDim + col;
+  out[0] = Tr::from_float(acc.x * inv);
+  out[1] = Tr::from_float(acc.y * inv);
+  out[2] = Tr::from_float(acc.z * inv);
+  out[3] = Tr::from_float(acc.w * inv);
+  if (threadIdx.x == 0) p.lse[static_cast<int64_t>(b) * M + r] = wsum > 0.f ? mx + __logf(wsum) : -INFINITY;
+}
+
+template <typename T>
+cudaError_t launch_simple(const DecodeParams& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<uint32_t>(p.seqlen_q * p.num_heads * p.num_splits), p.batch);
+  decode_simple_kernel<T><<<grid, kSimpleThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_combine(const DecodeParams& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<uint32_t>(p.seqlen_q * p.num_heads), p.batch);
+  combine_kernel<T><<<grid, kCombineThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------------------
+// Planning.
+struct DeviceInfo {
+  int sms = 0;
+  int smem_optin = 0;  // bytes of dynamic shared memory one block may opt into
+};
+
+DeviceInfo device_info(int device) {
+  constexpr int kMaxDevices = 64;
+  static DeviceInfo cache[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  auto query = [device] {
+    DeviceInfo d;
+    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
+    cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    return d;
+  };
+  if (device < 0 || device >= kMaxDevices) return query();
+  std::call_once(once[device], [&] { cache[device] = query(); });
+  return cache[device];
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+bool stride16(int64_t elems, int64_t elem_bytes) { return (elems * elem_bytes) % 16 == 0; }
+
+// Splits per (sequence, row block) so that base_ctas * splits fills `slots` CTA slots
+// well. Cost model: waves * (work per CTA + fixed per-CTA cost), work measured in
+// KV tiles of the block table's capacity (a shape, not the runtime seqlens).
+int32_t choose_splits(int64_t base_ctas, int64_t slots, int64_t capacity_tiles) {
+  if (base_ctas <= 0 || slots <= 0 || base_ctas >= slots) return 1;
+  constexpr int64_t kMaxSplits = 128;
+  constexpr double kFixedTiles = 4.0;  // Q load, pipeline fill, partial write, combine share
+  const int64_t max_splits = std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, capacity_tiles / 4));
+  int32_t best = 1;
+  double best_cost = 0.0;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t waves = (base_ctas * s + slots - 1) / slots;
+    const double cost = static_cast<double>(waves) * (static_cast<double>(capacity_tiles) / s + kFixedTiles);
+    if (s == 1 || cost < best_cost * 0.999) {
+      best = static_cast<int32_t>(s);
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
+DecodePlan plan_decode(const DecodeParams& p, int device, DecodeImpl requested) {
+  const DeviceInfo info = device_info(device);
+  const int64_t M = static_cast<int64_t>(p.seqlen_q) * p.num_heads;
+  const int64_t capacity = static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size;
+
+  DecodePlan plan{};
+  plan.impl = DecodeImpl::kSimple;
+  plan.config = -1;
+  const bool half_type = (p.q_dtype == DType::kBFloat16 || p.q_dtype == DType::kFloat16) && p.q_dtype == p.cache_dtype;
+  const bool aligned = aligned16(p.q_nope) && aligned16(p.q_pe) && aligned16(p.cache) &&
+                       stride16(p.q_nope_batch_stride, 2) && stride16(p.q_nope_seq_stride, 2) &&
+                       stride16(p.q_nope_head_stride, 2) && stride16(p.q_pe_batch_stride, 2) &&
+                       stride16(p.q_pe_seq_stride, 2) && stride16(p.q_pe_head_stride, 2) &&
+                       stride16(p.cache_block_stride, 2) && stride16(p.cache_token_stride, 2) &&
+                       reinterpret_cast<uintptr_t>(p.out) % 4 == 0;  // the kernel stores column pairs
+  if (requested != DecodeImpl::kSimple && half_type && aligned) {
+    const size_t sizes[kNumTcConfigs] = {TcConfigL::kSmemBytes, TcConfigM::kSmemBytes, TcConfigS::kSmemBytes};
+    for (int c = 0; c < kNumTcConfigs; ++c) {
+      if (sizes[c] <= static_cast<size_t>(info.smem_optin)) {
+        plan.impl = DecodeImpl::kTensorCore;
+        plan.config = c;
+        break;
+      }
+    }
+  }
+
+  int64_t base_ctas, slots, tile;
+  if (plan.impl == DecodeImpl::kTensorCore) {
+    const int bm = plan.config == 2 ? TcConfigS::kBlockM : TcConfigL::kBlockM;
+    tile = plan.config == 2 ? TcConfigS::kBlockN : TcConfigL::kBlockN;
+    base_ctas = static_cast<int64_t>(p.batch) * ((M + bm - 1) / bm);
+    slots = info.sms;  // every configuration holds one CTA per SM (shared memory, registers)
+  } else {
+    tile = kSimpleTile;
+    base_ctas = static_cast<int64_t>(p.batch) * M;
+    slots = static_cast<int64_t>(info.sms) * 8;
+  }
+  plan.num_splits = choose_splits(base_ctas, slots, (capacity + tile - 1) / tile);
+  if (plan.num_splits > 1) {
+    plan.workspace_o = static_cast<int64_t>(p.batch) * plan.num_splits * M * kLatentDim;
+    plan.workspace_lse = static_cast<int64_t>(p.batch) * plan.num_splits * M;
+  }
+  return plan;
+}
+
+cudaError_t decode(const DecodeParams& params, const DecodePlan& plan, cudaStream_t stream) {
+  if (params.batch == 0) return cudaSuccess;
+  DecodeParams p = params;
+  p.num_splits = plan.num_splits;
+  cudaError_t err = cudaSuccess;
+  if (plan.impl == DecodeImpl::kTensorCore) {
+    err = p.q_dtype == DType::kBFloat16 ? launch_decode_tc_bf16(p, plan.config, stream)
+                                        : launch_decode_tc_fp16(p, plan.config, stream);
+  } else {
+    switch (p.q_dtype) {
+      case DType::kFloat32: err = launch_simple<float>(p, stream); break;
+      case DType::kFloat16: err = launch_simple<__half>(p, stream); break;
+      case DType::kBFloat16: err = launch_simple<__nv_bfloat16>(p, stream); break;
+      default: return cudaErrorInvalidValue;
+    }
+  }
+  if (err != cudaSuccess || p.num_splits == 1) return err;
+  switch (p.q_dtype) {
+    case DType::kFloat32: return launch_combine<float>(p, stream);
+    case DType::kFloat16: return launch_combine<__half>(p, stream);
+    case DType::kBFloat16: return launch_combine<__nv_bfloat16>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace mla::cuda

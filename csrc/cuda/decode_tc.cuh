@@ -1,0 +1,367 @@
+// Absorbed MLA split-KV decode on tensor cores (sm_80+: mma.sync m16n8k16, ldmatrix,
+// cp.async). Included by one .cu per element type.
+//
+// One CTA = (row block of kBlockM query rows, KV split, sequence). The query rows of a
+// sequence are its M = s_q * h (query position, head) pairs, row r = j * h + head, so
+// every cache row loaded into shared memory serves all heads and all MTP positions.
+//
+// Warps: kWarpsM x 2. Warp (wm, wn) owns query rows [16 wm, 16 wm + 16) of the block.
+//   S = Q K^T  : it computes the scores of its rows against half of the tile's keys
+//                (keys [wn * kBlockN/2, (wn+1) * kBlockN/2)), Q and K from shared memory.
+//   softmax    : row maxima of the two halves are exchanged through shared memory, so
+//                both warps of a row group rescale with the same running max; each keeps
+//                a partial row sum over its keys (added up once at the end).
+//   O += P V   : P (16 x kBlockN, 16-bit) goes through shared memory; the warp multiplies
+//                it by V = the first 512 columns of the same shared tile (ldmatrix.trans)
+//                and accumulates output columns [256 wn, 256 wn + 256) in fp32 registers.
+// Cache rows are gathered through the block table one key row at a time (any block_size)
+// with cp.async into a kStages-deep ring of shared tiles; each cache row is read from
+// global memory once per CTA, for both K and V.
+#pragma once
+#include "common.cuh"
+
+namespace mla::cuda {
+
+template <int BM, int BN, int STAGES>
+struct TcConfig {
+  static constexpr int kBlockM = BM;
+  static constexpr int kBlockN = BN;
+  static constexpr int kStages = STAGES;
+  static constexpr int kWarpsM = BM / 16;
+  static constexpr int kWarpsN = 2;
+  static constexpr int kWarps = kWarpsM * kWarpsN;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRowElems = kHeadDim + 8;   // padded shared row: 1168 B, rows 16 B apart mod 128
+  static constexpr int kChunks = kHeadDim / 8;     // 16-byte chunks per cache / query row (72)
+  static constexpr int kKeysPerWarp = BN / kWarpsN;
+  static constexpr int kSTiles = kKeysPerWarp / 8;  // n8 score tiles per warp
+  static constexpr int kOCols = kLatentDim / kWarpsN;
+  static constexpr int kOTiles = kOCols / 8;        // n8 output tiles per warp
+  static constexpr int kPRow = BN + 8;              // padded P row (elements)
+  static constexpr int kLoadTPR = kThreads / BN;    // loader threads per key row
+  static constexpr int kLoadChunks = kChunks / kLoadTPR;
+
+  static constexpr size_t kQBytes = size_t(BM) * kRowElems * 2;
+  static constexpr size_t kKVBytes = size_t(BN) * kRowElems * 2;
+  static constexpr size_t kPBytes = size_t(BM) * kPRow * 2;
+  static constexpr size_t kRedBytes = size_t(2) * kWarpsN * BM * sizeof(float);
+  static constexpr size_t kSmemBytes = kQBytes + STAGES * kKVBytes + kPBytes + kRedBytes;
+
+  static_assert(BM % 16 == 0 && BN % 16 == 0, "tile sizes must be multiples of 16");
+  static_assert(kKeysPerWarp % 8 == 0, "each warp needs whole n8 score tiles");
+  static_assert(kThreads % BN == 0 && kChunks % kLoadTPR == 0, "loader layout");
+  static_assert(kOTiles % 2 == 0, "output tiles are loaded in pairs");
+  static_assert(STAGES >= 2, "need at least double buffering");
+};
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) decode_tc_kernel(const DecodeParams p) {
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, STAGES = Cfg::kStages;
+  constexpr int RS = Cfg::kRowElems;
+  using Tr = TypeTraits<T>;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);                                              // [BM][RS]
+  T* sKV = reinterpret_cast<T*>(smem + Cfg::kQBytes);                              // [STAGES][BN][RS]
+  T* sP = reinterpret_cast<T*>(smem + Cfg::kQBytes + STAGES * Cfg::kKVBytes);      // [BM][kPRow]
+  float* sMax = reinterpret_cast<float*>(smem + Cfg::kQBytes + STAGES * Cfg::kKVBytes + Cfg::kPBytes);  // [2][BM]
+  float* sSum = sMax + Cfg::kWarpsN * BM;                                           // [2][BM]
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp % Cfg::kWarpsM;
+  const int wn = warp / Cfg::kWarpsM;
+
+  const int32_t h = p.num_heads;
+  const int32_t M = p.seqlen_q * h;
+  const int32_t m_blocks = ceil_div(M, BM);
+  const int32_t m_block = blockIdx.x % m_blocks;
+  const int32_t split = blockIdx.x / m_blocks;
+  const int32_t b = blockIdx.y;
+  const int32_t m0 = m_block * BM;
+
+  const int32_t L = clamped_seqlen(p, b);
+  // Rows are ordered by query position j, so the block's last real row sees the most keys.
+  const int32_t last_row = min(m0 + BM, M) - 1;
+  const int32_t n_keys = visible_keys(L, p.seqlen_q, last_row / h, p.causal);
+  const SplitRange range = split_range(n_keys, BN, split, p.num_splits);
+
+  // ---- Q block -> shared (zero rows past M); part of the first cp.async group.
+  {
+    const T* qn = static_cast<const T*>(p.q_nope);
+    const T* qp = static_cast<const T*>(p.q_pe);
+    for (int c = tid; c < BM * Cfg::kChunks; c += Cfg::kThreads) {
+      const int row = c / Cfg::kChunks, ch = c % Cfg::kChunks;
+      const int32_t r = m0 + row;
+      const T* src = qn;
+      const bool valid = r < M;
+      if (valid) {
+        const int32_t j = r / h, head = r % h;
+        src = ch < kLatentDim / 8
+                  ? qn + b * p.q_nope_batch_stride + j * p.q_nope_seq_stride + head * p.q_nope_head_stride + ch * 8
+                  : qp + b * p.q_pe_batch_stride + j * p.q_pe_seq_stride + head * p.q_pe_head_stride +
+                        (ch - kLatentDim / 8) * 8;
+      }
+      cp_async_16(sQ + row * RS + ch * 8, src, valid);
+    }
+  }
+
+  // ---- KV tile loader: kLoadTPR threads per key row, one block-table lookup per thread.
+  const int ld_row = tid / Cfg::kLoadTPR;
+  const int ld_sub = tid % Cfg::kLoadTPR;
+  auto load_tile = [&](int tile, int stage) {
+    const int32_t key = tile * BN + ld_row;
+    const T* src = nullptr;
+    if (key < range.key_end) src = cache_row<T>(p, b, key);  // nullptr: block id out of range
+    const bool valid = src != nullptr;
+    if (!valid) src = static_cast<const T*>(p.cache);  // never read (source size 0): zero row
+    T* dst = sKV + stage * (BN * RS) + ld_row * RS;
+#pragma unroll
+    for (int i = 0; i < Cfg::kLoadChunks; ++i) {
+      const int ch = ld_sub + i * Cfg::kLoadTPR;
+      cp_async_16(dst + ch * 8, src + (valid ? ch * 8 : 0), valid);
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (range.tile_begin + s < range.tile_end) load_tile(range.tile_begin + s, s);
+    cp_async_commit();
+  }
+
+  // ---- Per-thread row state. Lane holds rows r_lo = lane/4 and r_hi = r_lo + 8 of its warp's 16.
+  const int r_lo = wm * 16 + (lane >> 2);
+  const int r_hi = r_lo + 8;
+  const int32_t lim_lo =
+      m0 + r_lo < M ? min(range.key_end, visible_keys(L, p.seqlen_q, (m0 + r_lo) / h, p.causal)) : 0;
+  const int32_t lim_hi =
+      m0 + r_hi < M ? min(range.key_end, visible_keys(L, p.seqlen_q, (m0 + r_hi) / h, p.causal)) : 0;
+  const bool warp_active = m0 + wm * 16 < M;  // warps holding only padding rows skip the MMAs
+  const float scale_log2 = p.softmax_scale * kLog2e;
+
+  float o[Cfg::kOTiles][4];
+#pragma unroll
+  for (int t = 0; t < Cfg::kOTiles; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+  float m_lo = -INFINITY, m_hi = -INFINITY;  // running max, in log2 units (score * scale * log2 e)
+  float l_lo = 0.f, l_hi = 0.f;              // this thread's partial row sums
+
+  const T* a_base = sQ + (wm * 16 + (lane & 15)) * RS + (lane >> 4) * 8;  // ldmatrix A address (Q)
+  const int q8 = (lane & 3) * 2;                                              // column pair within an n8 tile
+
+  for (int it = 0, tile = range.tile_begin; tile < range.tile_end; ++it, ++tile) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile `tile` is in shared memory; the stage read last iteration is free
+    {
+      const int next = tile + STAGES - 1;
+      if (next < range.tile_end) load_tile(next, (it + STAGES - 1) % STAGES);
+      cp_async_commit();
+    }
+    const T* sK = sKV + (it % STAGES) * (BN * RS);
+
+    // ---- S = Q K^T for 16 rows x kKeysPerWarp keys; two accumulator chains per n8 tile.
+    float s[Cfg::kSTiles][4];
+    {
+      float acc[2][Cfg::kSTiles][4];
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+#pragma unroll
+        for (int n = 0; n < Cfg::kSTiles; ++n) acc[c][n][0] = acc[c][n][1] = acc[c][n][2] = acc[c][n][3] = 0.f;
+      if (warp_active) {
+        const T* b_base = sK + (wn * Cfg::kKeysPerWarp + (lane & 7)) * RS + (lane >> 3) * 8;
+#pragma unroll 6
+        for (int k = 0; k < kHeadDim; k += 32) {
+          uint32_t a0[4], a1[4];
+          ldmatrix_x4(a0, a_base + k);
+          ldmatrix_x4(a1, a_base + k + 16);
+#pragma unroll
+          for (int n = 0; n < Cfg::kSTiles; ++n) {
+            uint32_t bf[4];  // keys n*8..+7, columns k..k+31: {0,1} = k-step k, {2,3} = k-step k+16
+            ldmatrix_x4(bf, b_base + n * 8 * RS + k);
+            mma_16816<T>(acc[0][n], a0, bf[0], bf[1]);
+            mma_16816<T>(acc[1][n], a1, bf[2], bf[3]);
+          }
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < Cfg::kSTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = acc[0][n][e] + acc[1][n][e];
+    }
+
+    // ---- Mask (causal limit, split end, padding rows), scale, partial row max.
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+    const int32_t key0 = tile * BN + wn * Cfg::kKeysPerWarp + q8;
+#pragma unroll
+    for (int n = 0; n < Cfg::kSTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int32_t key = key0 + n * 8 + e;
+        s[n][e] = key < lim_lo ? s[n][e] * scale_log2 : -INFINITY;
+        s[n][2 + e] = key < lim_hi ? s[n][2 + e] * scale_log2 : -INFINITY;
+        mx_lo = fmaxf(mx_lo, s[n][e]);
+        mx_hi = fmaxf(mx_hi, s[n][2 + e]);
+      }
+    }
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+    if ((lane & 3) == 0) {
+      sMax[wn * BM + r_lo] = mx_lo;
+      sMax[wn * BM + r_hi] = mx_hi;
+    }
+    __syncthreads();  // both key halves' maxima are visible
+
+    // ---- Online softmax update (fp32), P -> shared as 16-bit.
+    {
+      float tmax_lo = sMax[r_lo], tmax_hi = sMax[r_hi];
+#pragma unroll
+      for (int w = 1; w < Cfg::kWarpsN; ++w) {
+        tmax_lo = fmaxf(tmax_lo, sMax[w * BM + r_lo]);
+        tmax_hi = fmaxf(tmax_hi, sMax[w * BM + r_hi]);
+      }
+      const float new_lo = fmaxf(m_lo, tmax_lo), new_hi = fmaxf(m_hi, tmax_hi);
+      // Rows that have seen no key keep -inf: subtract 0 instead so exp2 gives 0, not NaN.
+      const float use_lo = new_lo == -INFINITY ? 0.f : new_lo;
+      const float use_hi = new_hi == -INFINITY ? 0.f : new_hi;
+      const float alpha_lo = exp2f(m_lo - use_lo), alpha_hi = exp2f(m_hi - use_hi);
+      m_lo = new_lo;
+      m_hi = new_hi;
+      float sum_lo = 0.f, sum_hi = 0.f;
+      T* p_lo = sP + r_lo * Cfg::kPRow + wn * Cfg::kKeysPerWarp + q8;
+      T* p_hi = sP + r_hi * Cfg::kPRow + wn * Cfg::kKeysPerWarp + q8;
+#pragma unroll
+      for (int n = 0; n < Cfg::kSTiles; ++n) {
+        const float p0 = exp2f(s[n][0] - use_lo), p1 = exp2f(s[n][1] - use_lo);
+        const float p2 = exp2f(s[n][2] - use_hi), p3 = exp2f(s[n][3] - use_hi);
+        sum_lo += p0 + p1;
+        sum_hi += p2 + p3;
+        *reinterpret_cast<uint32_t*>(p_lo + n * 8) = Tr::pack2(p0, p1);
+        *reinterpret_cast<uint32_t*>(p_hi + n * 8) = Tr::pack2(p2, p3);
+      }
+      l_lo = l_lo * alpha_lo + sum_lo;
+      l_hi = l_hi * alpha_hi + sum_hi;
+#pragma unroll
+      for (int t = 0; t < Cfg::kOTiles; ++t) {
+        o[t][0] *= alpha_lo;
+        o[t][1] *= alpha_lo;
+        o[t][2] *= alpha_hi;
+        o[t][3] *= alpha_hi;
+      }
+    }
+    __syncthreads();  // P of all key halves is in shared memory
+
+    // ---- O += P V, V = columns [0, 512) of the same shared tile.
+    if (warp_active) {
+#pragma unroll
+      for (int ks = 0; ks < BN / 16; ++ks) {
+        uint32_t pa[4];
+        ldmatrix_x4(pa, sP + (wm * 16 + (lane & 15)) * Cfg::kPRow + ks * 16 + (lane >> 4) * 8);
+        const T* v_base = sK + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * RS + wn * Cfg::kOCols + (lane >> 4) * 8;
+#pragma unroll
+        for (int t = 0; t < Cfg::kOTiles; t += 2) {
+          uint32_t vb[4];  // {0,1}: output columns t*8..+7, {2,3}: (t+1)*8..+7
+          ldmatrix_x4_trans(vb, v_base + t * 8);
+          mma_16816<T>(o[t], pa, vb[0], vb[1]);
+          mma_16816<T>(o[t + 1], pa, vb[2], vb[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // ---- Full row sums: the quad's partial sums, then the other key half's.
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  if ((lane & 3) == 0) {
+    sSum[wn * BM + r_lo] = l_lo;
+    sSum[wn * BM + r_hi] = l_hi;
+  }
+  __syncthreads();
+  float tot_lo = 0.f, tot_hi = 0.f;
+#pragma unroll
+  for (int w = 0; w < Cfg::kWarpsN; ++w) {
+    tot_lo += sSum[w * BM + r_lo];
+    tot_hi += sSum[w * BM + r_hi];
+  }
+  // A row that saw no key has m = -inf and sum 0: out 0, lse -inf.
+  const float inv_lo = tot_lo > 0.f ? 1.f / tot_lo : 0.f;
+  const float inv_hi = tot_hi > 0.f ? 1.f / tot_hi : 0.f;
+  const float lse_lo = tot_lo > 0.f ? (m_lo + __log2f(tot_lo)) * kLn2 : -INFINITY;
+  const float lse_hi = tot_hi > 0.f ? (m_hi + __log2f(tot_hi)) * kLn2 : -INFINITY;
+
+  const int32_t row_lo = m0 + r_lo, row_hi = m0 + r_hi;
+  const int col0 = wn * Cfg::kOCols + q8;
+  if (p.num_splits == 1) {
+    T* out = static_cast<T*>(p.out) + static_cast<int64_t>(b) * M * kLatentDim;
+    if (row_lo < M) {
+      T* dst = out + static_cast<int64_t>(row_lo) * kLatentDim + col0;
+#pragma unroll
+      for (int t = 0; t < Cfg::kOTiles; ++t)
+        *reinterpret_cast<uint32_t*>(dst + t * 8) = Tr::pack2(o[t][0] * inv_lo, o[t][1] * inv_lo);
+      if (wn == 0 && (lane & 3) == 0) p.lse[static_cast<int64_t>(b) * M + row_lo] = lse_lo;
+    }
+    if (row_hi < M) {
+      T* dst = out + static_cast<int64_t>(row_hi) * kLatentDim + col0;
+#pragma unroll
+      for (int t = 0; t < Cfg::kOTiles; ++t)
+        *reinterpret_cast<uint32_t*>(dst + t * 8) = Tr::pack2(o[t][2] * inv_hi, o[t][3] * inv_hi);
+      if (wn == 0 && (lane & 3) == 0) p.lse[static_cast<int64_t>(b) * M + row_hi] = lse_hi;
+    }
+  } else {
+    const int64_t base = (static_cast<int64_t>(b) * p.num_splits + split) * M;
+    if (row_lo < M) {
+      float* dst = p.o_accum + (base + row_lo) * kLatentDim + col0;
+#pragma unroll
+      for (int t = 0; t < Cfg::kOTiles; ++t)
+        *reinterpret_cast<float2*>(dst + t * 8) = make_float2(o[t][0] * inv_lo, o[t][1] * inv_lo);
+      if (wn == 0 && (lane & 3) == 0) p.lse_accum[base + row_lo] = lse_lo;
+    }
+    if (row_hi < M) {
+      float* dst = p.o_accum + (base + row_hi) * kLatentDim + col0;
+#pragma unroll
+      for (int t = 0; t < Cfg::kOTiles; ++t)
+        *reinterpret_cast<float2*>(dst + t * 8) = make_float2(o[t][2] * inv_hi, o[t][3] * inv_hi);
+      if (wn == 0 && (lane & 3) == 0) p.lse_accum[base + row_hi] = lse_hi;
+    }
+  }
+}
+
+// Tile configurations, largest first; the planner picks the first whose shared memory
+// fits the device (sm_90: 227 KB, sm_80: 163 KB, sm_86 / sm_89: 99 KB per block).
+using TcConfigL = TcConfig<64, 32, 3>;  // 188.5 KB
+using TcConfigM = TcConfig<64, 32, 2>;  // 152 KB
+using TcConfigS = TcConfig<32, 16, 3>;  // 93 KB
+constexpr int kNumTcConfigs = 3;
+
+// Launchers, one per element type (decode_tc_bf16.cu, decode_tc_fp16.cu); config 0/1/2
+// = TcConfigL/M/S.
+cudaError_t launch_decode_tc_bf16(const DecodeParams& p, int config, cudaStream_t stream);
+cudaError_t launch_decode_tc_fp16(const DecodeParams& p, int config, cudaStream_t stream);
+
+template <typename T, typename Cfg>
+cudaError_t launch_decode_tc_impl(const DecodeParams& p, cudaStream_t stream) {
+  auto kernel = decode_tc_kernel<T, Cfg>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(Cfg::kSmemBytes));
+  if (err != cudaSuccess) return err;
+  const int32_t M = p.seqlen_q * p.num_heads;
+  const dim3 grid(ceil_div(M, Cfg::kBlockM) * p.num_splits, p.batch);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_decode_tc_config(const DecodeParams& p, int config, cudaStream_t stream) {
+  switch (config) {
+    case 0: return launch_decode_tc_impl<T, TcConfigL>(p, stream);
+    case 1: return launch_decode_tc_impl<T, TcConfigM>(p, stream);
+    case 2: return launch_decode_tc_impl<T, TcConfigS>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace mla::cuda
