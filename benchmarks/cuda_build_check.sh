@@ -45,7 +45,8 @@ if grep -E "bytes spill (stores|loads)" "$LOG" | grep -vq " 0 bytes spill stores
 fi
 if grep -q "warning.*spill\|Registers are spilled" "$LOG"; then grep "spill" "$LOG" | head; echo "FAIL: spill warning"; exit 1; fi
 
-cp mla_ext/*.py "$OUTDIR/lib/mla_ext/"
+# The Python package (subpackages included) next to the freshly built library.
+tar --exclude='*.so' --exclude='__pycache__' -cf - mla_ext | tar -xf - -C "$OUTDIR/lib"
 cd "$OUTDIR" && PYTHONPATH="$OUTDIR/lib" "$PY" - <<'PYEOF'
 import torch
 import mla_ext

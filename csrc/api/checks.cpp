@@ -70,8 +70,8 @@ at::Tensor cache_3d(const at::Tensor& cache, const char* op) {
   return c;
 }
 
-AppendParams check_append(at::Tensor& kv_c, at::Tensor& k_pe, const at::Tensor& cache,
-                          const at::Tensor& slot_mapping, const std::optional<at::Tensor>& scale) {
+AppendParams check_append(at::Tensor& kv_c, at::Tensor& k_pe, const at::Tensor& cache, at::Tensor& slot_mapping,
+                          const std::optional<at::Tensor>& scale) {
   const char* op = "mla_ext.append_kv";
   TORCH_CHECK_VALUE(kv_c.dim() == 2 && kv_c.size(1) == kLatentDim, op, ": kv_c must be [T, ", kLatentDim, "], got ",
                     kv_c.sizes());
@@ -96,6 +96,7 @@ AppendParams check_append(at::Tensor& kv_c, at::Tensor& k_pe, const at::Tensor& 
   check_scale(op, cache, scale);
   make_rows_contiguous(kv_c);
   make_rows_contiguous(k_pe);
+  slot_mapping = slot_mapping.contiguous();
 
   AppendParams p{};
   p.kv_c = kv_c.data_ptr();

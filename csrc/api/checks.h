@@ -16,9 +16,10 @@ DType to_dtype(at::ScalarType t);
 at::Tensor cache_3d(const at::Tensor& cache, const char* op);
 
 // Checks everything that does not need the values of slot_mapping. kv_c / k_pe are
-// replaced by contiguous copies when their last dim is strided (inputs only).
-AppendParams check_append(at::Tensor& kv_c, at::Tensor& k_pe, const at::Tensor& cache3d,
-                          const at::Tensor& slot_mapping, const std::optional<at::Tensor>& scale);
+// replaced by contiguous copies when their last dim is strided, and slot_mapping when it
+// is strided (kernels and validate_slots index it densely); all are inputs only.
+AppendParams check_append(at::Tensor& kv_c, at::Tensor& k_pe, const at::Tensor& cache3d, at::Tensor& slot_mapping,
+                          const std::optional<at::Tensor>& scale);
 
 // Checks shapes, dtypes and devices of a decode call; q_pe may be empty (packed q).
 // Fills every field of DecodeParams except out / lse.

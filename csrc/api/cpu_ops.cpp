@@ -8,14 +8,11 @@
 namespace mla::api {
 namespace {
 
-void append_kv_cpu(at::Tensor kv_c, at::Tensor k_pe, at::Tensor cache, const at::Tensor& slot_mapping,
+void append_kv_cpu(at::Tensor kv_c, at::Tensor k_pe, at::Tensor cache, at::Tensor slot_mapping,
                    const std::optional<at::Tensor>& scale) {
   at::Tensor cache3d = cache_3d(cache, "mla_ext.append_kv");
-  // The kernel and validate_slots index slot_mapping densely: a strided one (a slice) must
-  // be made contiguous first, or they read the wrong entries.
-  const at::Tensor slots = slot_mapping.contiguous();
-  AppendParams p = check_append(kv_c, k_pe, cache3d, slots, scale);
-  validate_slots(slots, p.num_blocks * p.block_size);
+  AppendParams p = check_append(kv_c, k_pe, cache3d, slot_mapping, scale);
+  validate_slots(slot_mapping, p.num_blocks * p.block_size);
   if (scale.has_value()) validate_scale_value(*scale, "mla_ext.append_kv");
   if (p.num_tokens == 0) return;
   if (p.cache_dtype == DType::kFloat8E4M3) cpu::append_kv_fp8(p);

@@ -35,7 +35,7 @@ cuda::DecodeImpl requested_impl() {
   return cuda::DecodeImpl::kAuto;
 }
 
-void append_kv_cuda(at::Tensor kv_c, at::Tensor k_pe, at::Tensor cache, const at::Tensor& slot_mapping,
+void append_kv_cuda(at::Tensor kv_c, at::Tensor k_pe, at::Tensor cache, at::Tensor slot_mapping,
                     const std::optional<at::Tensor>& scale) {
   at::Tensor cache3d = cache_3d(cache, "mla_ext.append_kv");
   TORCH_CHECK_NOT_IMPLEMENTED(cache3d.scalar_type() != at::kFloat8_e4m3fn,
