@@ -138,22 +138,30 @@ void prepare_tile(const typename CT::T* const* raw, int n, float* kbuf, const fl
 template <int RB, int KB>
 inline void score_block(const float* q, const float* const* kf, float* s) {
   __m256 acc[RB][KB];
+  MLA_UNROLL
   for (int i = 0; i < RB; ++i)
+    MLA_UNROLL
     for (int j = 0; j < KB; ++j) acc[i][j] = _mm256_setzero_ps();
   const float* k[KB];
+  MLA_UNROLL
   for (int j = 0; j < KB; ++j) k[j] = kf[j];
   for (int d = 0; d < kHeadDim; d += 8) {
     __m256 kv[KB];
+    MLA_UNROLL
     for (int j = 0; j < KB; ++j) kv[j] = _mm256_loadu_ps(k[j] + d);
+    MLA_UNROLL
     for (int i = 0; i < RB; ++i) {
       const __m256 qv = _mm256_loadu_ps(q + i * kHeadDim + d);
+      MLA_UNROLL
       for (int j = 0; j < KB; ++j) acc[i][j] = _mm256_fmadd_ps(qv, kv[j], acc[i][j]);
     }
   }
+  MLA_UNROLL
   for (int i = 0; i < RB; ++i) {
     if constexpr (KB == 4) {
       _mm_storeu_ps(s + i * kScoreStride, hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
     } else {
+      MLA_UNROLL
       for (int j = 0; j < KB; ++j) s[i * kScoreStride + j] = hsum(acc[i][j]);
     }
   }
@@ -216,22 +224,33 @@ inline void softmax_row(const float* s, int visible, float* max, float* sum, flo
 // acc[i][c0 .. c0 + 8W) = corr_i * acc + sum_t p[i][t] * v_t[c0 ..], RB rows.
 template <int RB, int W>
 inline void pv_block(const float* p, const float* corr, const float* const* vf, int n, float* acc, int c0) {
+  // Pointer / int64 arithmetic only: with int indices and -fwrapv (in Python's CFLAGS,
+  // hence in every torch extension build) GCC keeps the accumulators on the stack.
   __m256 a[RB][W];
+  float* out = acc + c0;
+  MLA_UNROLL
   for (int i = 0; i < RB; ++i) {
     const __m256 c = _mm256_set1_ps(corr[i]);
-    for (int w = 0; w < W; ++w) a[i][w] = _mm256_mul_ps(_mm256_loadu_ps(acc + i * kLatentDim + c0 + 8 * w), c);
+    MLA_UNROLL
+    for (int w = 0; w < W; ++w) a[i][w] = _mm256_mul_ps(_mm256_loadu_ps(out + i * kLatentDim + 8 * w), c);
   }
-  for (int t = 0; t < n; ++t) {
-    const float* v = vf[t] + c0;
+  const float* const* const vend = vf + n;
+  for (const float* const* vp = vf; vp != vend; ++vp, ++p) {
+    const float* v = *vp + c0;
     __m256 vv[W];
+    MLA_UNROLL
     for (int w = 0; w < W; ++w) vv[w] = _mm256_loadu_ps(v + 8 * w);
+    MLA_UNROLL
     for (int i = 0; i < RB; ++i) {
-      const __m256 pb = _mm256_broadcast_ss(p + i * kScoreStride + t);
+      const __m256 pb = _mm256_broadcast_ss(p + i * kScoreStride);
+      MLA_UNROLL
       for (int w = 0; w < W; ++w) a[i][w] = _mm256_fmadd_ps(pb, vv[w], a[i][w]);
     }
   }
+  MLA_UNROLL
   for (int i = 0; i < RB; ++i)
-    for (int w = 0; w < W; ++w) _mm256_storeu_ps(acc + i * kLatentDim + c0 + 8 * w, a[i][w]);
+    MLA_UNROLL
+    for (int w = 0; w < W; ++w) _mm256_storeu_ps(out + i * kLatentDim + 8 * w, a[i][w]);
 }
 
 template <int RB>

@@ -81,17 +81,24 @@ void prepare_tile(const uint16_t* const* raw, int n, float* kbuf, const float* z
 template <int RB>
 inline void score_block(const uint16_t* q, const uint16_t* const* k, float s2scale, float* s) {
   __m512 acc[RB][kScoreKB];
+  MLA_UNROLL
   for (int i = 0; i < RB; ++i)
+    MLA_UNROLL
     for (int j = 0; j < kScoreKB; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int d = 0; d < kHeadDim; d += 32) {  // 18 steps
     __m512i kv[kScoreKB];
+    MLA_UNROLL
     for (int j = 0; j < kScoreKB; ++j) kv[j] = _mm512_loadu_si512(k[j] + d);
+    MLA_UNROLL
     for (int i = 0; i < RB; ++i) {
       const __m512i qv = _mm512_loadu_si512(q + i * kHeadDim + d);
+      MLA_UNROLL
       for (int j = 0; j < kScoreKB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)qv, (__m512bh)kv[j]);
     }
   }
+  MLA_UNROLL
   for (int i = 0; i < RB; ++i)
+    MLA_UNROLL
     for (int j = 0; j < kScoreKB; ++j) s[i * kScoreStride + j] = _mm512_reduce_add_ps(acc[i][j]) * s2scale;
 }
 
@@ -115,19 +122,26 @@ void scores(const uint16_t* q, int rows, const uint16_t* const* raw, float s2sca
 template <int RB>
 inline void pv_block(const float* p, const float* corr, const float* const* vf, int n, float* acc, int c0) {
   __m512 a[RB][kPvW];
+  MLA_UNROLL
   for (int i = 0; i < RB; ++i) {
     const __m512 c = _mm512_set1_ps(corr[i]);
+    MLA_UNROLL
     for (int w = 0; w < kPvW; ++w) a[i][w] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * kLatentDim + c0 + 16 * w), c);
   }
   for (int t = 0; t < n; ++t) {
     __m512 vv[kPvW];
+    MLA_UNROLL
     for (int w = 0; w < kPvW; ++w) vv[w] = _mm512_loadu_ps(vf[t] + c0 + 16 * w);
+    MLA_UNROLL
     for (int i = 0; i < RB; ++i) {
       const __m512 pb = _mm512_set1_ps(p[i * kScoreStride + t]);
+      MLA_UNROLL
       for (int w = 0; w < kPvW; ++w) a[i][w] = _mm512_fmadd_ps(pb, vv[w], a[i][w]);
     }
   }
+  MLA_UNROLL
   for (int i = 0; i < RB; ++i)
+    MLA_UNROLL
     for (int w = 0; w < kPvW; ++w) _mm512_storeu_ps(acc + i * kLatentDim + c0 + 16 * w, a[i][w]);
 }
 

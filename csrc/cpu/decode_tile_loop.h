@@ -28,6 +28,12 @@
 //   static void pv(const float* p, const float* corr, const float* const* vf, int n, int rows,
 //                  float* acc);
 
+// Fully unroll a micro-kernel's constant-trip loops early, so that its accumulator arrays
+// live in registers. Without it, under -fwrapv (part of Python's CFLAGS and therefore of
+// every torch extension build) GCC 12 stores the accumulators to the stack on every
+// iteration of the key loop, which halves the PV kernel's speed.
+#define MLA_UNROLL _Pragma("GCC unroll 16")
+
 // Cache element types: T is the storage type, kType the runtime tag.
 struct CacheF32 { using T = float; static constexpr DType kType = DType::kFloat32; };
 struct CacheF16 { using T = uint16_t; static constexpr DType kType = DType::kFloat16; };
