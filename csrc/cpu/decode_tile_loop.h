@@ -105,16 +105,18 @@ void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, 
     kf[i] = zero;
   }
 
+  const auto row_ptr = [&](int32_t key) {
+    const int64_t block = table[key / bs];
+    return cache + block * p.cache_block_stride + static_cast<int64_t>(key % bs) * p.cache_token_stride;
+  };
+
   for (int32_t t0 = it.key_begin; t0 < it.key_end; t0 += kKeyTile) {
     const int n = it.key_end - t0 < kKeyTile ? it.key_end - t0 : kKeyTile;
-    for (int i = 0; i < n; ++i) {
-      const int32_t key = t0 + i;
-      const int64_t block = table[key / bs];
-      raw[i] = cache + block * p.cache_block_stride + static_cast<int64_t>(key % bs) * p.cache_token_stride;
-    }
+    for (int i = 0; i < n; ++i) raw[i] = row_ptr(t0 + i);
     for (int i = n; i < kKeyTile; ++i) raw[i] = reinterpret_cast<const T*>(zero);
 
     K::template prepare_tile<CT>(raw, n, kbuf, zero, kf);
+
     K::template scores<CT>(q, rows, raw, kf, s2scale, s);
     for (int32_t r = 0; r < rows; ++r) {
       int32_t visible = limit[r] - t0;
