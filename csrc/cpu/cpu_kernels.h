@@ -16,4 +16,8 @@ void append_kv_fp8(const AppendParams& params);
 // Writes params.out and params.lse. Parallel over (sequence, KV chunk) with an lse merge.
 void decode(const DecodeParams& params);
 
+// Name of the decode kernel a call with this cache dtype would run on this CPU
+// ("avx512bf16", "avx2" or "scalar"; MLA_EXT_CPU_ISA caps it).
+const char* decode_kernel_name(DType dtype);
+
 }  // namespace mla::cpu

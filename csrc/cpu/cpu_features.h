@@ -1,0 +1,15 @@
+// Run-time CPU feature detection (x86-64: cpuid + xgetbv), so one build runs everywhere:
+// a kernel is used only when the CPU has its instructions AND the OS saves their registers.
+#pragma once
+
+namespace mla::cpu {
+
+struct CpuFeatures {
+  bool avx2_fma_f16c = false;   // AVX2 + FMA + F16C, with YMM state enabled by the OS
+  bool avx512_bf16 = false;     // AVX-512 F/BW/VL/DQ + AVX512_BF16, with ZMM state enabled
+};
+
+// Detected once, then cached.
+const CpuFeatures& cpu_features();
+
+}  // namespace mla::cpu

@@ -1,0 +1,55 @@
+// CPU decode kernel for x86-64 with AVX2 + FMA + F16C (Haswell / Zen and later).
+//
+// Everything between the push_options / pop_options pragmas is compiled for AVX2 and has
+// internal linkage; decode.cpp calls it only after checking the CPU (cpu_features.h), so
+// the same library still loads and runs on a CPU without AVX2.
+#include <immintrin.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "decode_impl.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MLA_HAVE_AVX2_KERNEL 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace mla::cpu {
+namespace {
+
+#include "decode_tile_loop.h"
+#include "avx2_kernels.h"
+
+bool avx2_supports(DType t) {
+  return t == DType::kBFloat16 || t == DType::kFloat16 || t == DType::kFloat32;
+}
+
+size_t avx2_scratch_bytes(int32_t max_rows) { return scratch_bytes_impl<avx2::Kernel>(max_rows); }
+
+void avx2_run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void* scratch) {
+  switch (p.cache_dtype) {
+    case DType::kBFloat16: run_item_impl<avx2::Kernel, CacheBF16>(p, it, out, scratch); break;
+    case DType::kFloat16: run_item_impl<avx2::Kernel, CacheF16>(p, it, out, scratch); break;
+    default: run_item_impl<avx2::Kernel, CacheF32>(p, it, out, scratch); break;
+  }
+}
+
+}  // namespace
+}  // namespace mla::cpu
+
+#pragma GCC pop_options
+#endif
+
+namespace mla::cpu {
+
+const DecodeIsa* decode_isa_avx2() {
+#ifdef MLA_HAVE_AVX2_KERNEL
+  static const DecodeIsa isa{"avx2", &avx2_supports, &avx2_scratch_bytes, &avx2_run_item};
+  return &isa;
+#else
+  return nullptr;
+#endif
+}
+
+}  // namespace mla::cpu

@@ -1,0 +1,221 @@
+// CPU decode kernel for x86-64 with AVX-512 BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and
+// later), bf16 caches only (fp16 / fp32 caches take the AVX2 kernel).
+//
+// UNTESTED ON HARDWARE: it was written and compiled on an AVX2-only machine (AMD Zen 3)
+// and has never been executed. It mirrors the AVX2 kernel (avx2_kernels.h) step by step:
+//   * the query stays in bf16 exactly as given (no rounding: q and cache share the dtype),
+//     and softmax_scale * log2(e) multiplies the fp32 dot products instead of q;
+//   * scores: vdpbf16ps straight on the bf16 cache rows (no widening of K): one
+//     instruction = 32 bf16 products summed pairwise into 16 fp32 lanes; 4 query rows x
+//     4 keys of accumulators, reduced horizontally once per 576 columns;
+//   * the tile's first 512 columns (V) are widened to fp32 once per tile; the PV GEMM is
+//     fp32 FMA on 16-lane vectors, 4 rows x 64 columns of accumulators, P stays fp32;
+//   * the online softmax is the AVX2 one (16 keys = two ymm vectors).
+// decode.cpp selects it only when cpuid reports AVX512F/BW/VL/DQ + AVX512_BF16 and the OS
+// enables the ZMM state; MLA_EXT_CPU_ISA=avx2 turns it off.
+#include <immintrin.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "decode_impl.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 10)
+#define MLA_HAVE_AVX512BF16_KERNEL 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+// GCC 12's own AVX-512 headers trip these (a known false positive on _mm512_undefined_*).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace mla::cpu {
+namespace {
+
+#include "decode_tile_loop.h"
+#include "avx2_kernels.h"
+
+namespace avx512 {
+
+constexpr int kScoreRB = 4;  // 16 accumulators + 4 key vectors + 1 query vector of 32 zmm
+constexpr int kScoreKB = 4;
+constexpr int kPvRB = 4;     // 16 accumulators + 4 value vectors + 1 broadcast
+constexpr int kPvW = 4;      // 4 x 16 = 64 output columns per block
+static_assert(kKeyTile % kScoreKB == 0 && kLatentDim % (16 * kPvW) == 0, "blocking must divide the tile");
+
+inline __m512 widen_bf16(const uint16_t* src) {  // 16 bf16 -> 16 fp32 (exact)
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+
+// q rows as raw bf16: [rows, 576].
+void load_q(const DecodeParams& p, int32_t seq, int32_t row_begin, int32_t rows, uint16_t* q) {
+  for (int32_t r = 0; r < rows; ++r) {
+    const int32_t j = (row_begin + r) / p.num_heads, head = (row_begin + r) % p.num_heads;
+    const uint16_t* qn = static_cast<const uint16_t*>(p.q_nope) + seq * p.q_nope_batch_stride +
+                         j * p.q_nope_seq_stride + head * p.q_nope_head_stride;
+    const uint16_t* qp = static_cast<const uint16_t*>(p.q_pe) + seq * p.q_pe_batch_stride + j * p.q_pe_seq_stride +
+                         head * p.q_pe_head_stride;
+    uint16_t* dst = q + static_cast<int64_t>(r) * kHeadDim;
+    for (int d = 0; d < kLatentDim; d += 32)
+      _mm512_storeu_si512(dst + d, _mm512_loadu_si512(qn + d));
+    for (int d = 0; d < kRopeDim; d += 32)
+      _mm512_storeu_si512(dst + kLatentDim + d, _mm512_loadu_si512(qp + d));
+  }
+}
+
+// V = the first 512 columns of each tile row, widened to fp32 once per tile.
+void prepare_tile(const uint16_t* const* raw, int n, float* kbuf, const float* zero, const float** kf) {
+  for (int i = 0; i < n; ++i) {
+    float* dst = kbuf + i * kHeadDim;
+    for (int d = 0; d < kLatentDim; d += 32) {
+      _mm512_storeu_ps(dst + d, widen_bf16(raw[i] + d));
+      _mm512_storeu_ps(dst + d + 16, widen_bf16(raw[i] + d + 16));
+    }
+    kf[i] = dst;
+  }
+  for (int i = n; i < kKeyTile; ++i) kf[i] = zero;
+}
+
+// s[i][j] = s2scale * (q_i . k_j), bf16 inputs, fp32 accumulation.
+template <int RB>
+inline void score_block(const uint16_t* q, const uint16_t* const* k, float s2scale, float* s) {
+  __m512 acc[RB][kScoreKB];
+  MLA_UNROLL
+  for (int i = 0; i < RB; ++i)
+    MLA_UNROLL
+    for (int j = 0; j < kScoreKB; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int d = 0; d < kHeadDim; d += 32) {  // 18 steps
+    __m512i kv[kScoreKB];
+    MLA_UNROLL
+    for (int j = 0; j < kScoreKB; ++j) kv[j] = _mm512_loadu_si512(k[j] + d);
+    MLA_UNROLL
+    for (int i = 0; i < RB; ++i) {
+      const __m512i qv = _mm512_loadu_si512(q + i * kHeadDim + d);
+      MLA_UNROLL
+      for (int j = 0; j < kScoreKB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)qv, (__m512bh)kv[j]);
+    }
+  }
+  MLA_UNROLL
+  for (int i = 0; i < RB; ++i)
+    MLA_UNROLL
+    for (int j = 0; j < kScoreKB; ++j) s[i * kScoreStride + j] = _mm512_reduce_add_ps(acc[i][j]) * s2scale;
+}
+
+template <int RB>
+inline void score_rows(const uint16_t* q, const uint16_t* const* raw, float s2scale, float* s) {
+  for (int j0 = 0; j0 < kKeyTile; j0 += kScoreKB) score_block<RB>(q, raw + j0, s2scale, s + j0);
+}
+
+void scores(const uint16_t* q, int rows, const uint16_t* const* raw, float s2scale, float* s) {
+  int r = 0;
+  for (; r + kScoreRB <= rows; r += kScoreRB) score_rows<kScoreRB>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride);
+  switch (rows - r) {
+    case 3: score_rows<3>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride); break;
+    case 2: score_rows<2>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride); break;
+    case 1: score_rows<1>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride); break;
+    default: break;
+  }
+}
+
+// acc[i][c0 .. c0 + 16W) = corr_i * acc + sum_t p[i][t] * v_t[c0 ..], RB rows.
+template <int RB>
+inline void pv_block(const float* p, const float* corr, const float* const* vf, int n, float* acc, int c0) {
+  __m512 a[RB][kPvW];
+  MLA_UNROLL
+  for (int i = 0; i < RB; ++i) {
+    const __m512 c = _mm512_set1_ps(corr[i]);
+    MLA_UNROLL
+    for (int w = 0; w < kPvW; ++w) a[i][w] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * kLatentDim + c0 + 16 * w), c);
+  }
+  for (int t = 0; t < n; ++t) {
+    __m512 vv[kPvW];
+    MLA_UNROLL
+    for (int w = 0; w < kPvW; ++w) vv[w] = _mm512_loadu_ps(vf[t] + c0 + 16 * w);
+    MLA_UNROLL
+    for (int i = 0; i < RB; ++i) {
+      const __m512 pb = _mm512_set1_ps(p[i * kScoreStride + t]);
+      MLA_UNROLL
+      for (int w = 0; w < kPvW; ++w) a[i][w] = _mm512_fmadd_ps(pb, vv[w], a[i][w]);
+    }
+  }
+  MLA_UNROLL
+  for (int i = 0; i < RB; ++i)
+    MLA_UNROLL
+    for (int w = 0; w < kPvW; ++w) _mm512_storeu_ps(acc + i * kLatentDim + c0 + 16 * w, a[i][w]);
+}
+
+template <int RB>
+inline void pv_rows(const float* p, const float* corr, const float* const* vf, int n, float* acc) {
+  for (int c0 = 0; c0 < kLatentDim; c0 += 16 * kPvW) pv_block<RB>(p, corr, vf, n, acc, c0);
+}
+
+void pv(const float* p, const float* corr, const float* const* vf, int n, int rows, float* acc) {
+  int r = 0;
+  for (; r + kPvRB <= rows; r += kPvRB)
+    pv_rows<kPvRB>(p + r * kScoreStride, corr + r, vf, n, acc + static_cast<int64_t>(r) * kLatentDim);
+  const float* pr = p + r * kScoreStride;
+  float* ar = acc + static_cast<int64_t>(r) * kLatentDim;
+  switch (rows - r) {
+    case 3: pv_rows<3>(pr, corr + r, vf, n, ar); break;
+    case 2: pv_rows<2>(pr, corr + r, vf, n, ar); break;
+    case 1: pv_rows<1>(pr, corr + r, vf, n, ar); break;
+    default: break;
+  }
+}
+
+// The kernel interface of decode_tile_loop.h (instantiated for CacheBF16 only).
+struct Kernel {
+  using QElt = uint16_t;
+  static constexpr int kQStride = kHeadDim;
+  template <class CT>
+  static void load_q(const DecodeParams& p, int32_t seq, int32_t r0, int32_t rows, float, uint16_t* q) {
+    static_assert(CT::kType == DType::kBFloat16, "bf16 only");
+    avx512::load_q(p, seq, r0, rows, q);
+  }
+  template <class CT>
+  static void prepare_tile(const uint16_t* const* raw, int n, float* kbuf, const float* zero, const float** kf) {
+    avx512::prepare_tile(raw, n, kbuf, zero, kf);
+  }
+  template <class CT>
+  static void scores(const uint16_t* q, int rows, const uint16_t* const* raw, const float* const*, float s2scale,
+                     float* s) {
+    avx512::scores(q, rows, raw, s2scale, s);
+  }
+  static void softmax_row(const float* s, int visible, float* max, float* sum, float* p, float* corr) {
+    avx2::softmax_row(s, visible, max, sum, p, corr);
+  }
+  static void pv(const float* p, const float* corr, const float* const* vf, int n, int rows, float* acc) {
+    avx512::pv(p, corr, vf, n, rows, acc);
+  }
+};
+
+}  // namespace avx512
+
+bool avx512_supports(DType t) { return t == DType::kBFloat16; }
+
+size_t avx512_scratch_bytes(int32_t max_rows) { return scratch_bytes_impl<avx512::Kernel>(max_rows); }
+
+void avx512_run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void* scratch) {
+  run_item_impl<avx512::Kernel, CacheBF16>(p, it, out, scratch);
+}
+
+}  // namespace
+}  // namespace mla::cpu
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+namespace mla::cpu {
+
+const DecodeIsa* decode_isa_avx512bf16() {
+#ifdef MLA_HAVE_AVX512BF16_KERNEL
+  static const DecodeIsa isa{"avx512bf16", &avx512_supports, &avx512_scratch_bytes, &avx512_run_item};
+  return &isa;
+#else
+  return nullptr;
+#endif
+}
+
+}  // namespace mla::cpu

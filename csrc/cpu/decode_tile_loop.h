@@ -1,0 +1,128 @@
+// The per-item loop of the CPU decode, shared by every instruction set.
+//
+// Included by decode_{scalar,avx2,avx512}.cpp INSIDE `namespace mla::cpu { namespace {`,
+// after their `#pragma GCC target`, so it gets compiled once per instruction set with
+// internal linkage. It therefore includes nothing and calls no std:: template.
+//
+// For one item (sequence, rows, key range) it walks the keys in tiles of kKeyTile:
+//   1. gather the tile's cache row pointers through the block table (padding: a zero row);
+//   2. K::prepare_tile  : fp32 view of the tile (fp32 cache: the rows themselves, no copy;
+//                         bf16/fp16: converted once into a small per-thread buffer, then
+//                         reused by every query row);
+//   3. K::scores        : S[rows, 16] = Q . K^T (the small GEMM over 576 columns), in the
+//                         log2 domain (softmax_scale * log2(e) folded into q or S);
+//   4. K::softmax_row   : mask invisible keys, online max / sum update, P = 2^(S - max),
+//                         and the factor corr = 2^(old max - new max) for the accumulator;
+//   5. K::pv            : acc[rows, 512] = corr * acc + P . V, V = the first 512 columns
+//                         of the same tile rows (the second small GEMM).
+//
+// Kernel interface K (see avx2_kernels.h for the reference implementation):
+//   using QElt; static constexpr int kQStride;        prepared-query element and row stride
+//   template <class CT> static void load_q(p, seq, row_begin, rows, s2scale, QElt* q);
+//   template <class CT> static void prepare_tile(const CT::T* const* raw, int n, float* kbuf,
+//                                                const float* zero, const float** kf);
+//   template <class CT> static void scores(const QElt* q, int rows, const CT::T* const* raw,
+//                                          const float* const* kf, float s2scale, float* s);
+//   static void softmax_row(const float* s, int visible, float* max, float* sum, float* p,
+//                           float* corr);
+//   static void pv(const float* p, const float* corr, const float* const* vf, int n, int rows,
+//                  float* acc);
+
+// Fully unroll a micro-kernel's constant-trip loops early, so that its accumulator arrays
+// live in registers. Without it, under -fwrapv (part of Python's CFLAGS and therefore of
+// every torch extension build) GCC 12 stores the accumulators to the stack on every
+// iteration of the key loop, which halves the PV kernel's speed.
+#define MLA_UNROLL _Pragma("GCC unroll 16")
+
+// Cache element types: T is the storage type, kType the runtime tag.
+struct CacheF32 { using T = float; static constexpr DType kType = DType::kFloat32; };
+struct CacheF16 { using T = uint16_t; static constexpr DType kType = DType::kFloat16; };
+struct CacheBF16 { using T = uint16_t; static constexpr DType kType = DType::kBFloat16; };
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kPtrSlots = kKeyTile + 8;  // tile row pointers, padded for key blocks past 16
+
+inline size_t align64(size_t x) { return (x + 63) & ~static_cast<size_t>(63); }
+
+// Byte offsets of the per-thread scratch areas (each 64-byte aligned).
+struct ScratchLayout {
+  size_t q, kbuf, s, p, corr, limit, raw, kf, zero, total;
+  ScratchLayout(int32_t rows, size_t q_row_bytes) {
+    size_t o = 0;
+    q = o;     o = align64(o + static_cast<size_t>(rows) * q_row_bytes);
+    kbuf = o;  o = align64(o + sizeof(float) * kKeyTile * kHeadDim);
+    s = o;     o = align64(o + sizeof(float) * static_cast<size_t>(rows) * kScoreStride);
+    p = o;     o = align64(o + sizeof(float) * static_cast<size_t>(rows) * kScoreStride);
+    corr = o;  o = align64(o + sizeof(float) * static_cast<size_t>(rows));
+    limit = o; o = align64(o + sizeof(int32_t) * static_cast<size_t>(rows));
+    raw = o;   o = align64(o + sizeof(void*) * kPtrSlots);
+    kf = o;    o = align64(o + sizeof(void*) * kPtrSlots);
+    zero = o;  o = align64(o + sizeof(float) * kHeadDim);
+    total = o;
+  }
+};
+
+template <class K>
+size_t scratch_bytes_impl(int32_t max_rows) {
+  return ScratchLayout(max_rows, K::kQStride * sizeof(typename K::QElt)).total;
+}
+
+template <class K, class CT>
+void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, void* scratch) {
+  using T = typename CT::T;
+  using QElt = typename K::QElt;
+  const int32_t rows = it.row_end - it.row_begin;
+  const ScratchLayout lay(rows, K::kQStride * sizeof(QElt));
+  char* base = static_cast<char*>(scratch);
+  QElt* q = reinterpret_cast<QElt*>(base + lay.q);
+  float* kbuf = reinterpret_cast<float*>(base + lay.kbuf);
+  float* s = reinterpret_cast<float*>(base + lay.s);
+  float* pr = reinterpret_cast<float*>(base + lay.p);
+  float* corr = reinterpret_cast<float*>(base + lay.corr);
+  int32_t* limit = reinterpret_cast<int32_t*>(base + lay.limit);
+  const T** raw = reinterpret_cast<const T**>(base + lay.raw);
+  const float** kf = reinterpret_cast<const float**>(base + lay.kf);
+  float* zero = reinterpret_cast<float*>(base + lay.zero);
+  for (int d = 0; d < kHeadDim; ++d) zero[d] = 0.f;  // all-zero bits: a zero row in every dtype
+
+  const float s2scale = p.softmax_scale * kLog2e;
+  K::template load_q<CT>(p, it.seq, it.row_begin, rows, s2scale, q);
+
+  const int32_t len = p.cache_seqlens[it.seq];
+  for (int32_t r = 0; r < rows; ++r)
+    limit[r] = visible_keys(len, p.seqlen_q, (it.row_begin + r) / p.num_heads, p.causal);
+  for (int64_t i = 0; i < static_cast<int64_t>(rows) * kLatentDim; ++i) out.acc[i] = 0.f;
+  for (int32_t r = 0; r < rows; ++r) {
+    out.max[r] = -__builtin_inff();
+    out.sum[r] = 0.f;
+  }
+
+  const T* cache = static_cast<const T*>(p.cache);
+  const int32_t* table = p.block_table + static_cast<int64_t>(it.seq) * p.block_table_batch_stride;
+  const int32_t bs = p.block_size;
+  for (int i = 0; i < kPtrSlots; ++i) {
+    raw[i] = reinterpret_cast<const T*>(zero);
+    kf[i] = zero;
+  }
+
+  const auto row_ptr = [&](int32_t key) {
+    const int64_t block = table[key / bs];
+    return cache + block * p.cache_block_stride + static_cast<int64_t>(key % bs) * p.cache_token_stride;
+  };
+
+  for (int32_t t0 = it.key_begin; t0 < it.key_end; t0 += kKeyTile) {
+    const int n = it.key_end - t0 < kKeyTile ? it.key_end - t0 : kKeyTile;
+    for (int i = 0; i < n; ++i) raw[i] = row_ptr(t0 + i);
+    for (int i = n; i < kKeyTile; ++i) raw[i] = reinterpret_cast<const T*>(zero);
+
+    K::template prepare_tile<CT>(raw, n, kbuf, zero, kf);
+
+    K::template scores<CT>(q, rows, raw, kf, s2scale, s);
+    for (int32_t r = 0; r < rows; ++r) {
+      int32_t visible = limit[r] - t0;
+      visible = visible < 0 ? 0 : (visible > n ? n : visible);
+      K::softmax_row(s + r * kScoreStride, visible, out.max + r, out.sum + r, pr + r * kScoreStride, corr + r);
+    }
+    K::pv(pr, corr, kf, n, rows, out.acc);
+  }
+}
