@@ -77,3 +77,82 @@ def test_scale_rejected_for_bf16_cache():
     with pytest.raises(ValueError, match="scale is only for a float8_e4m3fn cache"):
         mla_ext.append_kv(torch.randn(3, 512, dtype=torch.bfloat16), torch.randn(3, 64, dtype=torch.bfloat16), cache,
                           torch.arange(3), scale=torch.tensor([1.0]))
+
+
+# --------------------------------------------------------------------------- fp8 decode
+
+from conftest import DEEPSEEK_SCALE, make_paged_kv, make_query, varlen_seqlens  # noqa: E402
+
+# Tight: the kernel widens every e4m3 code exactly and folds the scale into q and the
+# output, so against a float64 reference over the *dequantized* cache only fp32
+# accumulation and the final rounding to q's dtype remain: half an ulp of the output
+# (2^-9 relative for bf16, 2^-12 for fp16) plus fp32 noise.
+TIGHT = {torch.bfloat16: dict(rtol=2**-8, atol=2**-10), torch.float16: dict(rtol=2**-10, atol=2**-12),
+         torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+def _fp8_case(seqlens, block_size, gen, device):
+    kv = make_paged_kv(seqlens, block_size, gen, dtype=torch.float32, device=device)
+    scale = mla_ext.fp8_scale_for(torch.nan_to_num(kv.cache, nan=0.0)).to(device)
+    cache8 = reference.quantize_fp8(kv.cache, scale)  # NaN poison stays NaN (code 0x7f)
+    return kv, cache8, scale
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("isa", ["auto", "scalar"])
+@pytest.mark.parametrize(
+    "dtype, block_size, h, s_q, causal, packed",
+    [
+        (torch.bfloat16, 16, 16, 1, True, False),
+        (torch.bfloat16, 1, 3, 3, True, True),
+        (torch.float16, 7, 16, 2, False, False),
+        (torch.float16, 64, 128, 1, True, True),
+        (torch.float32, 16, 4, 4, True, False),
+    ],
+)
+def test_decode_fp8_vs_float64_reference(device, isa, dtype, block_size, h, s_q, causal, packed, gen, monkeypatch):
+    if isa != "auto" and device != "cpu":
+        pytest.skip("MLA_EXT_CPU_ISA only picks CPU kernels")
+    monkeypatch.setenv("MLA_EXT_CPU_ISA", isa)
+    seqlens = varlen_seqlens(4, 300, gen) + [1, 2]  # includes 0, and L < s_q when causal
+    kv, cache8, scale = _fp8_case(seqlens, block_size, gen, device)
+    q_nope, q_pe = make_query(len(seqlens), s_q, h, gen, dtype, device)
+    q_args = (torch.cat([q_nope, q_pe], -1), None) if packed else (q_nope, q_pe)
+
+    out, lse = mla_ext.decode(*q_args, cache8, kv.block_table, kv.cache_seqlens, softmax_scale=DEEPSEEK_SCALE,
+                              causal=causal, return_lse=True, scale=scale)
+    ref_out, ref_lse = reference.decode(*q_args, cache8, kv.block_table, kv.cache_seqlens, DEEPSEEK_SCALE,
+                                        causal=causal, compute_dtype=torch.float64, scale=scale)
+    assert out.dtype == dtype and torch.isfinite(out).all(), "NaN poison leaked or dtype changed"
+    torch.testing.assert_close(out.double(), ref_out.double(), **TIGHT[dtype])
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)  # lse is fp32 in both
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_fp8_close_to_bf16_cache(device, gen):
+    # Loose: fp8 loses information (3 mantissa bits), so compare against the bf16-cache
+    # decode of the same values through the quantization error the reference itself sees:
+    # |kernel(fp8) - kernel(bf16)| <= |ref(fp8) - ref(bf16)| + both kernels' tight budgets.
+    seqlens = [500, 37, 0, 256]
+    kv, cache8, scale = _fp8_case(seqlens, 16, gen, device)
+    cache16 = kv.cache.to(torch.bfloat16)
+    q_nope, q_pe = make_query(len(seqlens), 1, 16, gen, torch.bfloat16, device)
+    args = (kv.block_table, kv.cache_seqlens)
+    out8 = mla_ext.decode(q_nope, q_pe, cache8, *args, softmax_scale=DEEPSEEK_SCALE, scale=scale).double()
+    out16 = mla_ext.decode(q_nope, q_pe, cache16, *args, softmax_scale=DEEPSEEK_SCALE).double()
+    ref8, _ = reference.decode(q_nope, q_pe, cache8, *args, DEEPSEEK_SCALE, compute_dtype=torch.float64, scale=scale)
+    ref16, _ = reference.decode(q_nope, q_pe, cache16, *args, DEEPSEEK_SCALE, compute_dtype=torch.float64)
+    quantization_gap = (ref8.double() - ref16.double()).abs().max().item()
+    assert 0 < quantization_gap < 0.5, "fp8 should differ from bf16, by a quantization error only"
+    budget = 2 * (TIGHT[torch.bfloat16]["atol"] + TIGHT[torch.bfloat16]["rtol"] * out16.abs().max().item())
+    assert (out8 - out16).abs().max().item() <= quantization_gap + budget
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_fp8_needs_scale(device):
+    cache = torch.zeros(2, 16, 576, device=device).to(torch.float8_e4m3fn)
+    q = torch.randn(1, 1, 4, 576, dtype=torch.bfloat16, device=device)
+    bt = torch.zeros(1, 2, dtype=torch.int32, device=device)
+    sl = torch.ones(1, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="needs scale"):
+        mla_ext.decode(q, None, cache, bt, sl, softmax_scale=0.1)

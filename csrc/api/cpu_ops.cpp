@@ -27,10 +27,23 @@ void decode_out_cpu(at::Tensor q_nope, std::optional<at::Tensor> q_pe, const at:
   check_decode_outputs(q_nope, out, lse);
   validate_block_table(block_table, cache_seqlens, p.num_blocks, p.block_size);
   if (scale.has_value()) validate_scale_value(*scale, "mla_ext.decode");
-  TORCH_CHECK_NOT_IMPLEMENTED(p.cache_dtype != DType::kFloat8E4M3,
-                              "mla_ext.decode: float8_e4m3fn caches are not supported on the CPU yet");
-  p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
+  if (p.cache_dtype == DType::kFloat8E4M3 && q_nope.scalar_type() != at::kFloat) {
+    // The CPU kernels read an fp8 cache with an fp32 query and write an fp32 output:
+    // converting q and out (h * s_q rows per sequence) costs little next to the cache.
+    at::Tensor q_nope32 = q_nope.to(at::kFloat);
+    std::optional<at::Tensor> q_pe32;
+    if (q_pe.has_value()) q_pe32 = q_pe->to(at::kFloat);
+    p = check_decode(q_nope32, q_pe32, cache3d, block_table, cache_seqlens, softmax_scale, causal, scale);
+    at::Tensor out32 = at::empty(out.sizes(), out.options().dtype(at::kFloat));
+    p.out = out32.data_ptr();
+    p.lse = lse.data_ptr<float>();
+    if (p.batch == 0) return;
+    cpu::decode(p);
+    out.copy_(out32);
+    return;
+  }
+  p.out = out.data_ptr();
   if (p.batch == 0) return;
   cpu::decode(p);
 }

@@ -43,10 +43,22 @@ inline __m256 load8_bf16(const uint16_t* src) {
 inline __m256 load8_f16(const uint16_t* src) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
 }
+// 8 e4m3fn codes -> their values / 256 (kFp8TileScale): the code's 7 magnitude bits
+// shifted into an fp16 (exponent bias 15 vs 7), the sign moved to bit 15, then F16C.
+// The NaN codes (0x7f, 0xff) become fp16 NaN.
+inline __m256 load8_fp8(const uint8_t* src) {
+  const __m128i x = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  const __m128i mag = _mm_and_si128(x, _mm_set1_epi16(0x7f));
+  const __m128i sign = _mm_slli_epi16(_mm_and_si128(x, _mm_set1_epi16(0x80)), 8);
+  __m128i h = _mm_or_si128(sign, _mm_slli_epi16(mag, 7));
+  h = _mm_blendv_epi8(h, _mm_set1_epi16(0x7e00), _mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7f)));
+  return _mm256_cvtph_ps(h);
+}
 template <class CT>
 inline __m256 load8(const typename CT::T* src) {
   if constexpr (CT::kType == DType::kFloat32) return _mm256_loadu_ps(src);
   else if constexpr (CT::kType == DType::kFloat16) return load8_f16(src);
+  else if constexpr (CT::kType == DType::kFloat8E4M3) return load8_fp8(src);
   else return load8_bf16(src);
 }
 
@@ -95,7 +107,8 @@ inline __m256 exp2_ps(__m256 x) {
 // q rows in fp32, pre-multiplied by softmax_scale * log2(e): [rows, 576].
 template <class CT>
 void load_q(const DecodeParams& p, int32_t seq, int32_t row_begin, int32_t rows, float s2scale, float* q) {
-  using T = typename CT::T;
+  using QC = typename CT::Q;
+  using T = typename QC::T;
   const __m256 sc = _mm256_set1_ps(s2scale);
   for (int32_t r = 0; r < rows; ++r) {
     const int32_t j = (row_begin + r) / p.num_heads, head = (row_begin + r) % p.num_heads;
@@ -104,9 +117,9 @@ void load_q(const DecodeParams& p, int32_t seq, int32_t row_begin, int32_t rows,
     const T* qp = static_cast<const T*>(p.q_pe) + seq * p.q_pe_batch_stride + j * p.q_pe_seq_stride +
                   head * p.q_pe_head_stride;
     float* dst = q + static_cast<int64_t>(r) * kHeadDim;
-    for (int d = 0; d < kLatentDim; d += 8) _mm256_storeu_ps(dst + d, _mm256_mul_ps(load8<CT>(qn + d), sc));
+    for (int d = 0; d < kLatentDim; d += 8) _mm256_storeu_ps(dst + d, _mm256_mul_ps(load8<QC>(qn + d), sc));
     for (int d = 0; d < kRopeDim; d += 8)
-      _mm256_storeu_ps(dst + kLatentDim + d, _mm256_mul_ps(load8<CT>(qp + d), sc));
+      _mm256_storeu_ps(dst + kLatentDim + d, _mm256_mul_ps(load8<QC>(qp + d), sc));
   }
 }
 

@@ -118,6 +118,9 @@ void merge_group(const DecodeParams& p, const Plan& plan, int64_t group, const f
   const int64_t i0 = plan.group_first[group], i1 = plan.group_first[group + 1];
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   constexpr float kLn2 = 0.6931471805599453f;
+  // fp8 tiles hold value / kFp8TileScale and the cache scale is not applied per element:
+  // V's factor comes back here (the scores' factor was folded into q).
+  const float out_scale = p.cache_dtype == DType::kFloat8E4M3 ? *p.kv_scale * kFp8TileScale : 1.f;
   for (int32_t r = r0; r < r1; ++r) {
     QT* out = static_cast<QT*>(p.out) + (static_cast<int64_t>(seq) * rows + r) * kLatentDim;
     float* lse = p.lse + static_cast<int64_t>(seq) * rows + r;
@@ -138,7 +141,7 @@ void merge_group(const DecodeParams& p, const Plan& plan, int64_t group, const f
       const float* a = acc + pr * kLatentDim;
       for (int d = 0; d < kLatentDim; ++d) merged[d] += w * a[d];
     }
-    const float inv = 1.f / total;
+    const float inv = out_scale / total;
     for (int d = 0; d < kLatentDim; ++d) out[d] = QT(merged[d] * inv);
     *lse = (global_max + std::log2(total)) * kLn2;
   }
@@ -181,8 +184,9 @@ void run(const DecodeParams& p, const DecodeIsa& isa) {
 const char* decode_kernel_name(DType dtype) { return pick_isa(dtype)->name; }
 
 void decode(const DecodeParams& p) {
-  // The glue guarantees q and cache share a dtype (fp8 caches are handled elsewhere).
-  TORCH_CHECK(p.q_dtype == p.cache_dtype, "mla_ext: CPU decode needs q and cache of one dtype");
+  // The glue guarantees q and cache share a dtype, or an fp32 q (and out) for an fp8 cache.
+  TORCH_CHECK(p.q_dtype == p.cache_dtype || (p.cache_dtype == DType::kFloat8E4M3 && p.q_dtype == DType::kFloat32),
+              "mla_ext: CPU decode needs q and cache of one dtype, or an fp32 q for an fp8 cache");
   const DecodeIsa& isa = *pick_isa(p.cache_dtype);
   switch (p.q_dtype) {
     case DType::kFloat32: run<float>(p, isa); break;

@@ -22,7 +22,7 @@ namespace {
 #include "avx2_kernels.h"
 
 bool avx2_supports(DType t) {
-  return t == DType::kBFloat16 || t == DType::kFloat16 || t == DType::kFloat32;
+  return t == DType::kBFloat16 || t == DType::kFloat16 || t == DType::kFloat32 || t == DType::kFloat8E4M3;
 }
 
 size_t avx2_scratch_bytes(int32_t max_rows) { return scratch_bytes_impl<avx2::Kernel>(max_rows); }
@@ -31,6 +31,7 @@ void avx2_run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, 
   switch (p.cache_dtype) {
     case DType::kBFloat16: run_item_impl<avx2::Kernel, CacheBF16>(p, it, out, scratch); break;
     case DType::kFloat16: run_item_impl<avx2::Kernel, CacheF16>(p, it, out, scratch); break;
+    case DType::kFloat8E4M3: run_item_impl<avx2::Kernel, CacheFP8>(p, it, out, scratch); break;
     default: run_item_impl<avx2::Kernel, CacheF32>(p, it, out, scratch); break;
   }
 }

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "decode_impl.h"
+#include "fp8.h"
 
 namespace mla::cpu {
 namespace {
@@ -22,6 +23,8 @@ inline float to_float(typename CT::T x) {
     return x;
   } else if constexpr (CT::kType == DType::kFloat16) {
     return c10::detail::fp16_ieee_to_fp32_value(x);
+  } else if constexpr (CT::kType == DType::kFloat8E4M3) {
+    return fp8_e4m3_table().value[x] * (1.f / kFp8TileScale);  // exact: a power-of-two factor
   } else {
     const uint32_t bits = static_cast<uint32_t>(x) << 16;
     float f;
@@ -36,7 +39,8 @@ struct Kernel {
 
   template <class CT>
   static void load_q(const DecodeParams& p, int32_t seq, int32_t r0, int32_t rows, float s2scale, float* q) {
-    using T = typename CT::T;
+    using QC = typename CT::Q;
+    using T = typename QC::T;
     for (int32_t r = 0; r < rows; ++r) {
       const int32_t j = (r0 + r) / p.num_heads, head = (r0 + r) % p.num_heads;
       const T* qn = static_cast<const T*>(p.q_nope) + seq * p.q_nope_batch_stride + j * p.q_nope_seq_stride +
@@ -44,8 +48,8 @@ struct Kernel {
       const T* qp = static_cast<const T*>(p.q_pe) + seq * p.q_pe_batch_stride + j * p.q_pe_seq_stride +
                     head * p.q_pe_head_stride;
       float* dst = q + static_cast<int64_t>(r) * kHeadDim;
-      for (int d = 0; d < kLatentDim; ++d) dst[d] = to_float<CT>(qn[d]) * s2scale;
-      for (int d = 0; d < kRopeDim; ++d) dst[kLatentDim + d] = to_float<CT>(qp[d]) * s2scale;
+      for (int d = 0; d < kLatentDim; ++d) dst[d] = to_float<QC>(qn[d]) * s2scale;
+      for (int d = 0; d < kRopeDim; ++d) dst[kLatentDim + d] = to_float<QC>(qp[d]) * s2scale;
     }
   }
 
@@ -114,7 +118,7 @@ struct Kernel {
 }  // namespace scalar
 
 bool scalar_supports(DType t) {
-  return t == DType::kBFloat16 || t == DType::kFloat16 || t == DType::kFloat32;
+  return t == DType::kBFloat16 || t == DType::kFloat16 || t == DType::kFloat32 || t == DType::kFloat8E4M3;
 }
 
 size_t scalar_scratch_bytes(int32_t max_rows) { return scratch_bytes_impl<scalar::Kernel>(max_rows); }
@@ -123,6 +127,7 @@ void scalar_run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out
   switch (p.cache_dtype) {
     case DType::kBFloat16: run_item_impl<scalar::Kernel, CacheBF16>(p, it, out, scratch); break;
     case DType::kFloat16: run_item_impl<scalar::Kernel, CacheF16>(p, it, out, scratch); break;
+    case DType::kFloat8E4M3: run_item_impl<scalar::Kernel, CacheFP8>(p, it, out, scratch); break;
     default: run_item_impl<scalar::Kernel, CacheF32>(p, it, out, scratch); break;
   }
 }

@@ -34,10 +34,15 @@
 // iteration of the key loop, which halves the PV kernel's speed.
 #define MLA_UNROLL _Pragma("GCC unroll 16")
 
-// Cache element types: T is the storage type, kType the runtime tag.
-struct CacheF32 { using T = float; static constexpr DType kType = DType::kFloat32; };
-struct CacheF16 { using T = uint16_t; static constexpr DType kType = DType::kFloat16; };
-struct CacheBF16 { using T = uint16_t; static constexpr DType kType = DType::kBFloat16; };
+// Cache element types: T is the storage type, kType the runtime tag, Q the element type
+// of the query (the cache's own type, except for fp8 caches whose query comes as fp32).
+struct CacheF32 { using T = float; static constexpr DType kType = DType::kFloat32; using Q = CacheF32; };
+struct CacheF16 { using T = uint16_t; static constexpr DType kType = DType::kFloat16; using Q = CacheF16; };
+struct CacheBF16 { using T = uint16_t; static constexpr DType kType = DType::kBFloat16; using Q = CacheBF16; };
+// float8_e4m3fn: tiles hold the stored value times 2^-8 (exact; see kFp8TileScale), and
+// the per-tensor scale is folded into q for the scores and into the output in the merge,
+// so the kernels never multiply a cache element by the scale.
+struct CacheFP8 { using T = uint8_t; static constexpr DType kType = DType::kFloat8E4M3; using Q = CacheF32; };
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kPtrSlots = kKeyTile + 8;  // tile row pointers, padded for key blocks past 16
@@ -85,7 +90,8 @@ void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, 
   float* zero = reinterpret_cast<float*>(base + lay.zero);
   for (int d = 0; d < kHeadDim; ++d) zero[d] = 0.f;  // all-zero bits: a zero row in every dtype
 
-  const float s2scale = p.softmax_scale * kLog2e;
+  float s2scale = p.softmax_scale * kLog2e;
+  if constexpr (CT::kType == DType::kFloat8E4M3) s2scale *= *p.kv_scale * kFp8TileScale;
   K::template load_q<CT>(p, it.seq, it.row_begin, rows, s2scale, q);
 
   const int32_t len = p.cache_seqlens[it.seq];
