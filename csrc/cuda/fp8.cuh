@@ -42,22 +42,31 @@ MLA_HOST_DEVICE uint32_t e4m3_from_float_bits(uint32_t bits) {
 // is the constant factor). One exact multiply by 2^8 / 2^120 (dequant_scale_bits) then gives
 // x itself, a normal fp16 / bf16 number. NaN codes (0x7f, 0xff) map to finite patterns here;
 // e4m3x4_nan_mask finds them (the caller patches them, off the fast path).
-template <int kShift>
-MLA_HOST_DEVICE void e4m3x4_to_scaled_bits(uint32_t w, uint32_t& lo, uint32_t& hi) {
-  // Spread the bytes into 16-bit lanes: [0 b1 0 b0] and [0 b3 0 b2] (PRMT on the device).
-  const uint32_t u_lo = (w & 0xffu) | ((w & 0xff00u) << 8);
-  const uint32_t u_hi = ((w >> 16) & 0xffu) | ((w >> 8) & 0xff0000u);
-  // code << kShift moves the sign bit to bit 7 + kShift; adding sign * (2^8 - 2^kShift)
-  // carries it on to bit 15 without touching the other lane.
-  lo = (u_lo << kShift) + (u_lo & 0x00800080u) * ((1u << 8) - (1u << kShift));
-  hi = (u_hi << kShift) + (u_hi & 0x00800080u) * ((1u << 8) - (1u << kShift));
+// Byte permute (PRMT): result byte n = byte (sel >> 4n) & 7 of the 8-byte value {y, x}.
+MLA_HOST_DEVICE uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t sel) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(x, y, sel);
+#else
+  const uint64_t v = (static_cast<uint64_t>(y) << 32) | x;
+  uint32_t r = 0;
+  for (int n = 0; n < 4; ++n) r |= static_cast<uint32_t>((v >> (8 * ((sel >> (4 * n)) & 7))) & 0xffu) << (8 * n);
+  return r;
+#endif
 }
 
-// Nonzero iff some byte of w is an e4m3 NaN (0x7f or 0xff).
-MLA_HOST_DEVICE uint32_t e4m3x4_nan_mask(uint32_t w) {
-  const uint32_t v = ~(w | 0x80808080u);  // a byte is 0 exactly where its low 7 bits are all ones
-  return (v - 0x01010101u) & ~v & 0x80808080u;
+template <int kShift>
+MLA_HOST_DEVICE void e4m3x4_to_scaled_bits(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  const uint32_t mag = w & 0x7f7f7f7fu, sgn = w & 0x80808080u;
+  // Magnitudes spread into the low bytes of the 16-bit lanes ([0 m1 0 m0], [0 m3 0 m2]),
+  // sign bytes into the high bytes ([s1 0 s0 0]: the sign lands on bit 15), then one
+  // shift-add (LEA) per pair: 2 PRMT + 1 LEA per two values.
+  lo = (byte_perm(mag, 0u, 0x4140u) << kShift) + byte_perm(sgn, 0u, 0x1404u);
+  hi = (byte_perm(mag, 0u, 0x4342u) << kShift) + byte_perm(sgn, 0u, 0x3424u);
 }
+
+// Nonzero iff some byte of w is an e4m3 NaN (0x7f or 0xff): low 7 bits + 1 carries into
+// bit 7 of that byte only (never into the next byte).
+MLA_HOST_DEVICE uint32_t e4m3x4_nan_mask(uint32_t w) { return ((w & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u; }
 
 // The 16-bit NaN pattern of each lane whose source byte (lane 0 <- byte k0, lane 1 <- byte k1)
 // is an e4m3 NaN, else the input lane. Rare path.
@@ -117,17 +126,29 @@ struct Fp8Dequant<__nv_bfloat16> {
   static constexpr uint32_t kNaN = 0x7fc0u;
 };
 
-// Four e4m3 bytes -> two packed T pairs holding the exact values (NaN codes -> NaN).
+// Four e4m3 bytes -> two packed T pairs holding the exact values; NaN codes are NOT
+// patched here (see e4m3x8_to).
 template <typename T>
-__device__ __forceinline__ void e4m3x4_to(uint32_t w, uint32_t& lo, uint32_t& hi) {
+__device__ __forceinline__ void e4m3x4_to_no_nan(uint32_t w, uint32_t& lo, uint32_t& hi) {
   using D = Fp8Dequant<T>;
   uint32_t a, b;
   e4m3x4_to_scaled_bits<D::kShift>(w, a, b);
   lo = mul2_exact<T>(a, D::kFactor);
   hi = mul2_exact<T>(b, D::kFactor);
-  if (e4m3x4_nan_mask(w) != 0u) {  // never taken for values written by append_kv from finite input
-    lo = e4m3_patch_nan(lo, w, 0, 1, D::kNaN);
-    hi = e4m3_patch_nan(hi, w, 2, 3, D::kNaN);
+}
+
+// Eight e4m3 bytes (w.x = bytes 0..3) -> eight T values (v.x = values 0, 1, ...), exact,
+// NaN codes -> NaN (one branch per 8 bytes, never taken for finite appended values).
+template <typename T>
+__device__ __forceinline__ void e4m3x8_to(const uint2 w, uint4& v) {
+  e4m3x4_to_no_nan<T>(w.x, v.x, v.y);
+  e4m3x4_to_no_nan<T>(w.y, v.z, v.w);
+  if ((e4m3x4_nan_mask(w.x) | e4m3x4_nan_mask(w.y)) != 0u) {
+    constexpr uint32_t nan16 = Fp8Dequant<T>::kNaN;
+    v.x = e4m3_patch_nan(v.x, w.x, 0, 1, nan16);
+    v.y = e4m3_patch_nan(v.y, w.x, 2, 3, nan16);
+    v.z = e4m3_patch_nan(v.z, w.y, 0, 1, nan16);
+    v.w = e4m3_patch_nan(v.w, w.y, 2, 3, nan16);
   }
 }
 
