@@ -9,6 +9,11 @@ append with 65536 tokens. Counting:
     FLOPs = 2 * b * s_q * h * L * (576 + 512)
     bytes = elt * b * (s_q*h*576 + L*576 + s_q*h*512)        (decode, cache read once)
     bytes = elt * T * 576 * 2                                  (append: read + write)
+fp8 rows (impl "mla_ext-fp8"): the same shapes with a float8_e4m3fn cache (scale on the
+device), the cache counted at 1 byte per element, q / out at 2; each carries
+speedup_vs_bf16 = ms(mla_ext, bf16 cache) / ms(mla_ext-fp8), timed in the same run on the
+same data (the fp8 cache is the bf16 one quantized), and rel_err_vs_bf16 between the outputs.
+Target: decode-tp8 speedup >= 1.6.
 """
 import argparse
 import json
@@ -21,6 +26,7 @@ import mla_ext
 
 D, DC, DR = 576, 512, 64
 SCALE = 1.0 / math.sqrt(192)
+FP8_TP8_SPEEDUP_TARGET = 1.6
 DECODE_SHAPES = [  # name, b, s_q, h, L
     ("decode-tp8", 128, 1, 16, 4096),
     ("decode-mtp", 128, 2, 128, 4096),
@@ -95,6 +101,27 @@ def bench_decode(name, b, s_q, h, L, dtype=torch.bfloat16, block_size=64):
     ms = time_ms(run_ext)
     rows.append(dict(name=name, impl="mla_ext", ms=round(ms, 4), gbps=round(nbytes / ms / 1e6, 1),
                      tflops=round(flops / ms / 1e9, 2)))
+
+    # fp8 cache: the same values quantized (per-tensor scale on the device), timed now, in this run.
+    scale = mla_ext.fp8_scale_for(cache)
+    cache8 = torch.empty(cache.shape, device="cuda", dtype=torch.float8_e4m3fn)
+    flat16, flat8 = cache.view(-1, D), cache8.view(-1, D)
+    all_slots = torch.arange(flat16.shape[0], device="cuda")
+    mla_ext.append_kv(flat16[:, :DC], flat16[:, DC:], flat8, all_slots, scale=scale)
+    del all_slots
+
+    def run_fp8():
+        return mla_ext.decode(q_nope, q_pe, cache8, block_table, seqlens, softmax_scale=SCALE, scale=scale)
+
+    out8 = run_fp8()
+    ms8 = time_ms(run_fp8)
+    nbytes8 = b * (elt * s_q * h * D + L * D + elt * s_q * h * DC)
+    rows.append(dict(name=name, impl="mla_ext-fp8", ms=round(ms8, 4), gbps=round(nbytes8 / ms8 / 1e6, 1),
+                     tflops=round(flops / ms8 / 1e9, 2), speedup_vs_bf16=round(ms / ms8, 3),
+                     rel_err_vs_bf16=round(((out8.float() - out.float()).norm() / out.float().norm()).item(), 5)))
+    if name == "decode-tp8":
+        rows[-1]["speedup_target"] = FP8_TP8_SPEEDUP_TARGET
+    del cache8, out8
     try:
         ref = torch_decode(q, cache, block_table, seqlens, L, block_size)
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -122,6 +149,17 @@ def bench_append(T=65536, dtype=torch.bfloat16, block_size=64):
     ok = torch.equal(cache.view(-1, D)[slots[:64]], kv[:64])
     rows = [dict(name=f"append-{T}", impl="mla_ext", ms=round(ms, 4), gbps=round(nbytes / ms / 1e6, 1), tflops=0.0,
                  correct=bool(ok))]
+    # fp8 cache, same inputs: reads elt bytes, writes 1 byte per value.
+    scale = mla_ext.fp8_scale_for(kv)
+    cache8 = torch.zeros(num_blocks, block_size, D, device="cuda", dtype=torch.float8_e4m3fn)
+    ms8 = time_ms(lambda: mla_ext.append_kv(kv_c, k_pe, cache8, slots, scale=scale))
+    from mla_ext import reference
+    ok8 = torch.equal(cache8.view(-1, D)[slots[:64]].view(torch.uint8),
+                      reference.quantize_fp8(kv[:64], scale).view(torch.uint8))
+    nbytes8 = T * D * (torch.finfo(dtype).bits // 8 + 1)
+    rows.append(dict(name=f"append-{T}", impl="mla_ext-fp8", ms=round(ms8, 4), gbps=round(nbytes8 / ms8 / 1e6, 1),
+                     tflops=0.0, correct=bool(ok8), speedup_vs_bf16=round(ms / ms8, 3)))
+    del cache8
     flat = cache.view(-1, D)
 
     def torch_append():
@@ -155,10 +193,11 @@ def main():
             r["pct_copy"] = round(100 * r["gbps"] / c["copy_gbps"], 1)
         if r.get("tflops"):
             r["pct_matmul"] = round(100 * r["tflops"] / c["bf16_tflops"], 1)
-    print(f"{'name':<14} {'impl':<8} {'ms':>9} {'GB/s':>8} {'TFLOPS':>8} {'%copy':>6}")
+    print(f"{'name':<14} {'impl':<12} {'ms':>9} {'GB/s':>8} {'TFLOPS':>8} {'%copy':>6} {'x bf16':>7}")
     for r in results:
-        print(f"{r['name']:<14} {r['impl']:<8} {r['ms'] if r['ms'] is not None else '-':>9} "
-              f"{r['gbps'] or '-':>8} {r['tflops'] or '-':>8} {r.get('pct_copy', '-'):>6}")
+        print(f"{r['name']:<14} {r['impl']:<12} {r['ms'] if r['ms'] is not None else '-':>9} "
+              f"{r['gbps'] or '-':>8} {r['tflops'] or '-':>8} {r.get('pct_copy', '-'):>6} "
+              f"{r.get('speedup_vs_bf16', '-'):>7}")
     print(f"ceilings: copy {c['copy_gbps']} GB/s, bf16 matmul {c['bf16_tflops']} TFLOPS")
     if args.json:
         with open(args.json, "w") as f:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI (no GPU needed): compile every csrc/cuda/*.cu with plain nvcc (no torch) for sm_80 and
 # sm_90a, fail on any register spill or local-memory use, and print the ptxas resource
-# report per kernel.
+# report per kernel; then the host self-test of the fp8 conversion helpers.
 #
 #   benchmarks/cuda_compile_check.sh                 # archs: sm_80 sm_90a, MAX_JOBS=2
 #   ARCHS="sm_80" MAX_JOBS=1 benchmarks/cuda_compile_check.sh
@@ -65,4 +65,14 @@ if grep -q "spill st/ld [1-9]\|spill st/ld 0/[1-9]" "$report"; then echo "FAIL: 
 if grep -q "stack [1-9]" "$report"; then echo "FAIL: local memory (stack frame)"; status=1; fi
 n=$(wc -l <"$report")
 [ "$n" -gt 0 ] || { echo "FAIL: no kernels reported"; status=1; }
-if [ $status -eq 0 ]; then echo "PASS: cuda_compile_check: $n kernel builds, 0 spills ($secs s, $JOBS jobs)"; else exit 1; fi
+# The fp8 helpers' integer parts, compiled for the host: every float's e4m3 rounding must
+# equal the CPU kernel's, every code's dequantized pattern the exact value (~25 s).
+CXX=${CXX:-c++}
+if command -v "$CXX" >/dev/null; then
+  if "$CXX" -O2 -std=c++17 "$ROOT/tests/native/fp8_selftest.cpp" -o "$OUT/fp8_selftest" && "$OUT/fp8_selftest" 1; then
+    echo "ok   fp8 host self-test (all 2^32 floats)"
+  else
+    echo "FAIL fp8 host self-test"; status=1
+  fi
+fi
+if [ $status -eq 0 ]; then echo "PASS: cuda_compile_check: $n kernel builds, 0 spills, fp8 self-test ($secs s, $JOBS jobs)"; else exit 1; fi

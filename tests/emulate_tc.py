@@ -7,6 +7,13 @@ checks the tile bookkeeping (row blocks, splits, causal limits, zero-filled rows
 gathers) and every fragment mapping; it cannot check timing, races or the compiler.
 
     python tests/emulate_tc.py            # a handful of shapes for each tile configuration
+
+float8_e4m3fn caches (fp8="bf16" / "fp16": the q dtype whose conversion is emulated): the
+ring holds raw bytes (8 loader threads per row, 36 16-byte chunks, the last one predicated),
+each tile is converted unit by unit (8 bytes -> 8 values) with the kernel's integer bit
+patterns and exact multiply (fp8.cuh) into the one 16-bit tile, and kv_scale is folded into
+the score scale and the epilogue; the reference is mla_ext.reference.decode(..., scale=) in
+float64 on the dequantized cache.
 """
 import math
 import sys
@@ -56,6 +63,36 @@ def mma(d, a, b0, b1):
     d[:, 3] += Dm[G + 8, 2 * C + 1]
 
 
+def e4m3x4_to(words, fp8):
+    """fp8.cuh's e4m3x4_to for uint32 words (numpy array): returns float64 values of the
+    four 16-bit lanes [..., 4] (lo.low, lo.high, hi.low, hi.high = bytes 0..3), computed the
+    kernel's way: integer bit pattern, exact multiply, NaN codes patched."""
+    w = words.astype(np.uint64)
+    shift = 7 if fp8 == "fp16" else 4
+    mag, sgn = w & 0x7f7f7f7f, w & 0x80808080
+
+    def prmt(x, sel):  # __byte_perm(x, 0, sel)
+        r = np.zeros_like(x)
+        for n in range(4):
+            k = (sel >> (4 * n)) & 7
+            r |= (((x >> (8 * k)) & 0xff) if k < 4 else 0) << (8 * n)
+        return r
+
+    out = []
+    for msel, ssel in ((0x4140, 0x1404), (0x4342, 0x3424)):
+        pat = ((prmt(mag, msel) << shift) + prmt(sgn, ssel)) & 0xffffffff
+        for lane in (pat & 0xffff, pat >> 16):
+            lane = lane.astype(np.uint32)
+            if fp8 == "fp16":
+                v = lane.astype(np.uint16).view(np.float16).astype(np.float64) * 2.0 ** 8
+            else:
+                v = (lane << 16).view(np.float32).astype(np.float64) * 2.0 ** 120
+            out.append(v)
+    vals = np.stack(out, axis=-1)
+    codes = np.stack([(words >> (8 * k)) & 0xff for k in range(4)], axis=-1)
+    return np.where((codes & 0x7f) == 0x7f, np.nan, vals)
+
+
 def visible_keys(L, s_q, j, causal):
     if L <= 0:
         return 0
@@ -90,6 +127,10 @@ def cta(p, cfg, m_block, split, b, o_accum, lse_accum, out, lse_out):
         r = m0 + row
         if r < M:
             sQ[row, :D] = p["q"][b, r // h, r % h]
+    fp8 = p.get("fp8")
+    if fp8:  # fp8 ring (raw bytes, -1 = never written) + one converted tile
+        ring = np.full((STAGES, BN, D), -1, dtype=np.int64)
+        conv = np.full((BN, D + 8), np.nan)
     sKV = np.full((STAGES, BN, D + 8), np.nan)  # never-written shared memory is poison
     sP = np.full((BM, BN + 8), np.nan)
     sMax = np.full((WN, BM), np.nan)
@@ -105,9 +146,30 @@ def cta(p, cfg, m_block, split, b, o_accum, lse_accum, out, lse_out):
                 blk = int(p["table"][b, idx])
                 if 0 <= blk < p["cache"].shape[0]:
                     src = p["cache"][blk, key - idx * p["bs"]]
+            if fp8:  # 36 chunks of 16 bytes, ceil(36 / TPR) per thread, the last predicated
+                for i in range(-(-36 // TPR)):
+                    ch = ld_sub + i * TPR
+                    if ch < 36:
+                        ring[stage, ld_row, ch * 16:ch * 16 + 16] = 0 if src is None else src[ch * 16:ch * 16 + 16]
+                continue
             for i in range(72 // TPR):
                 ch = ld_sub + i * TPR
                 sKV[stage, ld_row, ch * 8:ch * 8 + 8] = 0 if src is None else src[ch * 8:ch * 8 + 8]
+
+    def convert(stage):  # all threads: 8-byte units in row-major order -> the 16-bit tile
+        flat = ring[stage].reshape(-1)
+        assert (flat >= 0).all(), "conversion reads a ring byte no cp.async wrote"
+        units = BN * D // 8
+        assert units % NT == 0
+        for i in range(units // NT):
+            u = np.arange(NT) + i * NT
+            row, col = u // (D // 8), (u % (D // 8)) * 8
+            by = flat[u[:, None] * 8 + np.arange(8)].astype(np.uint64)  # [NT, 8] bytes
+            w0 = by[:, 0] | (by[:, 1] << 8) | (by[:, 2] << 16) | (by[:, 3] << 24)
+            w1 = by[:, 4] | (by[:, 5] << 8) | (by[:, 6] << 16) | (by[:, 7] << 24)
+            vals = np.concatenate([e4m3x4_to(w0, fp8), e4m3x4_to(w1, fp8)], axis=1)  # [NT, 8]
+            for t in range(NT):
+                conv[row[t], col[t]:col[t] + 8] = vals[t]
 
     for s in range(STAGES - 1):
         if tb + s < te:
@@ -115,7 +177,7 @@ def cta(p, cfg, m_block, split, b, o_accum, lse_accum, out, lse_out):
 
     warps = []
     for w in range(NW):
-        wm, wn = w % WM, w // WM
+        wm, wn = w // WN, w % WN  # warp = 2 wm + wn
         r_lo = wm * 16 + G
         r_hi = r_lo + 8
 
@@ -125,13 +187,19 @@ def cta(p, cfg, m_block, split, b, o_accum, lse_accum, out, lse_out):
         warps.append(dict(wm=wm, wn=wn, r_lo=r_lo, r_hi=r_hi, lim_lo=lim(r_lo), lim_hi=lim(r_hi),
                           active=m0 + wm * 16 < M, o=np.zeros((OT, 32, 4)), m_lo=np.full(32, -np.inf),
                           m_hi=np.full(32, -np.inf), l_lo=np.zeros(32), l_hi=np.zeros(32)))
-    scale_log2 = p["scale"] * math.log2(math.e)
+    kv = p.get("kv", 1.0)
+    scale_log2 = p["scale"] * kv * math.log2(math.e)
 
     for it, tile in enumerate(range(tb, te)):
         nxt = tile + STAGES - 1
         if nxt < te:
             load_tile(nxt, (it + STAGES - 1) % STAGES)
-        sK = sKV[it % STAGES]
+        if fp8:
+            conv[:] = np.nan  # the previous tile's values are dead
+            convert(it % STAGES)
+            sK = conv
+        else:
+            sK = sKV[it % STAGES]
         for W in warps:  # phase 1: S, mask, partial max
             s = np.zeros((ST, 32, 4))
             if W["active"]:
@@ -210,7 +278,7 @@ def cta(p, cfg, m_block, split, b, o_accum, lse_accum, out, lse_out):
     for W in warps:
         for half, rr, mm, oi in ((0, W["r_lo"], W["m_lo"], (0, 1)), (1, W["r_hi"], W["m_hi"], (2, 3))):
             tot = sSum[:, rr].sum(axis=0)
-            inv = np.where(tot > 0, 1.0 / np.where(tot > 0, tot, 1), 0.0)
+            inv = np.where(tot > 0, kv / np.where(tot > 0, tot, 1), 0.0)
             lse = np.where(tot > 0, (mm + np.log2(np.where(tot > 0, tot, 1))) * math.log(2), -np.inf)
             col0 = W["wn"] * OC + 2 * C
             for lane in range(32):
@@ -230,11 +298,21 @@ def cta(p, cfg, m_block, split, b, o_accum, lse_accum, out, lse_out):
                         lse_accum[b, split, row] = lse[lane]
 
 
-def run(cfg, b, s_q, h, lens, bs, S, causal=True, width_extra=1, seed=0):
+def run(cfg, b, s_q, h, lens, bs, S, causal=True, width_extra=1, seed=0, fp8=None):
     rng = np.random.default_rng(seed)
     need = [max(1, -(-n // bs)) for n in lens]
     nb = sum(need) + 2
     cache = rng.standard_normal((nb, bs, D))
+    kv = 1.0
+    if fp8:  # quantize like append_kv: magnitudes over 7 decades (subnormal codes), some saturated
+        cache *= 10.0 ** rng.uniform(-6, 1, (nb, bs, 1))
+        kv_t = torch.tensor([float(np.abs(cache).max()) * 0.5 / 448])  # margin 0.5: saturation occurs
+        kv = float(kv_t[0])
+        codes = reference.quantize_fp8(torch.from_numpy(cache), kv_t)
+        cache_t = codes
+        cache = codes.view(torch.uint8).numpy().astype(np.int64)
+        sub = ((cache & 0x78) == 0) & ((cache & 7) != 0)
+        assert sub.any() and ((cache & 0x7f) == 0x7e).any(), "want subnormal and saturated codes"
     perm = rng.permutation(nb)
     table = rng.integers(-3, nb + 5, (b, max(need) + width_extra))
     pos = 0
@@ -243,7 +321,8 @@ def run(cfg, b, s_q, h, lens, bs, S, causal=True, width_extra=1, seed=0):
         pos += n
     q = rng.standard_normal((b, s_q, h, D))
     scale = 1 / math.sqrt(192)
-    p = dict(q=q, cache=cache, table=table, lens=np.array(lens), bs=bs, h=h, s_q=s_q, causal=causal, scale=scale, S=S)
+    p = dict(q=q, cache=cache, table=table, lens=np.array(lens), bs=bs, h=h, s_q=s_q, causal=causal, scale=scale, S=S,
+             fp8=fp8, kv=kv)
     M = s_q * h
     out = np.full((b, M, DC), np.nan)
     lse_out = np.full((b, M), np.nan)
@@ -262,9 +341,9 @@ def run(cfg, b, s_q, h, lens, bs, S, causal=True, width_extra=1, seed=0):
         out = np.where(wsum[..., None] > 0, acc / np.where(wsum > 0, wsum, 1)[..., None], 0.0)
         lse_out = np.where(wsum > 0, mx + np.log(np.where(wsum > 0, wsum, 1)), -np.inf)
     t = torch.from_numpy
-    ref_out, ref_lse = reference.decode(t(q), None, t(cache), t(table.astype(np.int32)),
+    ref_out, ref_lse = reference.decode(t(q), None, cache_t if fp8 else t(cache), t(table.astype(np.int32)),
                                         t(np.array(lens, dtype=np.int32)), scale, causal,
-                                        compute_dtype=torch.float64)
+                                        compute_dtype=torch.float64, scale=kv_t if fp8 else None)
     ref_out = ref_out.reshape(b, M, DC).numpy()
     ref_lse = ref_lse.reshape(b, M).double().numpy()
     assert not np.isnan(out).any(), "unwritten or NaN output"
@@ -273,7 +352,7 @@ def run(cfg, b, s_q, h, lens, bs, S, causal=True, width_extra=1, seed=0):
     fin = ~np.isinf(ref_lse)
     lerr = np.abs(lse_out[fin] - ref_lse[fin]).max() if fin.any() else 0.0
     ok = err < 1e-9 and lerr < 1e-5 and same_inf  # the reference returns lse in fp32
-    print(f"cfg={cfg} b={b} s_q={s_q} h={h} lens={lens} bs={bs} S={S} causal={causal}: "
+    print(f"cfg={cfg} b={b} s_q={s_q} h={h} lens={lens} bs={bs} S={S} causal={causal} fp8={fp8}: "
           f"max|out-ref|={err:.2e} max|lse-ref|={lerr:.2e} {'OK' if ok else 'MISMATCH'}")
     return ok
 
@@ -287,5 +366,20 @@ if __name__ == "__main__":
         run(M_CFG, 1, 1, 16, [100], 64, 3, causal=False),
         run(S_CFG, 2, 2, 12, [33, 5], 16, 1),        # M = 24 in 32-row blocks
         run(S_CFG, 1, 4, 16, [50], 3, 2),
+        # fp8 cache: configurations L (4 stages), M (2), S (4 stages, 128 threads)
+        run((64, 32, 4), 2, 1, 16, [70, 0], 16, 1, fp8="bf16"),
+        run((64, 32, 2), 2, 3, 4, [2, 45], 1, 2, fp8="fp16"),
+        run((32, 16, 4), 1, 2, 20, [50], 7, 2, fp8="bf16"),
     ]
+    # every code through both conversions (fp8.cuh e4m3x4_to) vs torch's float8_e4m3fn values
+    allc = np.arange(256, dtype=np.uint64)
+    words = allc | (allc << 8) | (allc << 16) | (allc << 24)
+    want = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).double().numpy()
+    for kind in ("bf16", "fp16"):
+        got = e4m3x4_to(words, kind)
+        ok = all(np.array_equal(got[:, k], want, equal_nan=True) for k in range(4))
+        fin = ~np.isnan(want)
+        ok = ok and np.array_equal(np.signbit(got[fin, 0]), np.signbit(want[fin]))  # -0 stays -0
+        print(f"e4m3 -> {kind}: all 256 codes {'exact' if ok else 'MISMATCH'}")
+        results.append(ok)
     sys.exit(0 if all(results) else 1)

@@ -68,11 +68,11 @@ def make_query(b, s_q, h, dtype, gen, packed=False):
     return q[..., :DC].contiguous(), q[..., DC:].contiguous()
 
 
-def check_close(out, lse, ref_out, ref_lse, dtype, what=""):
+def check_close(out, lse, ref_out, ref_lse, dtype, what="", tol=None):
     out, lse = out.float().cpu(), lse.float().cpu()
     ref_out, ref_lse = ref_out.float().cpu(), ref_lse.float().cpu()
     assert torch.isfinite(out).all(), f"{what}: non-finite output"
-    rtol, ltol = TOL[dtype]
+    rtol, ltol = tol or TOL[dtype]
     err = (out - ref_out).norm() / ref_out.norm().clamp_min(1e-6)
     assert err < rtol, f"{what}: relative output error {err:.3g} >= {rtol}"
     empty = torch.isinf(ref_lse)
@@ -319,16 +319,253 @@ def test_append_empty_and_4d():
     assert torch.equal(cache[1, 1, 0], kv[0]) and cache.float().abs().sum() == kv.float().abs().sum()
 
 
-def test_fp8_not_implemented_on_cuda():
+# ------------------------------------------------------------------------------------ fp8 cache
+#
+# float8_e4m3fn cache with a per-tensor scale held on the device (SPEC: append stores
+# e4m3(x / scale), decode computes on x_stored * scale). Tolerances:
+#   tight: against reference.decode(..., scale=) in float64 on the SAME fp8 cache. The
+#     dequantization is exact on the GPU (every e4m3 value is a bf16/fp16 number, the scale
+#     is folded into fp32 score / output factors), so only the 16-bit P, fp32 accumulation
+#     and the final rounding to q's dtype remain: the same error budget as a 16-bit cache.
+#   loose: against the bf16-cache decode of the ORIGINAL values. That gap is the fp8
+#     quantization error itself (3 mantissa bits: up to 2^-4 relative per element, which
+#     moves both the scores and the averaged rows), not a kernel error, so it is bounded by
+#     the gap between the two float64 references plus the two kernels' own tight budgets.
+FP8_TOL = {torch.bfloat16: (1e-2, 1e-2), torch.float16: (3e-3, 3e-3)}
+
+
+def fp8_paged(lens, block_size, *, gen, extra_blocks=3, extra_cols=1, margin=1.25):
+    """A bf16 paged cache (make_paged, NaN in unused slots) and its fp8 copy written by
+    mla_ext.append_kv on the GPU, with the scale on the device."""
+    cache16, table, seqlens = make_paged(lens, block_size, torch.bfloat16, gen=gen, extra_blocks=extra_blocks,
+                                         extra_cols=extra_cols)
+    flat = cache16.view(-1, D)
+    used = ~torch.isnan(flat).any(-1)
+    scale = mla_ext.fp8_scale_for(flat[used].float(), margin=margin).cuda()
+    cache8 = torch.full(cache16.shape, float("nan")).to(torch.float8_e4m3fn).cuda()  # unused slots: NaN codes
+    slots = torch.nonzero(used).flatten().cuda()
+    rows = flat[used].cuda()
+    mla_ext.append_kv(rows[:, :DC].contiguous(), rows[:, DC:].contiguous(), cache8, slots, scale=scale)
+    return cache16, cache8, table, seqlens, scale
+
+
+def rel_err(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [1, 16, 7])
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned"])
+def test_fp8_append_exact_bytes(in_dtype, block_size, layout):
+    """Stored bytes = reference.append_kv (RNE of x / scale, saturated to +-448, never inf or
+    NaN), on the 16-value vector path and the scalar path; slots < 0 skipped."""
+    gen = torch.Generator().manual_seed(block_size * 3 + in_dtype.itemsize)
+    T, num_blocks = 300, 400 // block_size + 2
+    rows = torch.randn(T, D + 1, generator=gen) * torch.logspace(-6, 1, T)[:, None]  # subnormal codes too
+    rows[0, :8] = torch.tensor([1e30, -1e30, float("inf"), float("-inf"), 0.0, -0.0, 1e-40, -1e-40])
+    rows = rows.to(in_dtype)
+    if layout == "contiguous":
+        kv_c, k_pe = rows[:, :DC].contiguous(), rows[:, DC:D].contiguous()
+    else:  # rows start one element off: the scalar kernel
+        kv_c, k_pe = rows[:, 1:DC + 1], rows[:, DC + 1:D + 1]
+    scale = mla_ext.fp8_scale_for(rows[1:].float(), margin=0.25)  # forces saturation
+    cache = torch.full((num_blocks, block_size, D), float("nan")).to(torch.float8_e4m3fn)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:T]
+    slots[3::5] = -1
+    expect = reference.append_kv(kv_c, k_pe, cache, slots, scale=scale)
+    got = cache.cuda()
+    mla_ext.append_kv(kv_c.cuda(), k_pe.cuda(), got, slots.cuda(), scale=scale.cuda())
+    assert torch.equal(got.cpu().view(torch.uint8), expect.view(torch.uint8))
+    cpu = cache.clone()
+    mla_ext.append_kv(kv_c, k_pe, cpu, slots, scale=scale)
+    assert torch.equal(cpu.view(torch.uint8), expect.view(torch.uint8))
+    written = got.view(-1, D)[slots[slots >= 0].cuda()].float()
+    assert torch.isfinite(written).all() and (written.abs() == 448).any()
+
+
+def test_fp8_append_nan_matches_cpu():
+    """NaN input stores 0x7f with the sign (the CPU kernel's rule), on both paths."""
+    kv = torch.randn(2, D)
+    kv[0, 3], kv[1, 600 - DC] = float("nan"), -float("nan")
+    kv[1, 7] = -float("nan")
+    scale = torch.tensor([0.01])
+    for layout in ("contiguous", "unaligned"):
+        big = torch.zeros(2, D + 1)
+        big[:, 1:] = kv
+        src = kv if layout == "contiguous" else big[:, 1:]
+        cpu = torch.zeros(4, 1, D, dtype=torch.float8_e4m3fn)
+        mla_ext.append_kv(src[:, :DC], src[:, DC:], cpu, torch.tensor([0, 2]), scale=scale)
+        got = torch.zeros(4, 1, D, dtype=torch.float8_e4m3fn, device="cuda")
+        mla_ext.append_kv(src[:, :DC].cuda(), src[:, DC:].cuda(), got, torch.tensor([0, 2], device="cuda"),
+                          scale=scale.cuda())
+        assert torch.equal(got.cpu().view(torch.uint8), cpu.view(torch.uint8))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size", [1, 16, 64, 7])
+@pytest.mark.parametrize("s_q", [1, 2, 4])
+def test_fp8_decode_matches(impl, q_dtype, block_size, s_q):
+    set_impl(impl)
+    gen = torch.Generator().manual_seed(block_size * 10 + s_q + 1000)
+    lens = [0, 1, s_q, 37, 300, 129]
+    h = 16
+    cache16, cache8, table, seqlens, scale = fp8_paged(lens, block_size, gen=gen)
+    q_nope, q_pe = make_query(len(lens), s_q, h, q_dtype, gen)
+    # tight: float64 reference on the dequantized fp8 cache
+    ref_out, ref_lse = reference.decode(q_nope, q_pe, cache8.cpu(), table, seqlens, SCALE, True,
+                                        compute_dtype=torch.float64, scale=scale.cpu())
+    dev = [t.cuda() for t in (q_nope, q_pe, table, seqlens)]
+    out, lse = mla_ext.decode(dev[0], dev[1], cache8, dev[2], dev[3], softmax_scale=SCALE, return_lse=True,
+                              scale=scale)
+    assert out.dtype == q_dtype and lse.dtype == torch.float32
+    check_close(out, lse, ref_out, ref_lse, q_dtype, f"fp8 {impl} {q_dtype} bs={block_size} s_q={s_q}",
+                tol=FP8_TOL[q_dtype])
+    # loose: against the 16-bit cache of the original values (same kernel family, same q)
+    out16, _ = mla_ext.decode(dev[0], dev[1], cache16.to(q_dtype).cuda(), dev[2], dev[3], softmax_scale=SCALE,
+                              return_lse=True)
+    ref16, _ = reference.decode(q_nope, q_pe, cache16.to(q_dtype), table, seqlens, SCALE, True,
+                                compute_dtype=torch.float64)
+    quant_gap = rel_err(ref_out, ref16)  # what fp8 quantization alone does: ~0.03 on this data (CPU-measured)
+    assert 0 < quant_gap < 0.1, f"quantization gap {quant_gap:.3g} out of the expected range"
+    gap = rel_err(out, out16)
+    assert gap < quant_gap + 2 * FP8_TOL[q_dtype][0] + TOL[q_dtype][0], \
+        f"fp8 vs 16-bit cache gap {gap:.3g} exceeds the quantization gap {quant_gap:.3g} + kernel budgets"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("h,s_q", [(1, 1), (20, 3), (128, 2), (64, 4)])
+def test_fp8_decode_row_blocks_and_packed(impl, q_dtype, h, s_q):
+    """Row blocks / padding rows / the packed query and the 4-D cache view with fp8."""
+    set_impl(impl)
+    gen = torch.Generator().manual_seed(h * 7 + s_q + 1)
+    cache16, cache8, table, seqlens, scale = fp8_paged([200, 1, 70], 16, gen=gen)
+    q, _ = make_query(3, s_q, h, q_dtype, gen, packed=True)
+    ref_out, ref_lse = reference.decode(q, None, cache8.cpu(), table, seqlens, SCALE, True,
+                                        compute_dtype=torch.float64, scale=scale.cpu())
+    out, lse = mla_ext.decode(q.cuda(), None, cache8.unsqueeze(2), table.cuda(), seqlens.cuda(), softmax_scale=SCALE,
+                              return_lse=True, scale=scale)
+    check_close(out, lse, ref_out, ref_lse, q_dtype, f"fp8 packed {impl} h={h} s_q={s_q}", tol=FP8_TOL[q_dtype])
+
+
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
+def test_fp8_decode_every_code_exact(q_dtype):
+    """One key (p = 1, kv_scale = 1): out = the stored values themselves, so every e4m3
+    code (subnormals, -0, the largest, both signs) must come back bit-exact through the
+    kernel's conversion (tensor cores and the CUDA-core kernel)."""
+    codes = torch.cat([torch.arange(0, 127), torch.arange(128, 255)]).to(torch.uint8)  # all but the NaNs
+    row = torch.zeros(D, dtype=torch.uint8)
+    row[:codes.numel()] = codes
+    row[codes.numel():DC] = codes[:DC - codes.numel()].flip(0)
+    cache = row.view(1, 1, D).repeat(2, 16, 1).view(torch.float8_e4m3fn).cuda()
+    q = torch.zeros(1, 1, 16, D, dtype=q_dtype, device="cuda")
+    table = torch.zeros(1, 1, dtype=torch.int32, device="cuda")
+    lens = torch.ones(1, dtype=torch.int32, device="cuda")
+    want = row[:DC].view(torch.float8_e4m3fn).to(q_dtype)
+    for impl in IMPLS:
+        set_impl(impl)
+        out = mla_ext.decode(q, None, cache, table, lens, softmax_scale=SCALE, scale=torch.ones(1, device="cuda"))
+        got = out[0, 0].cpu().float()  # (-0 may come back as +0: the accumulators start at +0)
+        assert torch.equal(got, want.float().expand_as(got)), impl
+
+
+def test_fp8_decode_nan_code_propagates():
+    """A NaN code in a row a query sees makes that query's output NaN, as in the reference;
+    other sequences are untouched."""
+    gen = torch.Generator().manual_seed(21)
+    cache16, cache8, table, seqlens, scale = fp8_paged([40, 40], 16, gen=gen)
+    blk = int(table[0, 1])
+    cache8.view(torch.uint8)[blk, 3, 100] = 0xff
+    q_nope, q_pe = make_query(2, 1, 16, torch.bfloat16, gen)
+    for impl in IMPLS:
+        set_impl(impl)
+        out = mla_ext.decode(q_nope.cuda(), q_pe.cuda(), cache8, table.cuda(), seqlens.cuda(), softmax_scale=SCALE,
+                             scale=scale)
+        assert torch.isnan(out[0]).all(), impl
+        assert torch.isfinite(out[1]).all(), impl
+
+
+def test_fp8_decode_fp32_query_uses_cuda_core_kernel():
+    gen = torch.Generator().manual_seed(22)
+    cache16, cache8, table, seqlens, scale = fp8_paged([64, 9], 16, gen=gen)
+    q_nope, q_pe = make_query(2, 1, 16, torch.float32, gen)
+    ref_out, ref_lse = reference.decode(q_nope, q_pe, cache8.cpu(), table, seqlens, SCALE, True,
+                                        compute_dtype=torch.float64, scale=scale.cpu())
+    out, lse = mla_ext.decode(q_nope.cuda(), q_pe.cuda(), cache8, table.cuda(), seqlens.cuda(), softmax_scale=SCALE,
+                              return_lse=True, scale=scale)
+    check_close(out, lse, ref_out, ref_lse, torch.float32, "fp8 cache, fp32 q")
+
+
+def test_fp8_split_kv_long_context():
+    gen = torch.Generator().manual_seed(23)
+    cache16, cache8, table, seqlens, scale = fp8_paged([5000, 3], 64, gen=gen, extra_cols=40)
+    q_nope, q_pe = make_query(2, 1, 16, torch.bfloat16, gen)
+    ref_out, ref_lse = reference.decode(q_nope, q_pe, cache8.cpu(), table, seqlens, SCALE, True,
+                                        compute_dtype=torch.float64, scale=scale.cpu())
+    out, lse = mla_ext.decode(q_nope.cuda(), q_pe.cuda(), cache8, table.cuda(), seqlens.cuda(), softmax_scale=SCALE,
+                              return_lse=True, scale=scale)
+    check_close(out, lse, ref_out, ref_lse, torch.bfloat16, "fp8 long ctx", tol=FP8_TOL[torch.bfloat16])
+
+
+def test_fp8_cuda_graph_scale_on_device():
+    """append + decode captured once; replays read the CURRENT scale tensor value, new
+    seqlens / tables, without host syncs (the scale value check is skipped under capture)."""
+    gen = torch.Generator().manual_seed(24)
+    b, s_q, h, bs = 3, 2, 16, 16
+    lens = [100, 0, 33]
+    cache16, cache8, table, seqlens, scale = fp8_paged(lens, bs, gen=gen, extra_blocks=20, extra_cols=10)
+    q_nope, q_pe = make_query(b, s_q, h, torch.bfloat16, gen)
+    st = dict(q_nope=q_nope.cuda(), q_pe=q_pe.cuda(), table=table.cuda(), lens=seqlens.cuda(), scale=scale.clone())
+    new_rows = torch.randn(4, D, generator=gen).cuda()
+    slots = torch.tensor([0, 1, -1, 2], device="cuda")
+    out = torch.empty(b, s_q, h, DC, dtype=torch.bfloat16, device="cuda")
+
+    def step():
+        mla_ext.append_kv(new_rows[:, :DC], new_rows[:, DC:], cache8, slots, scale=st["scale"])
+        res, lse = mla_ext.decode(st["q_nope"], st["q_pe"], cache8, st["table"], st["lens"], softmax_scale=SCALE,
+                                  return_lse=True, scale=st["scale"])
+        out.copy_(res)
+        return lse
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lse_static = step()
+    # new lengths within each sequence's blocks (the table stays valid), a new scale value
+    for factor, lens_new in ((1.0, [100, 0, 33]), (2.0, [5, 0, 1]), (0.5, [0, 0, 0]), (1.5, [64, 0, 33])):
+        st["scale"].copy_(scale * factor)
+        st["lens"].copy_(torch.tensor(lens_new, dtype=torch.int32))
+        before = cache8.clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        want = reference.append_kv(new_rows[:, :DC].cpu(), new_rows[:, DC:].cpu(), before.cpu(), slots.cpu(),
+                                   scale=st["scale"].cpu())
+        assert torch.equal(cache8.cpu().view(torch.uint8), want.view(torch.uint8)), f"append replay x{factor}"
+        ref_out, ref_lse = reference.decode(q_nope, q_pe, cache8.cpu(), table, torch.tensor(lens_new, dtype=torch.int32),
+                                            SCALE, True, compute_dtype=torch.float64, scale=st["scale"].cpu())
+        check_close(out, lse_static, ref_out, ref_lse, torch.bfloat16, f"fp8 graph replay x{factor}",
+                    tol=FP8_TOL[torch.bfloat16])
+
+
+def test_fp8_bad_scale_value_checked_eagerly():
     cache = torch.zeros(2, 4, D, device="cuda").to(torch.float8_e4m3fn)
-    scale = torch.ones(1, device="cuda")
     kv = torch.randn(1, D, device="cuda")
-    with pytest.raises(NotImplementedError):
-        mla_ext.append_kv(kv[:, :DC], kv[:, DC:], cache, torch.tensor([0], device="cuda"), scale=scale)
-    q = torch.randn(1, 1, 2, D, device="cuda")
-    with pytest.raises(NotImplementedError):
-        mla_ext.decode(q, None, cache, torch.zeros(1, 1, dtype=torch.int32, device="cuda"),
-                       torch.ones(1, dtype=torch.int32, device="cuda"), softmax_scale=SCALE, scale=scale)
+    for bad in (0.0, float("nan"), -1.0, float("inf")):
+        with pytest.raises(ValueError, match="scale must be finite and > 0"):
+            mla_ext.append_kv(kv[:, :DC], kv[:, DC:], cache, torch.tensor([0], device="cuda"),
+                              scale=torch.tensor([bad], device="cuda"))
+        with pytest.raises(ValueError, match="scale must be finite and > 0"):
+            mla_ext.decode(torch.randn(1, 1, 2, D, device="cuda", dtype=torch.bfloat16), None, cache,
+                           torch.zeros(1, 1, dtype=torch.int32, device="cuda"),
+                           torch.ones(1, dtype=torch.int32, device="cuda"), softmax_scale=SCALE,
+                           scale=torch.tensor([bad], device="cuda"))
+    assert (cache.view(torch.uint8) == 0).all()
 
 
 # --------------------------------------------------------------------------------- index checks

@@ -38,12 +38,15 @@ cuda::DecodeImpl requested_impl() {
 void append_kv_cuda(at::Tensor kv_c, at::Tensor k_pe, at::Tensor cache, at::Tensor slot_mapping,
                     const std::optional<at::Tensor>& scale) {
   at::Tensor cache3d = cache_3d(cache, "mla_ext.append_kv");
-  TORCH_CHECK_NOT_IMPLEMENTED(cache3d.scalar_type() != at::kFloat8_e4m3fn,
-                              "mla_ext.append_kv: float8_e4m3fn caches are not supported on CUDA yet");
   AppendParams p = check_append(kv_c, k_pe, cache3d, slot_mapping, scale);
   TORCH_CHECK_VALUE(cache3d.is_cuda(), "mla_ext.append_kv: cache must be a CUDA tensor here, got ", cache3d.device());
   const c10::cuda::CUDAGuard guard(cache3d.device());
-  if (run_index_checks()) validate_slots(slot_mapping.cpu(), p.num_blocks * p.block_size);
+  if (run_index_checks()) {
+    validate_slots(slot_mapping.cpu(), p.num_blocks * p.block_size);
+    // The scale's value needs a host copy too: checked with the indices (eager, checks on),
+    // never under graph capture, where the kernel reads whatever the tensor holds at replay.
+    if (scale.has_value()) validate_scale_value(scale->cpu(), "mla_ext.append_kv");
+  }
   if (p.num_tokens == 0) return;
   C10_CUDA_CHECK(cuda::append_kv(p, at::cuda::getCurrentCUDAStream()));
 }
@@ -53,8 +56,6 @@ DecodeParams prepare_decode(at::Tensor& q_nope, std::optional<at::Tensor>& q_pe,
                             const at::Tensor& block_table, const at::Tensor& cache_seqlens, double softmax_scale,
                             bool causal, const std::optional<at::Tensor>& scale, at::Tensor& cache3d) {
   cache3d = cache_3d(cache, "mla_ext.decode");
-  TORCH_CHECK_NOT_IMPLEMENTED(cache3d.scalar_type() != at::kFloat8_e4m3fn,
-                              "mla_ext.decode: float8_e4m3fn caches are not supported on CUDA yet");
   DecodeParams p = check_decode(q_nope, q_pe, cache3d, block_table, cache_seqlens, softmax_scale, causal, scale);
   TORCH_CHECK_VALUE(cache3d.is_cuda(), "mla_ext.decode: cache must be a CUDA tensor here, got ", cache3d.device());
   TORCH_CHECK_VALUE(p.batch <= 65535, "mla_ext.decode: at most 65535 sequences per call on CUDA, got ", p.batch);
@@ -63,8 +64,12 @@ DecodeParams prepare_decode(at::Tensor& q_nope, std::optional<at::Tensor>& q_pe,
 
 // Index checks (maybe), workspace, launch. The device guard is already in place.
 void run_decode(DecodeParams p, const at::Tensor& cache3d, const at::Tensor& q_nope, const at::Tensor& block_table,
-                const at::Tensor& cache_seqlens, at::Tensor& out, at::Tensor& lse) {
-  if (run_index_checks()) validate_block_table(block_table.cpu(), cache_seqlens.cpu(), p.num_blocks, p.block_size);
+                const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& scale, at::Tensor& out,
+                at::Tensor& lse) {
+  if (run_index_checks()) {
+    validate_block_table(block_table.cpu(), cache_seqlens.cpu(), p.num_blocks, p.block_size);
+    if (scale.has_value()) validate_scale_value(scale->cpu(), "mla_ext.decode");
+  }
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   if (p.batch == 0) return;
@@ -89,7 +94,7 @@ void decode_out_cuda(at::Tensor q_nope, std::optional<at::Tensor> q_pe, const at
       prepare_decode(q_nope, q_pe, cache, block_table, cache_seqlens, softmax_scale, causal, scale, cache3d);
   check_decode_outputs(q_nope, out, lse);
   const c10::cuda::CUDAGuard guard(cache3d.device());
-  run_decode(p, cache3d, q_nope, block_table, cache_seqlens, out, lse);
+  run_decode(p, cache3d, q_nope, block_table, cache_seqlens, scale, out, lse);
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q_nope_in, const std::optional<at::Tensor>& q_pe_in,
@@ -104,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q_nope_in, cons
   const c10::cuda::CUDAGuard guard(cache3d.device());
   at::Tensor out = at::empty({q_nope.size(0), q_nope.size(1), q_nope.size(2), kLatentDim}, q_nope.options());
   at::Tensor lse = at::empty({q_nope.size(0), q_nope.size(1), q_nope.size(2)}, q_nope.options().dtype(at::kFloat));
-  run_decode(p, cache3d, q_nope, block_table, cache_seqlens, out, lse);
+  run_decode(p, cache3d, q_nope, block_table, cache_seqlens, scale, out, lse);
   return {out, lse};
 }
 

@@ -2,6 +2,7 @@
 // and the split-KV combine kernel. The tensor-core kernel lives in decode_tc.cuh.
 #include <algorithm>
 #include <mutex>
+#include <type_traits>
 
 #include "cuda_kernels.h"
 #include "decode_tc.cuh"
@@ -13,15 +14,24 @@ namespace {
 // CUDA-core decode: one CTA = (query row, split, sequence), 128 threads. Keys in tiles of
 // kSimpleTile: each warp scores a quarter of the tile (lanes split the 576-dim dot
 // product), then every thread updates the online softmax for its 4 output columns.
+// T: q / out element type; C: cache element type (T, or uint8_t for float8_e4m3fn, whose
+// kv_scale is folded into the scores and the output like in the tensor-core kernel).
 constexpr int kSimpleThreads = 128;
 constexpr int kSimpleTile = 32;
 
-template <typename T>
+template <typename C>
+__device__ __forceinline__ float cache_value(const C* row, int d) {
+  if constexpr (std::is_same_v<C, uint8_t>) return e4m3_to_float(row[d]);
+  else return TypeTraits<C>::to_float(row[d]);
+}
+
+template <typename T, typename C>
 __global__ void __launch_bounds__(kSimpleThreads) decode_simple_kernel(const DecodeParams p) {
   using Tr = TypeTraits<T>;
-  __shared__ float sq[kHeadDim];             // query row, pre-scaled by softmax_scale * log2 e
+  constexpr bool kFp8 = std::is_same_v<C, uint8_t>;
+  __shared__ float sq[kHeadDim];             // query row, pre-scaled by softmax_scale * log2 e (* kv_scale)
   __shared__ float ss[kSimpleTile];          // scores of the tile (log2 units), -inf = masked
-  __shared__ const T* srow[kSimpleTile];     // cache rows of the tile, nullptr = zero row
+  __shared__ const C* srow[kSimpleTile];     // cache rows of the tile, nullptr = zero row
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int32_t h = p.num_heads;
@@ -34,7 +44,8 @@ __global__ void __launch_bounds__(kSimpleThreads) decode_simple_kernel(const Dec
   const int32_t L = clamped_seqlen(p, b);
   const int32_t n_keys = visible_keys(L, p.seqlen_q, j, p.causal);
   const SplitRange range = split_range(n_keys, kSimpleTile, split, p.num_splits);
-  const float scale_log2 = p.softmax_scale * kLog2e;
+  const float kv_scale = kFp8 ? __ldg(p.kv_scale) : 1.f;
+  const float scale_log2 = p.softmax_scale * kv_scale * kLog2e;
 
   {
     const T* qn = static_cast<const T*>(p.q_nope) + b * p.q_nope_batch_stride + j * p.q_nope_seq_stride +
@@ -52,15 +63,15 @@ __global__ void __launch_bounds__(kSimpleThreads) decode_simple_kernel(const Dec
     __syncthreads();  // previous tile's ss / srow fully consumed (and sq written, first time)
     if (tid < kSimpleTile) {
       const int32_t key = tile * kSimpleTile + tid;
-      srow[tid] = key < range.key_end ? cache_row<T>(p, b, key) : nullptr;
+      srow[tid] = key < range.key_end ? cache_row<C>(p, b, key) : nullptr;
     }
     __syncthreads();
     for (int k = warp; k < kSimpleTile; k += kSimpleThreads / 32) {
       const int32_t key = tile * kSimpleTile + k;
-      const T* row = srow[k];
+      const C* row = srow[k];
       float dot = 0.f;
       if (row != nullptr)
-        for (int d = lane; d < kHeadDim; d += 32) dot += sq[d] * Tr::to_float(row[d]);
+        for (int d = lane; d < kHeadDim; d += 32) dot += sq[d] * cache_value(row, d);
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
       if (lane == 0) ss[k] = key < range.key_end ? dot : -INFINITY;  // missing block: a zero row
@@ -79,14 +90,14 @@ __global__ void __launch_bounds__(kSimpleThreads) decode_simple_kernel(const Dec
       const float pk = exp2f(ss[k] - m_use);
       if (pk == 0.f) continue;
       l += pk;
-      const T* row = srow[k];
+      const C* row = srow[k];
       if (row == nullptr) continue;  // zero row: contributes to the sum only
 #pragma unroll
-      for (int c = 0; c < 4; ++c) acc[c] += pk * Tr::to_float(row[col + c]);
+      for (int c = 0; c < 4; ++c) acc[c] += pk * cache_value(row, col + c);
     }
   }
 
-  const float inv = l > 0.f ? 1.f / l : 0.f;
+  const float inv = l > 0.f ? kv_scale / l : 0.f;
   const float lse = l > 0.f ? (m + __log2f(l)) * kLn2 : -INFINITY;
   if (p.num_splits == 1) {
     T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * M + r) * kLatentDim + col;
@@ -146,7 +157,12 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
 template <typename T>
 cudaError_t launch_simple(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<uint32_t>(p.seqlen_q * p.num_heads * p.num_splits), p.batch);
-  decode_simple_kernel<T><<<grid, kSimpleThreads, 0, stream>>>(p);
+  if (p.cache_dtype == DType::kFloat8E4M3) {
+    if (p.kv_scale == nullptr) return cudaErrorInvalidValue;
+    decode_simple_kernel<T, uint8_t><<<grid, kSimpleThreads, 0, stream>>>(p);
+  } else {
+    decode_simple_kernel<T, T><<<grid, kSimpleThreads, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
@@ -213,15 +229,20 @@ DecodePlan plan_decode(const DecodeParams& p, int device, DecodeImpl requested) 
   DecodePlan plan{};
   plan.impl = DecodeImpl::kSimple;
   plan.config = -1;
-  const bool half_type = (p.q_dtype == DType::kBFloat16 || p.q_dtype == DType::kFloat16) && p.q_dtype == p.cache_dtype;
+  const bool fp8 = p.cache_dtype == DType::kFloat8E4M3;
+  const bool half_type = (p.q_dtype == DType::kBFloat16 || p.q_dtype == DType::kFloat16) &&
+                         (p.q_dtype == p.cache_dtype || fp8);
+  const int64_t cache_elt = fp8 ? 1 : 2;
   const bool aligned = aligned16(p.q_nope) && aligned16(p.q_pe) && aligned16(p.cache) &&
                        stride16(p.q_nope_batch_stride, 2) && stride16(p.q_nope_seq_stride, 2) &&
                        stride16(p.q_nope_head_stride, 2) && stride16(p.q_pe_batch_stride, 2) &&
                        stride16(p.q_pe_seq_stride, 2) && stride16(p.q_pe_head_stride, 2) &&
-                       stride16(p.cache_block_stride, 2) && stride16(p.cache_token_stride, 2) &&
+                       stride16(p.cache_block_stride, cache_elt) && stride16(p.cache_token_stride, cache_elt) &&
                        reinterpret_cast<uintptr_t>(p.out) % 4 == 0;  // the kernel stores column pairs
   if (requested != DecodeImpl::kSimple && half_type && aligned) {
-    const size_t sizes[kNumTcConfigs] = {TcConfigL::kSmemBytes, TcConfigM::kSmemBytes, TcConfigS::kSmemBytes};
+    const size_t sizes[kNumTcConfigs] = {
+        fp8 ? TcFp8ConfigL::kSmemBytes : TcConfigL::kSmemBytes, fp8 ? TcFp8ConfigM::kSmemBytes : TcConfigM::kSmemBytes,
+        fp8 ? TcFp8ConfigS::kSmemBytes : TcConfigS::kSmemBytes};
     for (int c = 0; c < kNumTcConfigs; ++c) {
       if (sizes[c] <= static_cast<size_t>(info.smem_optin)) {
         plan.impl = DecodeImpl::kTensorCore;
@@ -233,6 +254,10 @@ DecodePlan plan_decode(const DecodeParams& p, int device, DecodeImpl requested) 
 
   int64_t base_ctas, slots, tile;
   if (plan.impl == DecodeImpl::kTensorCore) {
+    static_assert(TcFp8ConfigL::kBlockM == TcConfigL::kBlockM && TcFp8ConfigM::kBlockM == TcConfigM::kBlockM &&
+                      TcFp8ConfigS::kBlockM == TcConfigS::kBlockM && TcFp8ConfigL::kBlockN == TcConfigL::kBlockN &&
+                      TcFp8ConfigM::kBlockN == TcConfigM::kBlockN && TcFp8ConfigS::kBlockN == TcConfigS::kBlockN,
+                  "fp8 configurations share the tile shapes the split planner assumes");
     const int bm = plan.config == 2 ? TcConfigS::kBlockM : TcConfigL::kBlockM;
     tile = plan.config == 2 ? TcConfigS::kBlockN : TcConfigL::kBlockN;
     base_ctas = static_cast<int64_t>(p.batch) * ((M + bm - 1) / bm);
@@ -256,8 +281,11 @@ cudaError_t decode(const DecodeParams& params, const DecodePlan& plan, cudaStrea
   p.num_splits = plan.num_splits;
   cudaError_t err = cudaSuccess;
   if (plan.impl == DecodeImpl::kTensorCore) {
-    err = p.q_dtype == DType::kBFloat16 ? launch_decode_tc_bf16(p, plan.config, stream)
-                                        : launch_decode_tc_fp16(p, plan.config, stream);
+    const bool bf16 = p.q_dtype == DType::kBFloat16;
+    if (p.cache_dtype == DType::kFloat8E4M3)
+      err = bf16 ? launch_decode_tc_fp8_bf16(p, plan.config, stream) : launch_decode_tc_fp8_fp16(p, plan.config, stream);
+    else
+      err = bf16 ? launch_decode_tc_bf16(p, plan.config, stream) : launch_decode_tc_fp16(p, plan.config, stream);
   } else {
     switch (p.q_dtype) {
       case DType::kFloat32: err = launch_simple<float>(p, stream); break;

@@ -5,7 +5,9 @@
 // sequence are its M = s_q * h (query position, head) pairs, row r = j * h + head, so
 // every cache row loaded into shared memory serves all heads and all MTP positions.
 //
-// Warps: kWarpsM x 2. Warp (wm, wn) owns query rows [16 wm, 16 wm + 16) of the block.
+// Warps: kWarpsM x 2, warp = 2 wm + wn (the two warps of a row group sit on different SM
+// sub-partitions, so with M = 16 rows -- decode-tp8 -- two tensor-core units work, not one).
+// Warp (wm, wn) owns query rows [16 wm, 16 wm + 16) of the block.
 //   S = Q K^T  : it computes the scores of its rows against half of the tile's keys
 //                (keys [wn * kBlockN/2, (wn+1) * kBlockN/2)), Q and K from shared memory.
 //   softmax    : row maxima of the two halves are exchanged through shared memory, so
@@ -17,13 +19,24 @@
 // Cache rows are gathered through the block table one key row at a time (any block_size)
 // with cp.async into a kStages-deep ring of shared tiles; each cache row is read from
 // global memory once per CTA, for both K and V.
+//
+// float8_e4m3fn cache (kFp8): the ring holds the raw fp8 rows (576 B, half the bytes of a
+// bf16 row); after a tile lands, all threads convert it into ONE 16-bit tile in the padded
+// layout above (exact: every e4m3 value is a bf16 / fp16 number), and the MMAs run as for a
+// 16-bit cache. kv_scale is folded, never multiplied per element: q.(s x) = s (q.x), so the
+// scores use softmax_scale * kv_scale, and sum_t p_t (s x_t) = s sum_t p_t x_t, so the
+// output is scaled once in the epilogue; lse needs nothing more.
 #pragma once
+#include <type_traits>
+
 #include "common.cuh"
+#include "fp8.cuh"
 
 namespace mla::cuda {
 
-template <int BM, int BN, int STAGES>
+template <int BM, int BN, int STAGES, bool FP8 = false>
 struct TcConfig {
+  static constexpr bool kFp8 = FP8;
   static constexpr int kBlockM = BM;
   static constexpr int kBlockN = BN;
   static constexpr int kStages = STAGES;
@@ -39,17 +52,24 @@ struct TcConfig {
   static constexpr int kOTiles = kOCols / 8;        // n8 output tiles per warp
   static constexpr int kPRow = BN + 8;              // padded P row (elements)
   static constexpr int kLoadTPR = kThreads / BN;    // loader threads per key row
-  static constexpr int kLoadChunks = kChunks / kLoadTPR;
+  // 16-byte chunks of one cache row: 72 (16-bit) or 36 (fp8); a thread loads every
+  // kLoadTPR-th chunk of its row, kLoadChunks of them (the last one predicated for fp8).
+  static constexpr int kRowChunks = FP8 ? kHeadDim / 16 : kChunks;
+  static constexpr int kLoadChunks = (kRowChunks + kLoadTPR - 1) / kLoadTPR;
+  static constexpr int kConvUnits = BN * kHeadDim / 8 / kThreads;  // fp8: 8-byte units converted per thread
 
   static constexpr size_t kQBytes = size_t(BM) * kRowElems * 2;
-  static constexpr size_t kKVBytes = size_t(BN) * kRowElems * 2;
+  static constexpr size_t kKVBytes = size_t(BN) * kRowElems * 2;   // one 16-bit tile (padded rows)
+  static constexpr size_t kStageBytes = FP8 ? size_t(BN) * kHeadDim : kKVBytes;  // one ring slot
+  static constexpr size_t kTileBytes = FP8 ? kKVBytes + STAGES * kStageBytes : STAGES * kKVBytes;
   static constexpr size_t kPBytes = size_t(BM) * kPRow * 2;
   static constexpr size_t kRedBytes = size_t(2) * kWarpsN * BM * sizeof(float);
-  static constexpr size_t kSmemBytes = kQBytes + STAGES * kKVBytes + kPBytes + kRedBytes;
+  static constexpr size_t kSmemBytes = kQBytes + kTileBytes + kPBytes + kRedBytes;
 
   static_assert(BM % 16 == 0 && BN % 16 == 0, "tile sizes must be multiples of 16");
   static_assert(kKeysPerWarp % 8 == 0, "each warp needs whole n8 score tiles");
-  static_assert(kThreads % BN == 0 && kChunks % kLoadTPR == 0, "loader layout");
+  static_assert(kThreads % BN == 0 && (FP8 || kChunks % kLoadTPR == 0), "loader layout");
+  static_assert(!FP8 || (BN * kHeadDim / 8) % kThreads == 0, "fp8 conversion layout");
   static_assert(kOTiles % 2 == 0, "output tiles are loaded in pairs");
   static_assert(STAGES >= 2, "need at least double buffering");
 };
@@ -61,17 +81,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) decode_tc_kernel(const Decod
   using Tr = TypeTraits<T>;
 
   extern __shared__ __align__(128) unsigned char smem[];
+  using CacheT = std::conditional_t<Cfg::kFp8, uint8_t, T>;
   T* sQ = reinterpret_cast<T*>(smem);                                              // [BM][RS]
-  T* sKV = reinterpret_cast<T*>(smem + Cfg::kQBytes);                              // [STAGES][BN][RS]
-  T* sP = reinterpret_cast<T*>(smem + Cfg::kQBytes + STAGES * Cfg::kKVBytes);      // [BM][kPRow]
-  float* sMax = reinterpret_cast<float*>(smem + Cfg::kQBytes + STAGES * Cfg::kKVBytes + Cfg::kPBytes);  // [2][BM]
+  // 16-bit cache: the ring, [STAGES][BN][RS]. fp8 cache: the converted tile [BN][RS], then
+  // the fp8 ring [STAGES][BN][576 bytes].
+  T* sKV = reinterpret_cast<T*>(smem + Cfg::kQBytes);
+  unsigned char* sRing = smem + Cfg::kQBytes + (Cfg::kFp8 ? Cfg::kKVBytes : 0);
+  T* sP = reinterpret_cast<T*>(smem + Cfg::kQBytes + Cfg::kTileBytes);             // [BM][kPRow]
+  float* sMax = reinterpret_cast<float*>(smem + Cfg::kQBytes + Cfg::kTileBytes + Cfg::kPBytes);  // [2][BM]
   float* sSum = sMax + Cfg::kWarpsN * BM;                                           // [2][BM]
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int wm = warp % Cfg::kWarpsM;
-  const int wn = warp / Cfg::kWarpsM;
+  const int wn = warp % Cfg::kWarpsN;
+  const int wm = warp / Cfg::kWarpsN;
 
   const int32_t h = p.num_heads;
   const int32_t M = p.seqlen_q * h;
@@ -112,15 +136,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) decode_tc_kernel(const Decod
   const int ld_sub = tid % Cfg::kLoadTPR;
   auto load_tile = [&](int tile, int stage) {
     const int32_t key = tile * BN + ld_row;
-    const T* src = nullptr;
-    if (key < range.key_end) src = cache_row<T>(p, b, key);  // nullptr: block id out of range
+    const CacheT* src = nullptr;
+    if (key < range.key_end) src = cache_row<CacheT>(p, b, key);  // nullptr: block id out of range
     const bool valid = src != nullptr;
-    if (!valid) src = static_cast<const T*>(p.cache);  // never read (source size 0): zero row
-    T* dst = sKV + stage * (BN * RS) + ld_row * RS;
+    if (!valid) src = static_cast<const CacheT*>(p.cache);  // never read (source size 0): zero row
+    constexpr int kChunkElems = 16 / sizeof(CacheT);
+    unsigned char* dst = Cfg::kFp8 ? sRing + stage * Cfg::kStageBytes + ld_row * kHeadDim
+                                   : reinterpret_cast<unsigned char*>(sKV + stage * (BN * RS) + ld_row * RS);
 #pragma unroll
     for (int i = 0; i < Cfg::kLoadChunks; ++i) {
       const int ch = ld_sub + i * Cfg::kLoadTPR;
-      cp_async_16(dst + ch * 8, src + (valid ? ch * 8 : 0), valid);
+      if (Cfg::kRowChunks % Cfg::kLoadTPR == 0 || ch < Cfg::kRowChunks)
+        cp_async_16(dst + ch * 16, src + (valid ? ch * kChunkElems : 0), valid);
     }
   };
 
@@ -138,7 +165,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) decode_tc_kernel(const Decod
   const int32_t lim_hi =
       m0 + r_hi < M ? min(range.key_end, visible_keys(L, p.seqlen_q, (m0 + r_hi) / h, p.causal)) : 0;
   const bool warp_active = m0 + wm * 16 < M;  // warps holding only padding rows skip the MMAs
-  const float scale_log2 = p.softmax_scale * kLog2e;
+  // fp8: the dequantization scale, folded into the scores here and the output at the end.
+  const float kv_scale = Cfg::kFp8 ? __ldg(p.kv_scale) : 1.f;
+  const float scale_log2 = p.softmax_scale * kv_scale * kLog2e;
 
   float o[Cfg::kOTiles][4];
 #pragma unroll
@@ -157,7 +186,26 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) decode_tc_kernel(const Decod
       if (next < range.tile_end) load_tile(next, (it + STAGES - 1) % STAGES);
       cp_async_commit();
     }
-    const T* sK = sKV + (it % STAGES) * (BN * RS);
+    const T* sK;
+    if constexpr (Cfg::kFp8) {
+      // fp8 ring slot -> the 16-bit tile: 8 bytes in, 16 bytes out per unit, units in
+      // row-major order (contiguous 8-byte loads, contiguous 16-byte stores within a row).
+      // The previous tile's readers are done: they passed the barrier at the loop top.
+      const unsigned char* ring = sRing + (it % STAGES) * Cfg::kStageBytes;
+#pragma unroll
+      for (int i = 0; i < Cfg::kConvUnits; ++i) {
+        const int u = tid + i * Cfg::kThreads;
+        const int row = u / (kHeadDim / 8), col = (u % (kHeadDim / 8)) * 8;
+        const uint2 w = *reinterpret_cast<const uint2*>(ring + u * 8);
+        uint4 v;
+        e4m3x8_to<T>(w, v);
+        *reinterpret_cast<uint4*>(sKV + row * RS + col) = v;
+      }
+      __syncthreads();  // the converted tile is complete
+      sK = sKV;
+    } else {
+      sK = sKV + (it % STAGES) * (BN * RS);
+    }
 
     // ---- S = Q K^T for 16 rows x kKeysPerWarp keys; two accumulator chains per n8 tile.
     float s[Cfg::kSTiles][4];
@@ -287,9 +335,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) decode_tc_kernel(const Decod
     tot_lo += sSum[w * BM + r_lo];
     tot_hi += sSum[w * BM + r_hi];
   }
-  // A row that saw no key has m = -inf and sum 0: out 0, lse -inf.
-  const float inv_lo = tot_lo > 0.f ? 1.f / tot_lo : 0.f;
-  const float inv_hi = tot_hi > 0.f ? 1.f / tot_hi : 0.f;
+  // A row that saw no key has m = -inf and sum 0: out 0, lse -inf. (fp8: times kv_scale.)
+  const float inv_lo = tot_lo > 0.f ? kv_scale / tot_lo : 0.f;
+  const float inv_hi = tot_hi > 0.f ? kv_scale / tot_hi : 0.f;
   const float lse_lo = tot_lo > 0.f ? (m_lo + __log2f(tot_lo)) * kLn2 : -INFINITY;
   const float lse_hi = tot_hi > 0.f ? (m_hi + __log2f(tot_hi)) * kLn2 : -INFINITY;
 
@@ -336,11 +384,17 @@ using TcConfigL = TcConfig<64, 32, 3>;  // 188.5 KB
 using TcConfigM = TcConfig<64, 32, 2>;  // 152 KB
 using TcConfigS = TcConfig<32, 16, 3>;  // 93 KB
 constexpr int kNumTcConfigs = 3;
+// fp8 cache: the ring holds half-size slots, plus one converted 16-bit tile.
+using TcFp8ConfigL = TcConfig<64, 32, 4, true>;  // 187.5 KB (sm_90): 3 tiles in flight
+using TcFp8ConfigM = TcConfig<64, 32, 2, true>;  // 151.5 KB (sm_80)
+using TcFp8ConfigS = TcConfig<32, 16, 4, true>;  // 92.75 KB (sm_86 / sm_89)
 
-// Launchers, one per element type (decode_tc_bf16.cu, decode_tc_fp16.cu); config 0/1/2
-// = TcConfigL/M/S.
+// Launchers, one per (q, cache) element type pair (decode_tc_{bf16,fp16}.cu,
+// decode_tc_fp8_{bf16,fp16}.cu); config 0/1/2 = the L/M/S configuration.
 cudaError_t launch_decode_tc_bf16(const DecodeParams& p, int config, cudaStream_t stream);
 cudaError_t launch_decode_tc_fp16(const DecodeParams& p, int config, cudaStream_t stream);
+cudaError_t launch_decode_tc_fp8_bf16(const DecodeParams& p, int config, cudaStream_t stream);
+cudaError_t launch_decode_tc_fp8_fp16(const DecodeParams& p, int config, cudaStream_t stream);
 
 template <typename T, typename Cfg>
 cudaError_t launch_decode_tc_impl(const DecodeParams& p, cudaStream_t stream) {
@@ -360,6 +414,17 @@ cudaError_t launch_decode_tc_config(const DecodeParams& p, int config, cudaStrea
     case 0: return launch_decode_tc_impl<T, TcConfigL>(p, stream);
     case 1: return launch_decode_tc_impl<T, TcConfigM>(p, stream);
     case 2: return launch_decode_tc_impl<T, TcConfigS>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t launch_decode_tc_fp8_config(const DecodeParams& p, int config, cudaStream_t stream) {
+  if (p.kv_scale == nullptr) return cudaErrorInvalidValue;
+  switch (config) {
+    case 0: return launch_decode_tc_impl<T, TcFp8ConfigL>(p, stream);
+    case 1: return launch_decode_tc_impl<T, TcFp8ConfigM>(p, stream);
+    case 2: return launch_decode_tc_impl<T, TcFp8ConfigS>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }
