@@ -12,6 +12,8 @@ arithmetic torch's bf16 matmul is very slow, so the fp32 rate is the honest ceil
 
 Implementations, all on the same inputs:
     mla_ext        mla_ext.decode (the kernel column says which CPU kernel ran)
+    mla_ext-fp8    the same over a float8_e4m3fn copy of the cache (per-tensor scale; its
+                   bytes count the cache at 1 byte per value); --no-fp8 skips it
     torch          mla_ext.reference.decode at the input dtype (per-sequence gather + einsum)
     torch-batched  one batched gather through the block table + two matmuls + softmax, in
                    fp32 on the CPU (torch's faster CPU choice) and the input dtype on CUDA
@@ -229,6 +231,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
     ap.add_argument("--no-torch", action="store_true", help="skip the plain-torch baselines")
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--no-fp8", action="store_true", help="skip the float8_e4m3fn cache rows")
     ap.add_argument("--quick", action="store_true", help="small ceilings, for smoke tests")
     ap.add_argument("--json", default=None, help="write records, ceilings and device info here")
     args = ap.parse_args()
@@ -275,6 +278,11 @@ def main() -> int:
         impls: Dict[str, Callable[[], object]] = {
             "mla_ext": lambda: mla_ext.decode(qn, qp, cache, bt, sl, softmax_scale=scale),
         }
+        impl_bytes = {"mla_ext-fp8": elt * b * (s_q * h * HEAD + s_q * h * LATENT) + b * L * HEAD}
+        if not args.no_fp8 and dtype != torch.float32:
+            s8 = mla_ext.fp8_scale_for(cache)
+            cache8 = reference.quantize_fp8(cache, s8)
+            impls["mla_ext-fp8"] = lambda: mla_ext.decode(qn, qp, cache8, bt, sl, softmax_scale=scale, scale=s8)
         if not args.no_torch:
             impls["torch"] = lambda: reference.decode(q, None, cache, bt, sl, scale, compute_dtype=q.dtype)
             cdt = torch.float32 if device == "cpu" else dtype
@@ -296,14 +304,18 @@ def main() -> int:
         res.update(time_round_robin(fast, device, reps=reps, warmup=args.warmup))
         for impl, ms in res.items():
             gflops = flops / ms / 1e6
+            gbps = impl_bytes.get(impl, nbytes) / ms / 1e6
             rec = {"name": name, "impl": impl, "op": "decode", "device": device, "dtype": args.dtype, "b": b,
-                   "s_q": s_q, "h": h, "L": L, "block_size": block_size, "ms": ms, "gbps": nbytes / ms / 1e6,
+                   "s_q": s_q, "h": h, "L": L, "block_size": block_size, "ms": ms, "gbps": gbps,
                    "gflops": gflops, "tflops": gflops / 1e3,
                    "pct_matmul_bf16": 100 * gflops / ceil["matmul_bf16_gflops"],
                    "pct_matmul_fp32": 100 * gflops / ceil["matmul_fp32_gflops"],
-                   "pct_copy": 100 * (nbytes / ms / 1e6) / ceil["copy_gbps"]}
-            if impl == "mla_ext":
+                   "pct_copy": 100 * gbps / ceil["copy_gbps"]}
+            if impl.startswith("mla_ext"):
                 rec["kernel"] = kernel
+            if impl == "mla_ext-fp8":
+                rec["cache_dtype"] = "fp8_e4m3"
+                rec["speedup_vs_mla_ext"] = res["mla_ext"] / ms
             for peer in ("torch", "torch-batched", "vllm"):
                 if peer in res and impl != peer:
                     rec[f"speedup_vs_{peer}"] = res[peer] / ms
@@ -322,12 +334,19 @@ def main() -> int:
         flat = cache.view(-1, HEAD)
         rows = torch.cat([kv_c, k_pe], dim=-1)
         ms_torch = time_fn(lambda: flat.index_copy_(0, slots, rows), device, reps=reps, warmup=args.warmup)
-        for impl, t in (("mla_ext", ms), ("torch", ms_torch)):
+        timed = [("mla_ext", ms, nbytes), ("torch", ms_torch, nbytes)]
+        if not args.no_fp8 and dtype != torch.float32:
+            cache8 = torch.zeros(nb, block_size, HEAD, device=device).to(torch.float8_e4m3fn)
+            s8 = mla_ext.fp8_scale_for(rows)
+            ms8 = time_fn(lambda: mla_ext.append_kv(kv_c, k_pe, cache8, slots, scale=s8), device, reps=reps,
+                          warmup=args.warmup)
+            timed.append(("mla_ext-fp8", ms8, T * HEAD * (kv_c.element_size() + 1)))  # read 16-bit, write 8-bit
+        for impl, t, nb_impl in timed:
             rec = {"name": f"append-{T}", "impl": impl, "op": "append_kv", "device": device, "dtype": args.dtype,
-                   "T": T, "block_size": block_size, "ms": t, "gbps": nbytes / t / 1e6,
-                   "pct_copy": 100 * (nbytes / t / 1e6) / ceil["copy_gbps"]}
-            if impl == "mla_ext":
-                rec["speedup_vs_torch"] = ms_torch / ms
+                   "T": T, "block_size": block_size, "ms": t, "gbps": nb_impl / t / 1e6,
+                   "pct_copy": 100 * (nb_impl / t / 1e6) / ceil["copy_gbps"]}
+            if impl.startswith("mla_ext"):
+                rec["speedup_vs_torch"] = ms_torch / t
             records.append(rec)
 
     if device == "cpu":
@@ -342,7 +361,8 @@ def main() -> int:
         print(f"{r['name']:<12} {r['impl'] + ('/' + r['kernel'] if 'kernel' in r else ''):<14} {r['ms']:>9.3f} "
               f"{f('gflops', '.1f'):>8} {r['gbps']:>7.2f} {f('pct_matmul_fp32', '.0f'):>8} "
               f"{f('pct_matmul_bf16', '.0f'):>8} {f('pct_copy', '.0f'):>6} {f('speedup_vs_torch', '.1f'):>8} "
-              f"{f('speedup_vs_torch-batched', '.1f'):>9} {f('speedup_vs_vllm', '.2f'):>7}")
+              f"{f('speedup_vs_torch-batched', '.1f'):>9} {f('speedup_vs_vllm', '.2f'):>7}"
+              + (f"  ({r['speedup_vs_mla_ext']:.2f}x the 16-bit cache)" if "speedup_vs_mla_ext" in r else ""))
     if device == "cpu":
         print(f"# load average after: {dev_info['load_after']}")
         if vop is None:

@@ -156,3 +156,23 @@ def test_decode_fp8_needs_scale(device):
     sl = torch.ones(1, dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="needs scale"):
         mla_ext.decode(q, None, cache, bt, sl, softmax_scale=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_append_fp8_vector_and_portable_paths_agree_on_every_bit_pattern(dtype, monkeypatch):
+    # Every 16-bit pattern (zeros, subnormals, normals, +-inf, NaNs), at three scales, through
+    # the AVX2 quantiser (when the CPU has it) and the portable one: identical bytes.
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = x[: (65536 // 576) * 576].view(-1, 576)
+    stored = {}
+    for isa in ("auto", "scalar"):
+        monkeypatch.setenv("MLA_EXT_CPU_ISA", isa)
+        for s in (1.0, 0.37, 3e-3):
+            cache = torch.zeros(x.shape[0], 1, 576, dtype=torch.float8_e4m3fn)
+            mla_ext.append_kv(x[:, :512], x[:, 512:], cache, torch.arange(x.shape[0]), scale=torch.tensor([s]))
+            stored[isa, s] = _bytes(cache).view(-1)
+    for s in (1.0, 0.37, 3e-3):
+        assert torch.equal(stored["auto", s], stored["scalar", s])
+    codes, flat = stored["scalar", 1.0], x.reshape(-1).float()
+    assert ((codes[flat.isnan()] & 0x7F) == 0x7F).all(), "NaN stays NaN"
+    assert ((codes[flat.isinf()] & 0x7F) == 0x7E).all(), "inf saturates to 448"

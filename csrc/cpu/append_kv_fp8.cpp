@@ -4,11 +4,41 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <cstdlib>
+#include <cstring>
+
+#include "cpu_features.h"
 #include "cpu_kernels.h"
 #include "fp8.h"
+#include "fp8_avx2.h"
 
 namespace mla::cpu {
 namespace {
+
+// The AVX2 path: the same bytes as the portable loop below (tests compare both).
+void quantize_rows_avx2(const AppendParams& p) {
+  const size_t elt = p.input_dtype == DType::kFloat32 ? 4 : 2;
+  const char* kv_c = static_cast<const char*>(p.kv_c);
+  const char* k_pe = static_cast<const char*>(p.k_pe);
+  uint8_t* cache = static_cast<uint8_t*>(p.cache);
+  const float scale = *p.scale;
+  at::parallel_for(0, p.num_tokens, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t slot = p.slot_is_int64 ? static_cast<const int64_t*>(p.slot_mapping)[t]
+                                           : static_cast<const int32_t*>(p.slot_mapping)[t];
+      if (slot < 0) continue;  // padding token
+      uint8_t* row = cache + (slot / p.block_size) * p.cache_block_stride + (slot % p.block_size) * p.cache_token_stride;
+      quantize_fp8_row_avx2(kv_c + t * p.kv_c_row_stride * elt, p.input_dtype, kLatentDim, scale, row);
+      quantize_fp8_row_avx2(k_pe + t * p.k_pe_row_stride * elt, p.input_dtype, kRopeDim, scale, row + kLatentDim);
+    }
+  });
+}
+
+bool use_avx2() {
+  const char* env = std::getenv("MLA_EXT_CPU_ISA");  // "scalar" forces the portable path
+  if (env != nullptr && std::strcmp(env, "scalar") == 0) return false;
+  return quantize_fp8_avx2_available() && cpu_features().avx2_fma_f16c;
+}
 
 template <typename T>
 void quantize_rows(const AppendParams& p) {
@@ -35,6 +65,7 @@ void quantize_rows(const AppendParams& p) {
 
 void append_kv_fp8(const AppendParams& p) {
   TORCH_CHECK(p.cache_dtype == DType::kFloat8E4M3 && p.scale != nullptr, "mla_ext: append_kv_fp8 needs an fp8 cache");
+  if (use_avx2()) return quantize_rows_avx2(p);
   switch (p.input_dtype) {
     case DType::kFloat32: quantize_rows<float>(p); break;
     case DType::kFloat16: quantize_rows<c10::Half>(p); break;
