@@ -18,11 +18,15 @@ Target: decode-tp8 speedup >= 1.6.
 import argparse
 import json
 import math
+import os
 import sys
 
 import torch
 
 import mla_ext
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_decode import time_fn  # noqa: E402  (one timer for every benchmark)
 
 D, DC, DR = 576, 512, 64
 SCALE = 1.0 / math.sqrt(192)
@@ -35,20 +39,8 @@ DECODE_SHAPES = [  # name, b, s_q, h, L
 
 
 def time_ms(fn, warmup=3, iters=20):
-    """Median of per-iteration CUDA-event times, after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+    """Median of per-iteration CUDA-event times, after warm-up (bench_decode's timer)."""
+    return time_fn(fn, "cuda", reps=iters, warmup=warmup)
 
 
 def ceilings(quick):

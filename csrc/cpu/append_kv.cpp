@@ -1,11 +1,11 @@
 // CPU latent-cache append: cache[slot] = [kv_c | k_pe], parallel over tokens.
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <cstring>
 
+#include "append_rows.h"
 #include "cpu_kernels.h"
 
 namespace mla::cpu {
@@ -15,17 +15,9 @@ template <typename T>
 void append_same_dtype(const AppendParams& p) {
   const T* kv_c = static_cast<const T*>(p.kv_c);
   const T* k_pe = static_cast<const T*>(p.k_pe);
-  T* cache = static_cast<T*>(p.cache);
-  // Rows are 1 KiB+ each: a grain of 64 tokens keeps thread start-up negligible.
-  at::parallel_for(0, p.num_tokens, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t slot = p.slot_is_int64 ? static_cast<const int64_t*>(p.slot_mapping)[t]
-                                           : static_cast<const int32_t*>(p.slot_mapping)[t];
-      if (slot < 0) continue;  // padding token
-      T* row = cache + (slot / p.block_size) * p.cache_block_stride + (slot % p.block_size) * p.cache_token_stride;
-      std::memcpy(row, kv_c + t * p.kv_c_row_stride, kLatentDim * sizeof(T));
-      std::memcpy(row + kLatentDim, k_pe + t * p.k_pe_row_stride, kRopeDim * sizeof(T));
-    }
+  for_each_destination_row(p, sizeof(T), [&](int64_t t, char* row) {
+    std::memcpy(row, kv_c + t * p.kv_c_row_stride, kLatentDim * sizeof(T));
+    std::memcpy(row + kLatentDim * sizeof(T), k_pe + t * p.k_pe_row_stride, kRopeDim * sizeof(T));
   });
 }
 

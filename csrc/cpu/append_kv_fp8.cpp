@@ -1,5 +1,4 @@
 // CPU append into a float8_e4m3fn latent cache: cache[slot] = e4m3(x / scale), saturated.
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -7,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "append_rows.h"
 #include "cpu_features.h"
 #include "cpu_kernels.h"
 #include "fp8.h"
@@ -20,17 +20,11 @@ void quantize_rows_avx2(const AppendParams& p) {
   const size_t elt = p.input_dtype == DType::kFloat32 ? 4 : 2;
   const char* kv_c = static_cast<const char*>(p.kv_c);
   const char* k_pe = static_cast<const char*>(p.k_pe);
-  uint8_t* cache = static_cast<uint8_t*>(p.cache);
   const float scale = *p.scale;
-  at::parallel_for(0, p.num_tokens, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t slot = p.slot_is_int64 ? static_cast<const int64_t*>(p.slot_mapping)[t]
-                                           : static_cast<const int32_t*>(p.slot_mapping)[t];
-      if (slot < 0) continue;  // padding token
-      uint8_t* row = cache + (slot / p.block_size) * p.cache_block_stride + (slot % p.block_size) * p.cache_token_stride;
-      quantize_fp8_row_avx2(kv_c + t * p.kv_c_row_stride * elt, p.input_dtype, kLatentDim, scale, row);
-      quantize_fp8_row_avx2(k_pe + t * p.k_pe_row_stride * elt, p.input_dtype, kRopeDim, scale, row + kLatentDim);
-    }
+  for_each_destination_row(p, 1, [&](int64_t t, char* dst) {
+    uint8_t* row = reinterpret_cast<uint8_t*>(dst);
+    quantize_fp8_row_avx2(kv_c + t * p.kv_c_row_stride * elt, p.input_dtype, kLatentDim, scale, row);
+    quantize_fp8_row_avx2(k_pe + t * p.k_pe_row_stride * elt, p.input_dtype, kRopeDim, scale, row + kLatentDim);
   });
 }
 
@@ -44,20 +38,13 @@ template <typename T>
 void quantize_rows(const AppendParams& p) {
   const T* kv_c = static_cast<const T*>(p.kv_c);
   const T* k_pe = static_cast<const T*>(p.k_pe);
-  uint8_t* cache = static_cast<uint8_t*>(p.cache);
   const float scale = *p.scale;  // divide, not multiply by 1/scale: SPEC stores round(x / scale) exactly
-  at::parallel_for(0, p.num_tokens, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t slot = p.slot_is_int64 ? static_cast<const int64_t*>(p.slot_mapping)[t]
-                                           : static_cast<const int32_t*>(p.slot_mapping)[t];
-      if (slot < 0) continue;  // padding token
-      uint8_t* row = cache + (slot / p.block_size) * p.cache_block_stride + (slot % p.block_size) * p.cache_token_stride;
-      const T* c = kv_c + t * p.kv_c_row_stride;
-      const T* r = k_pe + t * p.k_pe_row_stride;
-      for (int d = 0; d < kLatentDim; ++d) row[d] = float_to_e4m3_saturate(static_cast<float>(c[d]) / scale);
-      for (int d = 0; d < kRopeDim; ++d)
-        row[kLatentDim + d] = float_to_e4m3_saturate(static_cast<float>(r[d]) / scale);
-    }
+  for_each_destination_row(p, 1, [&](int64_t t, char* dst) {
+    uint8_t* row = reinterpret_cast<uint8_t*>(dst);
+    const T* c = kv_c + t * p.kv_c_row_stride;
+    const T* r = k_pe + t * p.k_pe_row_stride;
+    for (int d = 0; d < kLatentDim; ++d) row[d] = float_to_e4m3_saturate(static_cast<float>(c[d]) / scale);
+    for (int d = 0; d < kRopeDim; ++d) row[kLatentDim + d] = float_to_e4m3_saturate(static_cast<float>(r[d]) / scale);
   });
 }
 
