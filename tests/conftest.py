@@ -41,6 +41,16 @@ DEVICES: List[str] = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny shapes: one intra-op thread is fastest and immune to a busy machine's
+    oversubscription; torch's setting is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     """Every test taking `device` runs on the CPU and, on a machine with a GPU, on CUDA."""

@@ -14,21 +14,10 @@ from mla_ext.absorb import (
     yarn_mscale,
 )
 
-DEVICES = ["cpu"] + (
-    ["cuda"]
-    if torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("mla_ext::decode", "CUDA")
-    else []
-)
+from conftest import DEVICES  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread is fastest, and immune to a busy machine's
-    oversubscription (restored afterwards for the other test modules)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed):

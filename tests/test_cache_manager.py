@@ -9,14 +9,7 @@ import mla_ext
 from mla_ext.cache import OutOfBlocksError, PagedLatentCache
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread is fastest, and immune to a busy machine's
-    oversubscription (restored afterwards for the other test modules)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _all_slots(c, seq):

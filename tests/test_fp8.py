@@ -5,7 +5,7 @@ import torch
 import mla_ext
 from mla_ext import reference
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from conftest import DEVICES
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

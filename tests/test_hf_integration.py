@@ -21,14 +21,7 @@ HAS_CUDA_KERNELS = torch.cuda.is_available() and torch._C._dispatch_has_kernel_f
 needs_cuda = pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and mla_ext built with CUDA kernels")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread is fastest, and immune to a busy machine's
-    oversubscription (restored afterwards for the other test modules)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 512
 

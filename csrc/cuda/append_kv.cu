@@ -15,6 +15,16 @@ namespace {
 
 constexpr int kAppendThreads = 256;
 
+// Element offset of `token`'s cache row, or -1 when its slot is padding (< 0) or beyond
+// the cache: such rows are never written (the eager index check reports the latter).
+__device__ __forceinline__ int64_t destination_row(const AppendParams& p, int64_t token) {
+  const int64_t slot = p.slot_is_int64 ? static_cast<const int64_t*>(p.slot_mapping)[token]
+                                       : static_cast<int64_t>(static_cast<const int32_t*>(p.slot_mapping)[token]);
+  if (slot < 0 || slot >= p.num_blocks * p.block_size) return -1;
+  const int64_t block = slot / p.block_size;
+  return block * p.cache_block_stride + (slot - block * p.block_size) * p.cache_token_stride;
+}
+
 template <typename T, typename Vec>
 __global__ void __launch_bounds__(kAppendThreads) append_kv_kernel(const AppendParams p) {
   constexpr int kElems = sizeof(Vec) / sizeof(T);     // elements per vector
@@ -24,11 +34,9 @@ __global__ void __launch_bounds__(kAppendThreads) append_kv_kernel(const AppendP
   const int64_t token = idx / kRowVecs;
   const int v = static_cast<int>(idx - token * kRowVecs);
   if (token >= p.num_tokens) return;
-  const int64_t slot = p.slot_is_int64 ? static_cast<const int64_t*>(p.slot_mapping)[token]
-                                       : static_cast<int64_t>(static_cast<const int32_t*>(p.slot_mapping)[token]);
-  if (slot < 0 || slot >= p.num_blocks * p.block_size) return;  // padding, or out of range: never written
-  const int64_t block = slot / p.block_size;
-  T* row = static_cast<T*>(p.cache) + block * p.cache_block_stride + (slot - block * p.block_size) * p.cache_token_stride;
+  const int64_t offset = destination_row(p, token);
+  if (offset < 0) return;
+  T* row = static_cast<T*>(p.cache) + offset;
   const T* src = v < kLatentVecs ? static_cast<const T*>(p.kv_c) + token * p.kv_c_row_stride + v * kElems
                                  : static_cast<const T*>(p.k_pe) + token * p.k_pe_row_stride + (v - kLatentVecs) * kElems;
   *reinterpret_cast<Vec*>(row + v * kElems) = __ldg(reinterpret_cast<const Vec*>(src));
@@ -64,12 +72,9 @@ __global__ void __launch_bounds__(kAppendThreads) append_kv_fp8_kernel(const App
   const int64_t token = idx / kRowVecs;
   const int v = static_cast<int>(idx - token * kRowVecs);
   if (token >= p.num_tokens) return;
-  const int64_t slot = p.slot_is_int64 ? static_cast<const int64_t*>(p.slot_mapping)[token]
-                                       : static_cast<int64_t>(static_cast<const int32_t*>(p.slot_mapping)[token]);
-  if (slot < 0 || slot >= p.num_blocks * p.block_size) return;
-  const int64_t block = slot / p.block_size;
-  uint8_t* row = static_cast<uint8_t*>(p.cache) + block * p.cache_block_stride +
-                 (slot - block * p.block_size) * p.cache_token_stride;
+  const int64_t offset = destination_row(p, token);
+  if (offset < 0) return;
+  uint8_t* row = static_cast<uint8_t*>(p.cache) + offset;
   const T* src = v < kLatentVecs ? static_cast<const T*>(p.kv_c) + token * p.kv_c_row_stride + v * kElems
                                  : static_cast<const T*>(p.k_pe) + token * p.k_pe_row_stride + (v - kLatentVecs) * kElems;
   const float scale = __ldg(p.scale);
