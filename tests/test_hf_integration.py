@@ -182,6 +182,17 @@ def test_beam_search_and_unpadded_batch(v3_model):
     assert torch.equal(out, ref)
 
 
+def assert_same_with_and_without_mla_ext(model, run, block_size):
+    """run() (a generate call) gives identical tokens with transformers' attention and with mla_ext."""
+    mla_hf.disable(model)
+    ref = run()
+    mla_hf.enable(model, block_size=block_size)
+    try:
+        assert torch.equal(run(), ref)
+    finally:
+        mla_hf.disable(model)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -199,13 +210,7 @@ def test_other_generate_modes(v3_model, kwargs):
         with torch.no_grad():
             return model.generate(ids, attention_mask=mask, max_new_tokens=6, **kwargs)
 
-    mla_hf.disable(model)
-    ref = run()
-    mla_hf.enable(model, block_size=4)
-    try:
-        assert torch.equal(run(), ref)
-    finally:
-        mla_hf.disable(model)
+    assert_same_with_and_without_mla_ext(model, run, block_size=4)
 
 
 def test_prompt_lookup_decoding_rolls_back_the_cache(v3_model):
@@ -220,13 +225,7 @@ def test_prompt_lookup_decoding_rolls_back_the_cache(v3_model):
         with torch.no_grad():
             return model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3)
 
-    mla_hf.disable(model)
-    ref = run()
-    mla_hf.enable(model, block_size=4)
-    try:
-        assert torch.equal(run(), ref)
-    finally:
-        mla_hf.disable(model)
+    assert_same_with_and_without_mla_ext(model, run, block_size=4)
 
 
 def test_forward_with_explicit_cache_and_fallback(v3_model):

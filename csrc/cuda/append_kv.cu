@@ -25,21 +25,35 @@ __device__ __forceinline__ int64_t destination_row(const AppendParams& p, int64_
   return block * p.cache_block_stride + (slot - block * p.block_size) * p.cache_token_stride;
 }
 
+// One thread's share of the append: kElems consecutive values of one token's 576-wide row.
+// Threads are numbered token-major; `active` is false past the last token and for rows
+// that destination_row() skips.
+template <typename T, int kElems>
+struct AppendLane {
+  bool active;
+  int64_t row_offset;  // element offset of the destination cache row
+  int column;          // first column of the row this thread writes
+  const T* src;        // kElems input values: from kv_c (columns < 512) or k_pe
+
+  __device__ __forceinline__ explicit AppendLane(const AppendParams& p) {
+    constexpr int kRowVecs = kHeadDim / kElems;
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kAppendThreads + threadIdx.x;
+    const int64_t token = idx / kRowVecs;
+    column = static_cast<int>(idx - token * kRowVecs) * kElems;
+    row_offset = token < p.num_tokens ? destination_row(p, token) : -1;
+    active = row_offset >= 0;
+    src = column < kLatentDim ? static_cast<const T*>(p.kv_c) + token * p.kv_c_row_stride + column
+                              : static_cast<const T*>(p.k_pe) + token * p.k_pe_row_stride + (column - kLatentDim);
+  }
+};
+
 template <typename T, typename Vec>
 __global__ void __launch_bounds__(kAppendThreads) append_kv_kernel(const AppendParams p) {
   constexpr int kElems = sizeof(Vec) / sizeof(T);     // elements per vector
-  constexpr int kLatentVecs = kLatentDim / kElems;
-  constexpr int kRowVecs = kHeadDim / kElems;
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kAppendThreads + threadIdx.x;
-  const int64_t token = idx / kRowVecs;
-  const int v = static_cast<int>(idx - token * kRowVecs);
-  if (token >= p.num_tokens) return;
-  const int64_t offset = destination_row(p, token);
-  if (offset < 0) return;
-  T* row = static_cast<T*>(p.cache) + offset;
-  const T* src = v < kLatentVecs ? static_cast<const T*>(p.kv_c) + token * p.kv_c_row_stride + v * kElems
-                                 : static_cast<const T*>(p.k_pe) + token * p.k_pe_row_stride + (v - kLatentVecs) * kElems;
-  *reinterpret_cast<Vec*>(row + v * kElems) = __ldg(reinterpret_cast<const Vec*>(src));
+  const AppendLane<T, kElems> lane(p);
+  if (!lane.active) return;
+  T* row = static_cast<T*>(p.cache) + lane.row_offset;
+  *reinterpret_cast<Vec*>(row + lane.column) = __ldg(reinterpret_cast<const Vec*>(lane.src));
 }
 
 template <typename T, typename Vec>
@@ -66,20 +80,13 @@ cudaError_t dispatch(const AppendParams& p, cudaStream_t stream) {
 // ---- fp8 cache. kElems values per thread: 16 (16-byte store, 16-byte aligned inputs) or 1.
 template <typename T, int kElems>
 __global__ void __launch_bounds__(kAppendThreads) append_kv_fp8_kernel(const AppendParams p) {
-  constexpr int kLatentVecs = kLatentDim / kElems;
-  constexpr int kRowVecs = kHeadDim / kElems;
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kAppendThreads + threadIdx.x;
-  const int64_t token = idx / kRowVecs;
-  const int v = static_cast<int>(idx - token * kRowVecs);
-  if (token >= p.num_tokens) return;
-  const int64_t offset = destination_row(p, token);
-  if (offset < 0) return;
-  uint8_t* row = static_cast<uint8_t*>(p.cache) + offset;
-  const T* src = v < kLatentVecs ? static_cast<const T*>(p.kv_c) + token * p.kv_c_row_stride + v * kElems
-                                 : static_cast<const T*>(p.k_pe) + token * p.k_pe_row_stride + (v - kLatentVecs) * kElems;
+  const AppendLane<T, kElems> lane(p);
+  if (!lane.active) return;
+  uint8_t* row = static_cast<uint8_t*>(p.cache) + lane.row_offset + lane.column;
+  const T* src = lane.src;
   const float scale = __ldg(p.scale);
   if constexpr (kElems == 1) {
-    row[v] = e4m3_quantize(TypeTraits<T>::to_float(src[0]), scale);
+    row[0] = e4m3_quantize(TypeTraits<T>::to_float(src[0]), scale);
   } else {
     static_assert(kElems == 16, "16 values per 16-byte store");
     constexpr int kLoads = kElems * sizeof(T) / 16;  // 16-byte input loads: 1 per 8 (16-bit) or 4 (fp32) values
@@ -95,7 +102,7 @@ __global__ void __launch_bounds__(kAppendThreads) append_kv_fp8_kernel(const App
         packed[e / 4] |= static_cast<uint32_t>(e4m3_quantize(TypeTraits<T>::to_float(vals[i]), scale)) << (8 * (e % 4));
       }
     }
-    *reinterpret_cast<uint4*>(row + v * kElems) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    *reinterpret_cast<uint4*>(row) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
   }
 }
 
