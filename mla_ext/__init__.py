@@ -11,12 +11,13 @@ from ._ops import HEAD_DIM, LATENT_DIM, ROPE_DIM
 from .absorb import absorb_query, expand_output, mla_softmax_scale, split_kv_b_proj
 from .cache import OutOfBlocksError, PagedLatentCache, StepMetadata
 from .fp8 import fp8_scale_for
-from .ops import append_kv, decode, set_index_checks
+from .ops import append_kv, cpu_decode_kernel, decode, set_index_checks
 
 __all__ = [
     "append_kv",
     "decode",
     "set_index_checks",
+    "cpu_decode_kernel",
     "fp8_scale_for",
     "split_kv_b_proj",
     "absorb_query",

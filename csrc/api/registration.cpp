@@ -4,6 +4,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "../cpu/cpu_kernels.h"
 #include "checks.h"
 
 extern "C" {
@@ -17,6 +20,9 @@ PyObject* PyInit__C(void) {
 
 namespace {
 bool set_index_checks(bool enabled) { return mla::api::set_index_checks(enabled); }
+std::string cpu_decode_kernel(c10::ScalarType cache_dtype) {
+  return mla::cpu::decode_kernel_name(mla::api::to_dtype(cache_dtype));
+}
 }  // namespace
 
 TORCH_LIBRARY(mla_ext, m) {
@@ -30,4 +36,6 @@ TORCH_LIBRARY(mla_ext, m) {
       "float softmax_scale, bool causal, Tensor? scale, Tensor(a!) out, Tensor(b!) lse) -> ()");
   // Host-side switch for the index-value checks (see docs/api.md); returns the old value.
   m.def("set_index_checks(bool enabled) -> bool", &set_index_checks);
+  // Which CPU decode kernel runs for a cache dtype on this machine (reads MLA_EXT_CPU_ISA).
+  m.def("cpu_decode_kernel(ScalarType cache_dtype) -> str", &cpu_decode_kernel);
 }

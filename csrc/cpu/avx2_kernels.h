@@ -181,19 +181,22 @@ inline void score_block(const float* q, const float* const* kf, float* s) {
 }
 
 template <int RB>
-inline void score_rows(const float* q, const float* const* kf, float* s) {
-  for (int j0 = 0; j0 < kKeyTile; j0 += kScoreKB) score_block<RB, kScoreKB>(q, kf + j0, s + j0);
+inline void score_rows(const float* q, const float* const* kf, float* s, Prefetcher& pf) {
+  for (int j0 = 0; j0 < kKeyTile; j0 += kScoreKB) {
+    score_block<RB, kScoreKB>(q, kf + j0, s + j0);
+    pf.step();
+  }
 }
 
 template <class CT>
 void scores(const float* q, int rows, const typename CT::T* const* /*raw*/, const float* const* kf,
-            float /*s2scale: folded into q*/, float* s) {
+            float /*s2scale: folded into q*/, float* s, Prefetcher& pf) {
   int r = 0;
-  for (; r + kScoreRB <= rows; r += kScoreRB) score_rows<kScoreRB>(q + r * kHeadDim, kf, s + r * kScoreStride);
+  for (; r + kScoreRB <= rows; r += kScoreRB) score_rows<kScoreRB>(q + r * kHeadDim, kf, s + r * kScoreStride, pf);
   switch (rows - r) {  // kScoreRB <= 4
-    case 3: if constexpr (kScoreRB > 3) score_rows<3>(q + r * kHeadDim, kf, s + r * kScoreStride); break;
-    case 2: if constexpr (kScoreRB > 2) score_rows<2>(q + r * kHeadDim, kf, s + r * kScoreStride); break;
-    case 1: if constexpr (kScoreRB > 1) score_rows<1>(q + r * kHeadDim, kf, s + r * kScoreStride); break;
+    case 3: if constexpr (kScoreRB > 3) score_rows<3>(q + r * kHeadDim, kf, s + r * kScoreStride, pf); break;
+    case 2: if constexpr (kScoreRB > 2) score_rows<2>(q + r * kHeadDim, kf, s + r * kScoreStride, pf); break;
+    case 1: if constexpr (kScoreRB > 1) score_rows<1>(q + r * kHeadDim, kf, s + r * kScoreStride, pf); break;
     default: break;
   }
 }
@@ -267,22 +270,26 @@ inline void pv_block(const float* p, const float* corr, const float* const* vf, 
 }
 
 template <int RB>
-inline void pv_rows(const float* p, const float* corr, const float* const* vf, int n, float* acc) {
-  for (int c0 = 0; c0 < kLatentDim; c0 += 8 * kPvW) pv_block<RB, kPvW>(p, corr, vf, n, acc, c0);
+inline void pv_rows(const float* p, const float* corr, const float* const* vf, int n, float* acc, Prefetcher& pf) {
+  for (int c0 = 0; c0 < kLatentDim; c0 += 8 * kPvW) {
+    pv_block<RB, kPvW>(p, corr, vf, n, acc, c0);
+    pf.step();
+  }
 }
 
-inline void pv(const float* p, const float* corr, const float* const* vf, int n, int rows, float* acc) {
+inline void pv(const float* p, const float* corr, const float* const* vf, int n, int rows, float* acc,
+               Prefetcher& pf) {
   int r = 0;
   for (; r + kPvRB <= rows; r += kPvRB)
-    pv_rows<kPvRB>(p + r * kScoreStride, corr + r, vf, n, acc + static_cast<int64_t>(r) * kLatentDim);
+    pv_rows<kPvRB>(p + r * kScoreStride, corr + r, vf, n, acc + static_cast<int64_t>(r) * kLatentDim, pf);
   const float* pr = p + r * kScoreStride;
   float* ar = acc + static_cast<int64_t>(r) * kLatentDim;
   switch (rows - r) {  // kPvRB <= 6
-    case 5: if constexpr (kPvRB > 5) pv_rows<5>(pr, corr + r, vf, n, ar); break;
-    case 4: if constexpr (kPvRB > 4) pv_rows<4>(pr, corr + r, vf, n, ar); break;
-    case 3: if constexpr (kPvRB > 3) pv_rows<3>(pr, corr + r, vf, n, ar); break;
-    case 2: if constexpr (kPvRB > 2) pv_rows<2>(pr, corr + r, vf, n, ar); break;
-    case 1: if constexpr (kPvRB > 1) pv_rows<1>(pr, corr + r, vf, n, ar); break;
+    case 5: if constexpr (kPvRB > 5) pv_rows<5>(pr, corr + r, vf, n, ar, pf); break;
+    case 4: if constexpr (kPvRB > 4) pv_rows<4>(pr, corr + r, vf, n, ar, pf); break;
+    case 3: if constexpr (kPvRB > 3) pv_rows<3>(pr, corr + r, vf, n, ar, pf); break;
+    case 2: if constexpr (kPvRB > 2) pv_rows<2>(pr, corr + r, vf, n, ar, pf); break;
+    case 1: if constexpr (kPvRB > 1) pv_rows<1>(pr, corr + r, vf, n, ar, pf); break;
     default: break;
   }
 }
@@ -291,6 +298,10 @@ inline void pv(const float* p, const float* corr, const float* const* vf, int n,
 struct Kernel {
   using QElt = float;
   static constexpr int kQStride = kHeadDim;
+  template <class CT>
+  using TileT = float;
+  template <class CT>
+  static void finish(float*, int) {}  // acc columns are already in natural order
   template <class CT>
   static void load_q(const DecodeParams& p, int32_t seq, int32_t r0, int32_t rows, float s2scale, float* q) {
     avx2::load_q<CT>(p, seq, r0, rows, s2scale, q);
@@ -301,14 +312,15 @@ struct Kernel {
   }
   template <class CT>
   static void scores(const float* q, int rows, const typename CT::T* const* raw, const float* const* kf, float sc,
-                     float* s) {
-    avx2::scores<CT>(q, rows, raw, kf, sc, s);
+                     float* s, Prefetcher& pf) {
+    avx2::scores<CT>(q, rows, raw, kf, sc, s, pf);
   }
   static void softmax_row(const float* s, int visible, float* max, float* sum, float* p, float* corr) {
     avx2::softmax_row(s, visible, max, sum, p, corr);
   }
-  static void pv(const float* p, const float* corr, const float* const* vf, int n, int rows, float* acc) {
-    avx2::pv(p, corr, vf, n, rows, acc);
+  static void pv(const float* p, const float* corr, const float* const* vf, int n, int rows, float* acc,
+                 Prefetcher& pf) {
+    avx2::pv(p, corr, vf, n, rows, acc, pf);
   }
 };
 

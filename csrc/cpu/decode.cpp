@@ -58,12 +58,34 @@ const DecodeIsa* pick_isa(DType dtype) {
   return decode_isa_scalar();
 }
 
-struct AlignedFree {
-  void operator()(void* p) const { ::operator delete(p, std::align_val_t(64)); }
-};
-using ScratchPtr = std::unique_ptr<void, AlignedFree>;
+// A per-thread buffer that is kept between calls and only ever grows. Why: a fresh
+// allocation of the partials (256 KiB for cpu-small, 1 MiB for h = 128) or of a thread's
+// scratch is a fresh mmap, and touching it page-faults on every decode step (measured:
+// several percent of a step). Decode steps repeat the same shapes, so the buffers settle.
+class Workspace {
+ public:
+  void* get(size_t bytes) {
+    if (bytes > capacity_) {
+      release();
+      data_ = ::operator new(bytes, std::align_val_t(64));
+      capacity_ = bytes;
+    }
+    return data_;
+  }
+  ~Workspace() { release(); }
 
-ScratchPtr alloc_aligned(size_t bytes) { return ScratchPtr(::operator new(bytes, std::align_val_t(64))); }
+ private:
+  void release() {
+    if (data_ != nullptr) ::operator delete(data_, std::align_val_t(64));
+    data_ = nullptr;
+    capacity_ = 0;
+  }
+  void* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
+thread_local Workspace tls_scratch;   // a worker thread's kernel scratch
+thread_local Workspace tls_partials;  // the calling thread's partial results
 
 struct Plan {
   std::vector<DecodeItem> items;
@@ -153,21 +175,22 @@ void run(const DecodeParams& p, const DecodeIsa& isa) {
   const Plan plan = make_plan(p, num_threads);
   const int64_t n_items = static_cast<int64_t>(plan.items.size());
   const int64_t partial_rows = plan.row_offset.back();
-  // Partials of every item (not zero-filled: each item initialises its own rows).
-  std::unique_ptr<float[]> acc(new float[static_cast<size_t>(std::max<int64_t>(partial_rows, 1)) * kLatentDim]);
-  std::unique_ptr<float[]> mx(new float[static_cast<size_t>(std::max<int64_t>(partial_rows, 1))]);
-  std::unique_ptr<float[]> sm(new float[static_cast<size_t>(std::max<int64_t>(partial_rows, 1))]);
+  // Partials of every item (not zero-filled: each item initialises its own rows):
+  // acc [partial_rows, 512], then max [partial_rows] and sum [partial_rows].
+  const size_t n_rows = static_cast<size_t>(std::max<int64_t>(partial_rows, 1));
+  float* const acc = static_cast<float*>(tls_partials.get(sizeof(float) * n_rows * (kLatentDim + 2)));
+  float* const mx = acc + n_rows * kLatentDim;
+  float* const sm = mx + n_rows;
 
   if (n_items > 0) {
     std::atomic<int64_t> next{0};
     const size_t scratch_bytes = isa.scratch_bytes(plan.rows_per_block);
     const int64_t workers = std::min<int64_t>(num_threads, n_items);
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-      ScratchPtr scratch = alloc_aligned(scratch_bytes);  // once per thread and call
+      void* const scratch = tls_scratch.get(scratch_bytes);
       for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) {
         const int64_t r = plan.row_offset[i];
-        isa.run_item(p, plan.items[i], PartialOut{acc.get() + r * kLatentDim, mx.get() + r, sm.get() + r},
-                     scratch.get());
+        isa.run_item(p, plan.items[i], PartialOut{acc + r * kLatentDim, mx + r, sm + r}, scratch);
       }
     });
   }
@@ -175,13 +198,13 @@ void run(const DecodeParams& p, const DecodeIsa& isa) {
   const int64_t groups = static_cast<int64_t>(p.batch) * plan.row_blocks;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     std::vector<float> merged(kLatentDim);
-    for (int64_t g = g0; g < g1; ++g) merge_group<QT>(p, plan, g, acc.get(), mx.get(), sm.get(), merged.data());
+    for (int64_t g = g0; g < g1; ++g) merge_group<QT>(p, plan, g, acc, mx, sm, merged.data());
   });
 }
 
 }  // namespace
 
-const char* decode_kernel_name(DType dtype) { return pick_isa(dtype)->name; }
+const char* decode_kernel_name(DType dtype) { return pick_isa(dtype)->name(dtype); }
 
 void decode(const DecodeParams& p) {
   // The glue guarantees q and cache share a dtype, or an fp32 q (and out) for an fp8 cache.

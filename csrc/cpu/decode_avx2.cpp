@@ -20,18 +20,28 @@ namespace {
 
 #include "decode_tile_loop.h"
 #include "avx2_kernels.h"
+#include "avx2_bf16_kernels.h"
 
 bool avx2_supports(DType t) {
   return t == DType::kBFloat16 || t == DType::kFloat16 || t == DType::kFloat32 || t == DType::kFloat8E4M3;
 }
 
-size_t avx2_scratch_bytes(int32_t max_rows) { return scratch_bytes_impl<avx2::Kernel>(max_rows); }
+const char* avx2_kernel_name(DType t) {
+  return t == DType::kBFloat16 || t == DType::kFloat8E4M3 ? "avx2-bf16" : "avx2";
+}
+
+size_t avx2_scratch_bytes(int32_t max_rows) {
+  const size_t generic = scratch_bytes_impl<avx2::Kernel>(max_rows);
+  const size_t bf16 = scratch_bytes_impl<avx2_bf16::Kernel>(max_rows);
+  return generic > bf16 ? generic : bf16;
+}
 
 void avx2_run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void* scratch) {
   switch (p.cache_dtype) {
-    case DType::kBFloat16: run_item_impl<avx2::Kernel, CacheBF16>(p, it, out, scratch); break;
+    // bf16 and fp8 tiles stay 16-bit (avx2_bf16_kernels.h); fp16 / fp32 ones are fp32.
+    case DType::kBFloat16: run_item_impl<avx2_bf16::Kernel, CacheBF16>(p, it, out, scratch); break;
+    case DType::kFloat8E4M3: run_item_impl<avx2_bf16::Kernel, CacheFP8>(p, it, out, scratch); break;
     case DType::kFloat16: run_item_impl<avx2::Kernel, CacheF16>(p, it, out, scratch); break;
-    case DType::kFloat8E4M3: run_item_impl<avx2::Kernel, CacheFP8>(p, it, out, scratch); break;
     default: run_item_impl<avx2::Kernel, CacheF32>(p, it, out, scratch); break;
   }
 }
@@ -46,7 +56,7 @@ namespace mla::cpu {
 
 const DecodeIsa* decode_isa_avx2() {
 #ifdef MLA_HAVE_AVX2_KERNEL
-  static const DecodeIsa isa{"avx2", &avx2_supports, &avx2_scratch_bytes, &avx2_run_item};
+  static const DecodeIsa isa{&avx2_kernel_name, &avx2_supports, &avx2_scratch_bytes, &avx2_run_item};
   return &isa;
 #else
   return nullptr;

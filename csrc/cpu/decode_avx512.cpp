@@ -103,17 +103,20 @@ inline void score_block(const uint16_t* q, const uint16_t* const* k, float s2sca
 }
 
 template <int RB>
-inline void score_rows(const uint16_t* q, const uint16_t* const* raw, float s2scale, float* s) {
-  for (int j0 = 0; j0 < kKeyTile; j0 += kScoreKB) score_block<RB>(q, raw + j0, s2scale, s + j0);
+inline void score_rows(const uint16_t* q, const uint16_t* const* raw, float s2scale, float* s, Prefetcher& pf) {
+  for (int j0 = 0; j0 < kKeyTile; j0 += kScoreKB) {
+    score_block<RB>(q, raw + j0, s2scale, s + j0);
+    pf.step();
+  }
 }
 
-void scores(const uint16_t* q, int rows, const uint16_t* const* raw, float s2scale, float* s) {
+void scores(const uint16_t* q, int rows, const uint16_t* const* raw, float s2scale, float* s, Prefetcher& pf) {
   int r = 0;
-  for (; r + kScoreRB <= rows; r += kScoreRB) score_rows<kScoreRB>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride);
+  for (; r + kScoreRB <= rows; r += kScoreRB) score_rows<kScoreRB>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride, pf);
   switch (rows - r) {
-    case 3: score_rows<3>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride); break;
-    case 2: score_rows<2>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride); break;
-    case 1: score_rows<1>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride); break;
+    case 3: score_rows<3>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride, pf); break;
+    case 2: score_rows<2>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride, pf); break;
+    case 1: score_rows<1>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride, pf); break;
     default: break;
   }
 }
@@ -146,20 +149,23 @@ inline void pv_block(const float* p, const float* corr, const float* const* vf, 
 }
 
 template <int RB>
-inline void pv_rows(const float* p, const float* corr, const float* const* vf, int n, float* acc) {
-  for (int c0 = 0; c0 < kLatentDim; c0 += 16 * kPvW) pv_block<RB>(p, corr, vf, n, acc, c0);
+inline void pv_rows(const float* p, const float* corr, const float* const* vf, int n, float* acc, Prefetcher& pf) {
+  for (int c0 = 0; c0 < kLatentDim; c0 += 16 * kPvW) {
+    pv_block<RB>(p, corr, vf, n, acc, c0);
+    pf.step();
+  }
 }
 
-void pv(const float* p, const float* corr, const float* const* vf, int n, int rows, float* acc) {
+void pv(const float* p, const float* corr, const float* const* vf, int n, int rows, float* acc, Prefetcher& pf) {
   int r = 0;
   for (; r + kPvRB <= rows; r += kPvRB)
-    pv_rows<kPvRB>(p + r * kScoreStride, corr + r, vf, n, acc + static_cast<int64_t>(r) * kLatentDim);
+    pv_rows<kPvRB>(p + r * kScoreStride, corr + r, vf, n, acc + static_cast<int64_t>(r) * kLatentDim, pf);
   const float* pr = p + r * kScoreStride;
   float* ar = acc + static_cast<int64_t>(r) * kLatentDim;
   switch (rows - r) {
-    case 3: pv_rows<3>(pr, corr + r, vf, n, ar); break;
-    case 2: pv_rows<2>(pr, corr + r, vf, n, ar); break;
-    case 1: pv_rows<1>(pr, corr + r, vf, n, ar); break;
+    case 3: pv_rows<3>(pr, corr + r, vf, n, ar, pf); break;
+    case 2: pv_rows<2>(pr, corr + r, vf, n, ar, pf); break;
+    case 1: pv_rows<1>(pr, corr + r, vf, n, ar, pf); break;
     default: break;
   }
 }
@@ -168,6 +174,10 @@ void pv(const float* p, const float* corr, const float* const* vf, int n, int ro
 struct Kernel {
   using QElt = uint16_t;
   static constexpr int kQStride = kHeadDim;
+  template <class CT>
+  using TileT = float;
+  template <class CT>
+  static void finish(float*, int) {}  // acc columns are already in natural order
   template <class CT>
   static void load_q(const DecodeParams& p, int32_t seq, int32_t r0, int32_t rows, float, uint16_t* q) {
     static_assert(CT::kType == DType::kBFloat16, "bf16 only");
@@ -179,14 +189,15 @@ struct Kernel {
   }
   template <class CT>
   static void scores(const uint16_t* q, int rows, const uint16_t* const* raw, const float* const*, float s2scale,
-                     float* s) {
-    avx512::scores(q, rows, raw, s2scale, s);
+                     float* s, Prefetcher& pf) {
+    avx512::scores(q, rows, raw, s2scale, s, pf);
   }
   static void softmax_row(const float* s, int visible, float* max, float* sum, float* p, float* corr) {
     avx2::softmax_row(s, visible, max, sum, p, corr);
   }
-  static void pv(const float* p, const float* corr, const float* const* vf, int n, int rows, float* acc) {
-    avx512::pv(p, corr, vf, n, rows, acc);
+  static void pv(const float* p, const float* corr, const float* const* vf, int n, int rows, float* acc,
+                 Prefetcher& pf) {
+    avx512::pv(p, corr, vf, n, rows, acc, pf);
   }
 };
 
@@ -211,7 +222,7 @@ namespace mla::cpu {
 
 const DecodeIsa* decode_isa_avx512bf16() {
 #ifdef MLA_HAVE_AVX512BF16_KERNEL
-  static const DecodeIsa isa{"avx512bf16", &avx512_supports, &avx512_scratch_bytes, &avx512_run_item};
+  static const DecodeIsa isa{[](DType) { return "avx512bf16"; }, &avx512_supports, &avx512_scratch_bytes, &avx512_run_item};
   return &isa;
 #else
   return nullptr;

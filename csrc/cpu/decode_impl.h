@@ -42,7 +42,7 @@ struct PartialOut {
 // One instruction set's kernel. run_item processes one item with `scratch` (at least
 // scratch_bytes(rows) bytes, 64-byte aligned, reused across items of one thread).
 struct DecodeIsa {
-  const char* name;
+  const char* (*name)(DType dtype);  // the kernel that runs for this cache dtype
   bool (*supports)(DType dtype);
   size_t (*scratch_bytes)(int32_t max_rows);
   void (*run_item)(const DecodeParams& p, const DecodeItem& item, PartialOut out, void* scratch);

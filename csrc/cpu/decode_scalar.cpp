@@ -36,6 +36,10 @@ inline float to_float(typename CT::T x) {
 struct Kernel {
   using QElt = float;
   static constexpr int kQStride = kHeadDim;
+  template <class CT>
+  using TileT = float;
+  template <class CT>
+  static void finish(float*, int) {}  // acc columns are already in natural order
 
   template <class CT>
   static void load_q(const DecodeParams& p, int32_t seq, int32_t r0, int32_t rows, float s2scale, float* q) {
@@ -69,7 +73,7 @@ struct Kernel {
 
   template <class CT>
   static void scores(const float* q, int rows, const typename CT::T* const*, const float* const* kf, float,
-                     float* s) {
+                     float* s, Prefetcher& /*the portable kernel leaves memory to the hardware*/) {
     for (int r = 0; r < rows; ++r) {
       const float* qr = q + static_cast<int64_t>(r) * kHeadDim;
       for (int t = 0; t < kKeyTile; ++t) {
@@ -101,7 +105,8 @@ struct Kernel {
     *corr = c;
   }
 
-  static void pv(const float* p, const float* corr, const float* const* vf, int n, int rows, float* acc) {
+  static void pv(const float* p, const float* corr, const float* const* vf, int n, int rows, float* acc,
+                 Prefetcher&) {
     for (int r = 0; r < rows; ++r) {
       float* ar = acc + static_cast<int64_t>(r) * kLatentDim;
       const float c = corr[r];
@@ -135,7 +140,7 @@ void scalar_run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out
 }  // namespace
 
 const DecodeIsa* decode_isa_scalar() {
-  static const DecodeIsa isa{"scalar", &scalar_supports, &scalar_scratch_bytes, &scalar_run_item};
+  static const DecodeIsa isa{[](DType) { return "scalar"; }, &scalar_supports, &scalar_scratch_bytes, &scalar_run_item};
   return &isa;
 }
 

@@ -19,20 +19,47 @@
 // Kernel interface K (see avx2_kernels.h for the reference implementation):
 //   using QElt; static constexpr int kQStride;        prepared-query element and row stride
 //   template <class CT> static void load_q(p, seq, row_begin, rows, s2scale, QElt* q);
+//   template <class CT> using TileT;                   element type of the prepared tile rows
+//                                                      (float, or uint16_t for the bf16 kernel)
 //   template <class CT> static void prepare_tile(const CT::T* const* raw, int n, float* kbuf,
-//                                                const float* zero, const float** kf);
+//                                                const float* zero, const TileT** kf);
 //   template <class CT> static void scores(const QElt* q, int rows, const CT::T* const* raw,
-//                                          const float* const* kf, float s2scale, float* s);
+//                                          const TileT* const* kf, float s2scale, float* s,
+//                                          Prefetcher& pf);
 //   static void softmax_row(const float* s, int visible, float* max, float* sum, float* p,
 //                           float* corr);
-//   static void pv(const float* p, const float* corr, const float* const* vf, int n, int rows,
-//                  float* acc);
+//   static void pv(const float* p, const float* corr, const TileT* const* vf, int n, int rows,
+//                  float* acc, Prefetcher& pf);
+//   template <class CT> static void finish(float* acc, int rows);   after the last tile (a
+//                                                      kernel may keep acc's columns permuted)
+// scores / pv call pf.step() once per register block, which spreads the prefetches of the
+// next tile's rows over the current tile's compute.
+
+#ifndef MLA_PF_LINES
+#define MLA_PF_LINES 3
+#endif
 
 // Fully unroll a micro-kernel's constant-trip loops early, so that its accumulator arrays
 // live in registers. Without it, under -fwrapv (part of Python's CFLAGS and therefore of
 // every torch extension build) GCC 12 stores the accumulators to the stack on every
 // iteration of the key loop, which halves the PV kernel's speed.
 #define MLA_UNROLL _Pragma("GCC unroll 16")
+
+// Prefetches the next tile's cache rows a few lines at a time. Why: the kernels read a tile
+// four rows at a time, which the hardware prefetcher does not run ahead of, and issuing a
+// whole tile's 288 lines (bf16) at once fills the miss buffers and stalls the core. A few
+// lines per register block keeps a steady trickle of requests under a tile of compute.
+struct Prefetcher {
+  static constexpr int kLinesPerStep = MLA_PF_LINES;
+  const char* rows[kKeyTile];
+  int lines_per_row = 0;
+  int total = 0;  // lines still wanted = rows * lines_per_row
+  int done = 0;
+  void step() {
+    for (int i = 0; i < kLinesPerStep && done < total; ++i, ++done)
+      __builtin_prefetch(rows[done / lines_per_row] + 64 * (done % lines_per_row), 0, 3);
+  }
+};
 
 // Cache element types: T is the storage type, kType the runtime tag, Q the element type
 // of the query (the cache's own type, except for fp8 caches whose query comes as fp32).
@@ -76,6 +103,7 @@ template <class K, class CT>
 void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, void* scratch) {
   using T = typename CT::T;
   using QElt = typename K::QElt;
+  using TileT = typename K::template TileT<CT>;
   const int32_t rows = it.row_end - it.row_begin;
   const ScratchLayout lay(rows, K::kQStride * sizeof(QElt));
   char* base = static_cast<char*>(scratch);
@@ -86,7 +114,9 @@ void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, 
   float* corr = reinterpret_cast<float*>(base + lay.corr);
   int32_t* limit = reinterpret_cast<int32_t*>(base + lay.limit);
   const T** raw = reinterpret_cast<const T**>(base + lay.raw);
-  const float** kf = reinterpret_cast<const float**>(base + lay.kf);
+  const TileT** kf = reinterpret_cast<const TileT**>(base + lay.kf);
+  Prefetcher pf;
+  pf.lines_per_row = static_cast<int>((kHeadDim * sizeof(T) + 63) / 64);
   float* zero = reinterpret_cast<float*>(base + lay.zero);
   for (int d = 0; d < kHeadDim; ++d) zero[d] = 0.f;  // all-zero bits: a zero row in every dtype
 
@@ -108,7 +138,7 @@ void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, 
   const int32_t bs = p.block_size;
   for (int i = 0; i < kPtrSlots; ++i) {
     raw[i] = reinterpret_cast<const T*>(zero);
-    kf[i] = zero;
+    kf[i] = reinterpret_cast<const TileT*>(zero);
   }
 
   const auto row_ptr = [&](int32_t key) {
@@ -120,15 +150,21 @@ void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, 
     const int n = it.key_end - t0 < kKeyTile ? it.key_end - t0 : kKeyTile;
     for (int i = 0; i < n; ++i) raw[i] = row_ptr(t0 + i);
     for (int i = n; i < kKeyTile; ++i) raw[i] = reinterpret_cast<const T*>(zero);
+    int next_rows = 0;
+    for (int32_t key = t0 + kKeyTile; key < it.key_end && next_rows < kKeyTile; ++key)
+      pf.rows[next_rows++] = reinterpret_cast<const char*>(row_ptr(key));
+    pf.total = next_rows * pf.lines_per_row;
+    pf.done = 0;
 
     K::template prepare_tile<CT>(raw, n, kbuf, zero, kf);
 
-    K::template scores<CT>(q, rows, raw, kf, s2scale, s);
+    K::template scores<CT>(q, rows, raw, kf, s2scale, s, pf);
     for (int32_t r = 0; r < rows; ++r) {
       int32_t visible = limit[r] - t0;
       visible = visible < 0 ? 0 : (visible > n ? n : visible);
       K::softmax_row(s + r * kScoreStride, visible, out.max + r, out.sum + r, pr + r * kScoreStride, corr + r);
     }
-    K::pv(pr, corr, kf, n, rows, out.acc);
+    K::pv(pr, corr, kf, n, rows, out.acc, pf);
   }
+  K::template finish<CT>(out.acc, rows);
 }

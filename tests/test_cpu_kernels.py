@@ -1,0 +1,96 @@
+"""The CPU decode kernels against each other and against the fp64 reference.
+
+decode.cpp picks one instruction-set kernel per call (MLA_EXT_CPU_ISA caps the choice):
+  * avx2_bf16 (bf16 and fp8 caches): 16-bit tiles read in place, query and accumulators
+    de-interleaved per 16 columns, restored by `finish`;
+  * avx2 (fp16 and fp32 caches): fp32 tiles;
+  * scalar: the portable kernel.
+Their register blocks leave remainders (score blocks of 2 rows, PV blocks of 6 rows), so the
+row counts below cover every remainder, one full 64-row item and a split into row blocks.
+Every case also splits long sequences into KV chunks (two threads, several items), so the
+merge and the prefetch of each next tile run across block-table jumps.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mla_ext
+from mla_ext import reference
+
+from conftest import DEEPSEEK_SCALE, make_paged_kv, make_query
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (s_q, h): query rows per sequence = s_q * h.
+ROW_SHAPES = [(1, 1), (1, 2), (1, 3), (1, 5), (1, 7), (1, 11), (2, 3), (1, 13), (1, 16), (4, 16), (1, 128)]
+
+# out is fp32 here, so both kernels are compared far below bf16 resolution: they differ
+# only in the summation order of fp32 dot products over 576 terms and of 300+ keys.
+CROSS_TOL = dict(rtol=2e-5, atol=2e-6)
+
+
+def _decode(isa, monkeypatch, *args, **kwargs):
+    monkeypatch.setenv("MLA_EXT_CPU_ISA", isa)
+    return mla_ext.decode(*args, **kwargs)
+
+
+@pytest.mark.parametrize("s_q, h", ROW_SHAPES)
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn])
+def test_vector_kernel_matches_scalar_kernel(s_q, h, cache_dtype, gen, monkeypatch):
+    if mla_ext.cpu_decode_kernel(cache_dtype) == "scalar":
+        pytest.skip("this CPU has no vector kernel for this dtype")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # several items per sequence, whatever the machine
+    try:
+        seqlens = [0, 1, 17, 300, 1000 if h < 128 else 400]
+        kv = make_paged_kv(seqlens, 16, gen, torch.float32, "cpu", spare_blocks=2)
+        scale = None
+        cache = kv.cache
+        q_dtype = torch.float32
+        if cache_dtype == torch.float8_e4m3fn:
+            scale = mla_ext.fp8_scale_for(torch.nan_to_num(cache, nan=0.0))
+            cache = reference.quantize_fp8(cache, scale)
+        else:
+            cache = cache.to(cache_dtype)
+            q_dtype = cache_dtype
+        q_nope, q_pe = make_query(len(seqlens), s_q, h, gen, q_dtype, "cpu")
+        # fp32 queries and outputs where the kernel allows it; bf16 / fp16 caches need q of
+        # their dtype, so compare in that dtype with the reference as the arbiter instead.
+        args = (q_nope, q_pe, cache, kv.block_table, kv.cache_seqlens)
+        kw = dict(softmax_scale=DEEPSEEK_SCALE, causal=True, return_lse=True, scale=scale)
+        out_vec, lse_vec = _decode("auto", monkeypatch, *args, **kw)
+        out_ref_kernel, lse_ref_kernel = _decode("scalar", monkeypatch, *args, **kw)
+        assert torch.isfinite(out_vec).all(), "NaN poison leaked into the output"
+        torch.testing.assert_close(lse_vec, lse_ref_kernel, **CROSS_TOL)
+        if q_dtype == torch.float32:
+            torch.testing.assert_close(out_vec, out_ref_kernel, **CROSS_TOL)
+        else:
+            # Both round an fp32 result to q's dtype; where the fp32 values straddle a
+            # rounding boundary they may differ by one unit in the last place (relative
+            # size up to 2^-7 in bf16, 2^-10 in fp16).
+            ulp = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[q_dtype]
+            torch.testing.assert_close(out_vec.float(), out_ref_kernel.float(), rtol=ulp, atol=ulp * 1e-2)
+            ref_out, _ = reference.decode(*args[:5], DEEPSEEK_SCALE, causal=True, compute_dtype=torch.float64)
+            torch.testing.assert_close(out_vec.double(), ref_out.double(), rtol=2 * ulp, atol=2 * ulp * 1e-1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="needs g++ on Linux")
+def test_avx512_kernel_logic_under_emulation():
+    """The AVX-512 BF16 kernel cannot run on an AVX2-only CPU: its logic is checked by
+    recompiling it with the AVX-512 intrinsics emulated in C and comparing it, item by item,
+    with the AVX2 kernel (benchmarks/avx512_emulation/run.sh)."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 only")
+    script = os.path.join(ROOT, "benchmarks", "avx512_emulation", "run.sh")
+    res = subprocess.run(["sh", script], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "cases agree" in res.stdout
