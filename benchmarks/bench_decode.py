@@ -114,7 +114,32 @@ def ceilings(device: str, quick: bool) -> Dict[str, float]:
         ms = time_fn(lambda: torch.matmul(a, bm), device, reps=3 if slow else 10, warmup=1)
         out[f"matmul_{tag}_gflops"] = 2 * n**3 / ms / 1e6
         out[f"matmul_{tag}_n"] = n
+    if device == "cpu":
+        out["fma_peak_gflops"] = fma_peak_gflops(torch.get_num_threads())
     return out
+
+
+def fma_peak_gflops(threads: int) -> Optional[float]:
+    """The fp32 FMA ceiling of `threads` cores (benchmarks/native/fma_peak.c), or None when
+    the CPU lacks AVX2 + FMA or no C compiler is around. No fp32 kernel can pass it; on CPUs
+    without native bf16 arithmetic it is the honest compute ceiling."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    flags = set(cpu_info()["flags"])
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags or cc is None:
+        return None
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "fma_peak.c")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "fma_peak")
+        try:
+            subprocess.run([cc, "-O2", "-pthread", src, "-o", exe], check=True, capture_output=True, timeout=120)
+            res = subprocess.run([exe, str(threads)], check=True, capture_output=True, text=True, timeout=120)
+            return float(res.stdout.strip())
+        except (subprocess.SubprocessError, OSError, ValueError):
+            return None
 
 
 # --------------------------------------------------------------------------- inputs
@@ -202,20 +227,6 @@ def cpu_info() -> Dict[str, object]:
     return info
 
 
-def cpu_kernel_name(dtype: torch.dtype, flags) -> str:
-    """The CPU kernel mla_ext picks (same rule as csrc/cpu/decode.cpp)."""
-    cap = os.environ.get("MLA_EXT_CPU_ISA", "auto") or "auto"
-    order = {"scalar": 0, "avx2": 1, "avx512bf16": 2, "auto": 2}[cap]
-    flags = set(flags)
-    avx2 = {"avx2", "fma", "f16c"} <= flags
-    if order >= 2 and avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= flags \
-            and dtype == torch.bfloat16:
-        return "avx512bf16"
-    if order >= 1 and avx2:
-        return "avx2"
-    return "scalar"
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -254,17 +265,20 @@ def main() -> int:
     if device == "cpu":
         dev_info["cpu"] = cpu_info()
         dev_info["load_before"] = os.getloadavg()
-        kernel = cpu_kernel_name(dtype, dev_info["cpu"]["flags"])
+        kernels = {"mla_ext": mla_ext.cpu_decode_kernel(dtype),
+                   "mla_ext-fp8": mla_ext.cpu_decode_kernel(torch.float8_e4m3fn)}
     else:
         dev_info["gpu"] = torch.cuda.get_device_name()
-        kernel = "cuda"
+        kernels = {"mla_ext": "cuda", "mla_ext-fp8": "cuda"}
     print(f"# device: {dev_info.get('cpu', dev_info.get('gpu'))}")
     if device == "cpu":
         print(f"# load average before: {dev_info['load_before']}")
 
     ceil = ceilings(device, args.quick)
     print(f"# ceilings: copy {ceil['copy_gbps']:.1f} GB/s, matmul bf16 {ceil['matmul_bf16_gflops']:.1f} GFLOP/s "
-          f"(n={ceil['matmul_bf16_n']}), fp32 {ceil['matmul_fp32_gflops']:.1f} GFLOP/s (n={ceil['matmul_fp32_n']})")
+          f"(n={ceil['matmul_bf16_n']}), fp32 {ceil['matmul_fp32_gflops']:.1f} GFLOP/s (n={ceil['matmul_fp32_n']})"
+          + (f", fp32 FMA peak {ceil['fma_peak_gflops']:.1f} GFLOP/s ({torch.get_num_threads()} threads)"
+             if ceil.get("fma_peak_gflops") else ""))
 
     vop = vllm_op() if device == "cpu" else None
     records: List[Dict[str, object]] = []
@@ -310,9 +324,10 @@ def main() -> int:
                    "gflops": gflops, "tflops": gflops / 1e3,
                    "pct_matmul_bf16": 100 * gflops / ceil["matmul_bf16_gflops"],
                    "pct_matmul_fp32": 100 * gflops / ceil["matmul_fp32_gflops"],
+                   "pct_fma_peak": 100 * gflops / ceil["fma_peak_gflops"] if ceil.get("fma_peak_gflops") else None,
                    "pct_copy": 100 * gbps / ceil["copy_gbps"]}
-            if impl.startswith("mla_ext"):
-                rec["kernel"] = kernel
+            if impl in kernels:
+                rec["kernel"] = kernels[impl]
             if impl == "mla_ext-fp8":
                 rec["cache_dtype"] = "fp8_e4m3"
                 rec["speedup_vs_mla_ext"] = res["mla_ext"] / ms
@@ -353,13 +368,13 @@ def main() -> int:
         dev_info["load_after"] = os.getloadavg()
 
     # ---- table
-    print(f"\n{'shape':<12} {'impl':<14} {'ms':>9} {'GFLOP/s':>8} {'GB/s':>7} {'%fp32mm':>8} {'%bf16mm':>8} "
-          f"{'%copy':>6} {'x torch':>8} {'x batched':>9} {'x vllm':>7}")
+    print(f"\n{'shape':<12} {'impl':<22} {'ms':>9} {'GFLOP/s':>8} {'GB/s':>7} {'%fma':>5} {'%fp32mm':>8} "
+          f"{'%bf16mm':>8} {'%copy':>6} {'x torch':>8} {'x batched':>9} {'x vllm':>7}")
     for r in records:
         def f(key, fmt):
-            return format(r[key], fmt) if key in r else "-"
-        print(f"{r['name']:<12} {r['impl'] + ('/' + r['kernel'] if 'kernel' in r else ''):<14} {r['ms']:>9.3f} "
-              f"{f('gflops', '.1f'):>8} {r['gbps']:>7.2f} {f('pct_matmul_fp32', '.0f'):>8} "
+            return format(r[key], fmt) if r.get(key) is not None else "-"
+        print(f"{r['name']:<12} {r['impl'] + ('/' + r['kernel'] if 'kernel' in r else ''):<22} {r['ms']:>9.3f} "
+              f"{f('gflops', '.1f'):>8} {r['gbps']:>7.2f} {f('pct_fma_peak', '.0f'):>5} {f('pct_matmul_fp32', '.0f'):>8} "
               f"{f('pct_matmul_bf16', '.0f'):>8} {f('pct_copy', '.0f'):>6} {f('speedup_vs_torch', '.1f'):>8} "
               f"{f('speedup_vs_torch-batched', '.1f'):>9} {f('speedup_vs_vllm', '.2f'):>7}"
               + (f"  ({r['speedup_vs_mla_ext']:.2f}x the 16-bit cache)" if "speedup_vs_mla_ext" in r else ""))

@@ -9,6 +9,10 @@ Their register blocks leave remainders (score blocks of 2 rows, PV blocks of 6 r
 row counts below cover every remainder, one full 64-row item and a split into row blocks.
 Every case also splits long sequences into KV chunks (two threads, several items), so the
 merge and the prefetch of each next tile run across block-table jumps.
+
+Two native checks run here too: the torch-free timing harness of the AVX2 kernels
+(benchmarks/native/cpu_item_bench.cpp, which compares their partial results) and the
+AVX-512 BF16 kernel's logic under emulated intrinsics (benchmarks/avx512_emulation).
 """
 import os
 import shutil
@@ -80,8 +84,38 @@ def test_vector_kernel_matches_scalar_kernel(s_q, h, cache_dtype, gen, monkeypat
         torch.set_num_threads(threads)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which(os.environ.get("CXX", "g++")) is None,
-                    reason="needs g++ on Linux")
+NEEDS_GXX = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs g++ on Linux"
+)
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return {"avx2", "fma", "f16c"} <= set(flags)
+
+
+@NEEDS_GXX
+@pytest.mark.skipif(not _cpu_has_avx2(), reason="needs an AVX2 + FMA + F16C CPU")
+@pytest.mark.parametrize("args", [["5", "300", "2", "--l2"], ["16", "100", "1"], ["64", "40", "1"]])
+def test_item_bench_kernels_agree(args, tmp_path):
+    """benchmarks/native/cpu_item_bench.cpp (the torch-free timing harness of the two AVX2
+    kernels) builds, runs, and finds the two kernels' partial results equal."""
+    exe = str(tmp_path / "cpu_item_bench")
+    src = os.path.join(ROOT, "benchmarks", "native", "cpu_item_bench.cpp")
+    cxx = os.environ.get("CXX", "g++")
+    subprocess.run([cxx, "-O2", "-std=c++17", "-fwrapv", "-mavx2", "-mfma", "-mf16c", "-pthread",
+                    "-I" + os.path.join(ROOT, "csrc", "cpu"), "-I" + os.path.join(ROOT, "csrc"), src, "-o", exe],
+                   check=True, capture_output=True, timeout=300)
+    res = subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "max difference between the kernels" in res.stdout
+
+
+@NEEDS_GXX
 def test_avx512_kernel_logic_under_emulation():
     """The AVX-512 BF16 kernel cannot run on an AVX2-only CPU: its logic is checked by
     recompiling it with the AVX-512 intrinsics emulated in C and comparing it, item by item,
