@@ -71,8 +71,11 @@ fi
 if [ $BUILD_OK = 1 ]; then
   stage tests 230 "$OUT/tests.log" "$PY" -m pytest -q --maxfail=30 -p no:cacheprovider -o addopts="" \
     --junitxml="$WORK/junit.xml" tests/test_cuda.py
-  # The rest of the suite (CPU + anything else that uses the GPU), if time allows.
-  others=$(ls tests/test_*.py 2>/dev/null | grep -v "tests/test_cuda.py" || true)
+  # The rest of the suite (its tests run on CPU and CUDA), if time allows. The CPU-only
+  # native checks (kernel cross-checks, emulations: they build C++ and never touch the GPU)
+  # run in CI instead.
+  others=$(ls tests/test_*.py 2>/dev/null \
+    | grep -v -e "tests/test_cuda.py" -e "tests/test_cpu_kernels.py" -e "tests/test_tc_emulation.py" || true)
   if [ -n "$others" ] && [ "$(remaining)" -gt 200 ]; then
     stage tests_rest 60 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
       --junitxml="$WORK/junit_rest.xml" $others

@@ -58,12 +58,13 @@ const DecodeIsa* pick_isa(DType dtype) {
   return decode_isa_scalar();
 }
 
-// A per-thread buffer that is kept between calls and only ever grows. Why: a fresh
-// allocation of the partials (256 KiB for cpu-small, 1 MiB for h = 128) or of a thread's
-// scratch is a fresh mmap, and touching it page-faults on every decode step (measured:
-// several percent of a step). Decode steps repeat the same shapes, so the buffers settle.
+// A per-thread buffer kept between calls. Why: a fresh allocation of the partials (256 KiB
+// for cpu-small, 1 MiB for h = 128) or of a thread's scratch is a fresh mmap whose pages
+// fault in again on every decode step. Decode steps repeat the same shapes, so the buffers
+// settle; one that grew past kKeepBytes (a one-off huge batch) is freed after its call.
 class Workspace {
  public:
+  static constexpr size_t kKeepBytes = size_t(64) << 20;
   void* get(size_t bytes) {
     if (bytes > capacity_) {
       release();
@@ -71,6 +72,9 @@ class Workspace {
       capacity_ = bytes;
     }
     return data_;
+  }
+  void trim() {
+    if (capacity_ > kKeepBytes) release();
   }
   ~Workspace() { release(); }
 
@@ -200,6 +204,7 @@ void run(const DecodeParams& p, const DecodeIsa& isa) {
     std::vector<float> merged(kLatentDim);
     for (int64_t g = g0; g < g1; ++g) merge_group<QT>(p, plan, g, acc, mx, sm, merged.data());
   });
+  tls_partials.trim();
 }
 
 }  // namespace
