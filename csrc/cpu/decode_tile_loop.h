@@ -52,12 +52,24 @@
 struct Prefetcher {
   static constexpr int kLinesPerStep = MLA_PF_LINES;
   const char* rows[kKeyTile];
-  int lines_per_row = 0;
-  int total = 0;  // lines still wanted = rows * lines_per_row
-  int done = 0;
-  void step() {
-    for (int i = 0; i < kLinesPerStep && done < total; ++i, ++done)
-      __builtin_prefetch(rows[done / lines_per_row] + 64 * (done % lines_per_row), 0, 3);
+  int num_rows = 0;   // rows of the next tile
+  int row_bytes = 0;  // bytes of one cache row (a multiple of 64: 576 x 1, 2 or 4)
+  int row = 0;        // where the next prefetch goes: rows[row] + offset
+  int offset = 0;
+  void start(int n) {
+    num_rows = n;
+    row = 0;
+    offset = 0;
+  }
+  void step() {  // counters, not a division per line: this runs ~100 times per tile
+    for (int i = 0; i < kLinesPerStep && row < num_rows; ++i) {
+      __builtin_prefetch(rows[row] + offset, 0, 3);
+      offset += 64;
+      if (offset == row_bytes) {
+        offset = 0;
+        ++row;
+      }
+    }
   }
 };
 
@@ -78,7 +90,7 @@ inline size_t align64(size_t x) { return (x + 63) & ~static_cast<size_t>(63); }
 
 // Byte offsets of the per-thread scratch areas (each 64-byte aligned).
 struct ScratchLayout {
-  size_t q, kbuf, s, p, corr, limit, raw, kf, zero, total;
+  size_t q, kbuf, s, p, corr, run_max, run_sum, limit, raw, kf, zero, total;
   ScratchLayout(int32_t rows, size_t q_row_bytes) {
     size_t o = 0;
     q = o;     o = align64(o + static_cast<size_t>(rows) * q_row_bytes);
@@ -86,6 +98,8 @@ struct ScratchLayout {
     s = o;     o = align64(o + sizeof(float) * static_cast<size_t>(rows) * kScoreStride);
     p = o;     o = align64(o + sizeof(float) * static_cast<size_t>(rows) * kScoreStride);
     corr = o;  o = align64(o + sizeof(float) * static_cast<size_t>(rows));
+    run_max = o; o = align64(o + sizeof(float) * static_cast<size_t>(rows));
+    run_sum = o; o = align64(o + sizeof(float) * static_cast<size_t>(rows));
     limit = o; o = align64(o + sizeof(int32_t) * static_cast<size_t>(rows));
     raw = o;   o = align64(o + sizeof(void*) * kPtrSlots);
     kf = o;    o = align64(o + sizeof(void*) * kPtrSlots);
@@ -112,11 +126,16 @@ void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, 
   float* s = reinterpret_cast<float*>(base + lay.s);
   float* pr = reinterpret_cast<float*>(base + lay.p);
   float* corr = reinterpret_cast<float*>(base + lay.corr);
+  // The running max / sum stay in this thread's scratch until the item ends: the partials
+  // of items on other threads may share their cache lines.
+  float* run_max = reinterpret_cast<float*>(base + lay.run_max);
+  float* run_sum = reinterpret_cast<float*>(base + lay.run_sum);
   int32_t* limit = reinterpret_cast<int32_t*>(base + lay.limit);
   const T** raw = reinterpret_cast<const T**>(base + lay.raw);
   const TileT** kf = reinterpret_cast<const TileT**>(base + lay.kf);
   Prefetcher pf;
-  pf.lines_per_row = static_cast<int>((kHeadDim * sizeof(T) + 63) / 64);
+  pf.row_bytes = static_cast<int>(kHeadDim * sizeof(T));
+  static_assert(kHeadDim * sizeof(T) % 64 == 0, "cache rows are whole 64-byte lines");
   float* zero = reinterpret_cast<float*>(base + lay.zero);
   for (int d = 0; d < kHeadDim; ++d) zero[d] = 0.f;  // all-zero bits: a zero row in every dtype
 
@@ -129,8 +148,8 @@ void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, 
     limit[r] = visible_keys(len, p.seqlen_q, (it.row_begin + r) / p.num_heads, p.causal);
   for (int64_t i = 0; i < static_cast<int64_t>(rows) * kLatentDim; ++i) out.acc[i] = 0.f;
   for (int32_t r = 0; r < rows; ++r) {
-    out.max[r] = -__builtin_inff();
-    out.sum[r] = 0.f;
+    run_max[r] = -__builtin_inff();
+    run_sum[r] = 0.f;
   }
 
   const T* cache = static_cast<const T*>(p.cache);
@@ -141,20 +160,31 @@ void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, 
     kf[i] = reinterpret_cast<const TileT*>(zero);
   }
 
-  const auto row_ptr = [&](int32_t key) {
-    const int64_t block = table[key / bs];
-    return cache + block * p.cache_block_stride + static_cast<int64_t>(key % bs) * p.cache_token_stride;
+  // Cache rows of consecutive keys, walked with a (block, offset) cursor: no division per
+  // key. Only blocks holding keys < key_end <= len are looked up.
+  int64_t cursor_block = it.key_begin / bs;
+  int32_t cursor_offset = it.key_begin % bs;
+  const auto next_row = [&]() {
+    const T* row = cache + static_cast<int64_t>(table[cursor_block]) * p.cache_block_stride +
+                   static_cast<int64_t>(cursor_offset) * p.cache_token_stride;
+    if (++cursor_offset == bs) {
+      cursor_offset = 0;
+      ++cursor_block;
+    }
+    return row;
   };
+  // pf.rows always holds the rows of the tile after the current one.
+  const int first_n = it.key_end - it.key_begin < kKeyTile ? it.key_end - it.key_begin : kKeyTile;
+  for (int i = 0; i < first_n; ++i) pf.rows[i] = reinterpret_cast<const char*>(next_row());
 
   for (int32_t t0 = it.key_begin; t0 < it.key_end; t0 += kKeyTile) {
     const int n = it.key_end - t0 < kKeyTile ? it.key_end - t0 : kKeyTile;
-    for (int i = 0; i < n; ++i) raw[i] = row_ptr(t0 + i);
+    for (int i = 0; i < n; ++i) raw[i] = reinterpret_cast<const T*>(pf.rows[i]);
     for (int i = n; i < kKeyTile; ++i) raw[i] = reinterpret_cast<const T*>(zero);
-    int next_rows = 0;
-    for (int32_t key = t0 + kKeyTile; key < it.key_end && next_rows < kKeyTile; ++key)
-      pf.rows[next_rows++] = reinterpret_cast<const char*>(row_ptr(key));
-    pf.total = next_rows * pf.lines_per_row;
-    pf.done = 0;
+    const int32_t after = it.key_end - t0 - n;
+    const int next_n = after < kKeyTile ? after : kKeyTile;
+    for (int i = 0; i < next_n; ++i) pf.rows[i] = reinterpret_cast<const char*>(next_row());
+    pf.start(next_n);
 
     K::template prepare_tile<CT>(raw, n, kbuf, zero, kf);
 
@@ -162,9 +192,13 @@ void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, 
     for (int32_t r = 0; r < rows; ++r) {
       int32_t visible = limit[r] - t0;
       visible = visible < 0 ? 0 : (visible > n ? n : visible);
-      K::softmax_row(s + r * kScoreStride, visible, out.max + r, out.sum + r, pr + r * kScoreStride, corr + r);
+      K::softmax_row(s + r * kScoreStride, visible, run_max + r, run_sum + r, pr + r * kScoreStride, corr + r);
     }
     K::pv(pr, corr, kf, n, rows, out.acc, pf);
   }
   K::template finish<CT>(out.acc, rows);
+  for (int32_t r = 0; r < rows; ++r) {
+    out.max[r] = run_max[r];
+    out.sum[r] = run_sum[r];
+  }
 }
