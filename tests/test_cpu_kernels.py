@@ -29,12 +29,20 @@ from conftest import DEEPSEEK_SCALE, make_paged_kv, make_query
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (s_q, h): query rows per sequence = s_q * h.
+# (s_q, h): query rows per sequence = s_q * h, at block size 16; then other block sizes
+# (the row cursor crosses a block boundary inside a tile) for a few row counts.
 ROW_SHAPES = [(1, 1), (1, 2), (1, 3), (1, 5), (1, 7), (1, 11), (2, 3), (1, 13), (1, 16), (4, 16), (1, 128)]
+CASES = [(s_q, h, 16) for s_q, h in ROW_SHAPES] + [
+    (s_q, h, bs) for bs in (1, 7, 48) for s_q, h in [(1, 3), (2, 7), (1, 16)]
+]
+CACHE_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn]
 
 # out is fp32 here, so both kernels are compared far below bf16 resolution: they differ
 # only in the summation order of fp32 dot products over 576 terms and of 300+ keys.
 CROSS_TOL = dict(rtol=2e-5, atol=2e-6)
+# fp32 output against the float64 reference on the same (exactly representable) inputs:
+# fp32 accumulation over 576-term dot products and ~1000 keys.
+REF_TOL_FP32 = dict(rtol=1e-4, atol=1e-5)
 
 
 def _decode(isa, monkeypatch, *args, **kwargs):
@@ -42,16 +50,23 @@ def _decode(isa, monkeypatch, *args, **kwargs):
     return mla_ext.decode(*args, **kwargs)
 
 
-@pytest.mark.parametrize("s_q, h", ROW_SHAPES)
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn])
-def test_vector_kernel_matches_scalar_kernel(s_q, h, cache_dtype, gen, monkeypatch):
-    if mla_ext.cpu_decode_kernel(cache_dtype) == "scalar":
+@pytest.mark.parametrize("s_q, h, block_size", CASES)
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+@pytest.mark.parametrize("isa", ["avx2", "auto"])
+def test_vector_kernel_matches_scalar_kernel(isa, s_q, h, block_size, cache_dtype, gen, monkeypatch):
+    monkeypatch.setenv("MLA_EXT_CPU_ISA", isa)
+    kernel = mla_ext.cpu_decode_kernel(cache_dtype)
+    if kernel == "scalar":
         pytest.skip("this CPU has no vector kernel for this dtype")
+    if isa == "auto":
+        monkeypatch.setenv("MLA_EXT_CPU_ISA", "avx2")
+        if mla_ext.cpu_decode_kernel(cache_dtype) == kernel:
+            pytest.skip(f"auto picks {kernel} here, already covered by isa=avx2")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # several items per sequence, whatever the machine
     try:
         seqlens = [0, 1, 17, 300, 1000 if h < 128 else 400]
-        kv = make_paged_kv(seqlens, 16, gen, torch.float32, "cpu", spare_blocks=2)
+        kv = make_paged_kv(seqlens, block_size, gen, torch.float32, "cpu", spare_blocks=2)
         scale = None
         cache = kv.cache
         q_dtype = torch.float32
@@ -66,19 +81,22 @@ def test_vector_kernel_matches_scalar_kernel(s_q, h, cache_dtype, gen, monkeypat
         # their dtype, so compare in that dtype with the reference as the arbiter instead.
         args = (q_nope, q_pe, cache, kv.block_table, kv.cache_seqlens)
         kw = dict(softmax_scale=DEEPSEEK_SCALE, causal=True, return_lse=True, scale=scale)
-        out_vec, lse_vec = _decode("auto", monkeypatch, *args, **kw)
+        out_vec, lse_vec = _decode(isa, monkeypatch, *args, **kw)
         out_ref_kernel, lse_ref_kernel = _decode("scalar", monkeypatch, *args, **kw)
+        ref_out, ref_lse = reference.decode(*args, DEEPSEEK_SCALE, causal=True, compute_dtype=torch.float64,
+                                            scale=scale)
         assert torch.isfinite(out_vec).all(), "NaN poison leaked into the output"
         torch.testing.assert_close(lse_vec, lse_ref_kernel, **CROSS_TOL)
+        torch.testing.assert_close(lse_vec.double(), ref_lse.double(), **REF_TOL_FP32)
         if q_dtype == torch.float32:
             torch.testing.assert_close(out_vec, out_ref_kernel, **CROSS_TOL)
+            torch.testing.assert_close(out_vec.double(), ref_out.double(), **REF_TOL_FP32)
         else:
             # Both round an fp32 result to q's dtype; where the fp32 values straddle a
             # rounding boundary they may differ by one unit in the last place (relative
             # size up to 2^-7 in bf16, 2^-10 in fp16).
             ulp = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[q_dtype]
             torch.testing.assert_close(out_vec.float(), out_ref_kernel.float(), rtol=ulp, atol=ulp * 1e-2)
-            ref_out, _ = reference.decode(*args[:5], DEEPSEEK_SCALE, causal=True, compute_dtype=torch.float64)
             torch.testing.assert_close(out_vec.double(), ref_out.double(), rtol=2 * ulp, atol=2 * ulp * 1e-1)
     finally:
         torch.set_num_threads(threads)

@@ -245,6 +245,9 @@ struct Kernel {
   static void finish(float* acc, int rows) {
     avx2_bf16::finish(acc, rows);
   }
+  static int prefetch_steps(int rows) {  // one per score block and per PV block
+    return (rows + kScoreRB - 1) / kScoreRB * (kKeyTile / kScoreKB) + (rows + kPvRB - 1) / kPvRB * (kLatentDim / kGroup);
+  }
 };
 
 }  // namespace avx2_bf16

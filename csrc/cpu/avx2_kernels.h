@@ -302,6 +302,10 @@ struct Kernel {
   using TileT = float;
   template <class CT>
   static void finish(float*, int) {}  // acc columns are already in natural order
+  static int prefetch_steps(int rows) {  // one per score block and per PV block
+    return (rows + kScoreRB - 1) / kScoreRB * (kKeyTile / kScoreKB) +
+           (rows + kPvRB - 1) / kPvRB * (kLatentDim / (8 * kPvW));
+  }
   template <class CT>
   static void load_q(const DecodeParams& p, int32_t seq, int32_t r0, int32_t rows, float s2scale, float* q) {
     avx2::load_q<CT>(p, seq, r0, rows, s2scale, q);

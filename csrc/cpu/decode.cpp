@@ -182,6 +182,9 @@ void run(const DecodeParams& p, const DecodeIsa& isa) {
   // Partials of every item (not zero-filled: each item initialises its own rows):
   // acc [partial_rows, 512], then max [partial_rows] and sum [partial_rows].
   const size_t n_rows = static_cast<size_t>(std::max<int64_t>(partial_rows, 1));
+  struct TrimOnExit {
+    ~TrimOnExit() { tls_partials.trim(); }
+  } trim_on_exit;
   float* const acc = static_cast<float*>(tls_partials.get(sizeof(float) * n_rows * (kLatentDim + 2)));
   float* const mx = acc + n_rows * kLatentDim;
   float* const sm = mx + n_rows;
@@ -204,7 +207,6 @@ void run(const DecodeParams& p, const DecodeIsa& isa) {
     std::vector<float> merged(kLatentDim);
     for (int64_t g = g0; g < g1; ++g) merge_group<QT>(p, plan, g, acc, mx, sm, merged.data());
   });
-  tls_partials.trim();
 }
 
 }  // namespace

@@ -40,6 +40,7 @@ struct Kernel {
   using TileT = float;
   template <class CT>
   static void finish(float*, int) {}  // acc columns are already in natural order
+  static int prefetch_steps(int) { return 0; }  // never steps: memory is left to the hardware
 
   template <class CT>
   static void load_q(const DecodeParams& p, int32_t seq, int32_t r0, int32_t rows, float s2scale, float* q) {

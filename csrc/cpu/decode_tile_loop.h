@@ -32,12 +32,10 @@
 //                  float* acc, Prefetcher& pf);
 //   template <class CT> static void finish(float* acc, int rows);   after the last tile (a
 //                                                      kernel may keep acc's columns permuted)
+//   static int prefetch_steps(int rows);               pf.step() calls per tile (0: none)
 // scores / pv call pf.step() once per register block, which spreads the prefetches of the
 // next tile's rows over the current tile's compute.
 
-#ifndef MLA_PF_LINES
-#define MLA_PF_LINES 3
-#endif
 
 // Fully unroll a micro-kernel's constant-trip loops early, so that its accumulator arrays
 // live in registers. Without it, under -fwrapv (part of Python's CFLAGS and therefore of
@@ -49,20 +47,26 @@
 // four rows at a time, which the hardware prefetcher does not run ahead of, and issuing a
 // whole tile's 288 lines (bf16) at once fills the miss buffers and stalls the core. A few
 // lines per register block keeps a steady trickle of requests under a tile of compute.
+// The kernel says how many steps a tile takes (K::prefetch_steps(rows)); the lines are
+// spread so that they are all requested by about three quarters of the tile (h = 16, bf16:
+// 3 lines per step). A kernel that never steps (the portable one) returns 0: no prefetch.
 struct Prefetcher {
-  static constexpr int kLinesPerStep = MLA_PF_LINES;
   const char* rows[kKeyTile];
   int num_rows = 0;   // rows of the next tile
   int row_bytes = 0;  // bytes of one cache row (a multiple of 64: 576 x 1, 2 or 4)
+  int per_step = 0;   // lines per step
   int row = 0;        // where the next prefetch goes: rows[row] + offset
   int offset = 0;
-  void start(int n) {
-    num_rows = n;
+  void start(int n, int steps) {
+    num_rows = steps > 0 ? n : 0;
+    const int lines = num_rows * (row_bytes / 64);
+    const int budget = steps - steps / 4;  // steps in the first three quarters of the tile
+    per_step = budget > 0 ? (lines + budget - 1) / budget : 0;
     row = 0;
     offset = 0;
   }
   void step() {  // counters, not a division per line: this runs ~100 times per tile
-    for (int i = 0; i < kLinesPerStep && row < num_rows; ++i) {
+    for (int i = 0; i < per_step && row < num_rows; ++i) {
       __builtin_prefetch(rows[row] + offset, 0, 3);
       offset += 64;
       if (offset == row_bytes) {
@@ -184,7 +188,7 @@ void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, 
     const int32_t after = it.key_end - t0 - n;
     const int next_n = after < kKeyTile ? after : kKeyTile;
     for (int i = 0; i < next_n; ++i) pf.rows[i] = reinterpret_cast<const char*>(next_row());
-    pf.start(next_n);
+    pf.start(next_n, K::prefetch_steps(rows));
 
     K::template prepare_tile<CT>(raw, n, kbuf, zero, kf);
 
