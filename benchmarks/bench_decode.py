@@ -380,6 +380,10 @@ def main() -> int:
               + (f"  ({r['speedup_vs_mla_ext']:.2f}x the 16-bit cache)" if "speedup_vs_mla_ext" in r else ""))
     if device == "cpu":
         print(f"# load average after: {dev_info['load_after']}")
+        over = [r for r in records if (r.get("pct_fma_peak") or 0) > 100]
+        if over:
+            print("# WARNING: a kernel ran above the measured FMA peak: that ceiling was measured while the "
+                  "host took a core away; rerun before quoting %fma")
         if vop is None:
             print("# vllm: not installed (optional); no vLLM column")
 

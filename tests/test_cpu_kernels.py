@@ -10,8 +10,9 @@ row counts below cover every remainder, one full 64-row item and a split into ro
 Every case also splits long sequences into KV chunks (two threads, several items), so the
 merge and the prefetch of each next tile run across block-table jumps.
 
-Two native checks run here too: the torch-free timing harness of the AVX2 kernels
-(benchmarks/native/cpu_item_bench.cpp, which compares their partial results) and the
+Three native checks run here too: the torch-free timing harness of the AVX2 kernels
+(benchmarks/native/cpu_item_bench.cpp, which compares their partial results), every e4m3
+code through the fp8 -> bf16 tile widening (tests/native/fp8_widen_check.cpp), and the
 AVX-512 BF16 kernel's logic under emulated intrinsics (benchmarks/avx512_emulation).
 """
 import os
@@ -131,6 +132,20 @@ def test_item_bench_kernels_agree(args, tmp_path):
     res = subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "max difference between the kernels" in res.stdout
+
+
+@NEEDS_GXX
+@pytest.mark.skipif(not _cpu_has_avx2(), reason="needs an AVX2 + FMA + F16C CPU")
+def test_fp8_tile_widening_every_code(tmp_path):
+    """All 256 e4m3fn codes through the avx2-bf16 kernel's fp8 -> bf16 widening, bit for bit
+    against the fp16 route (tests/native/fp8_widen_check.cpp)."""
+    exe = str(tmp_path / "fp8_widen_check")
+    cxx = os.environ.get("CXX", "g++")
+    subprocess.run([cxx, "-O2", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-I" + os.path.join(ROOT, "csrc", "cpu"),
+                    "-I" + os.path.join(ROOT, "csrc"), os.path.join(ROOT, "tests", "native", "fp8_widen_check.cpp"),
+                    "-o", exe], check=True, capture_output=True, timeout=300)
+    res = subprocess.run([exe], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "PASS" in res.stdout, res.stdout
 
 
 @NEEDS_GXX

@@ -57,6 +57,31 @@ void load_q(const DecodeParams& p, int32_t seq, int32_t row_begin, int32_t rows,
   }
 }
 
+// 16 e4m3fn codes -> the bf16 bits of (value / 256), exactly (see kFp8TileScale), with
+// integer ops only. Code = sign | e (4 bits) | m (3 bits), magnitude = code & 0x7f:
+//   e > 0 : 2^(e-7) (1 + m/8) / 256 -> bf16 exponent e - 15 + 127, mantissa m in its top
+//           3 bits: bits = (magnitude << 4) + (112 << 7);
+//   e = 0 : m 2^-9 / 256 = m 2^-17, a normal bf16: 8 values, looked up with vpshufb;
+//   0x7f  : NaN.
+inline __m256i fp8x16_to_bf16(const uint8_t* src) {
+  const __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  const __m256i mag = _mm256_and_si256(x, _mm256_set1_epi16(0x7f));
+  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(x, _mm256_set1_epi16(0x80)), 8);
+  const __m256i normal = _mm256_add_epi16(_mm256_slli_epi16(mag, 4), _mm256_set1_epi16(112 << 7));
+  // bf16 of m 2^-17 for m = 0..7, split in low and high bytes (vpshufb looks up bytes; the
+  // zero high byte of each 16-bit index picks entry 0 = 0 for the other half).
+  const __m256i lut_lo = _mm256_setr_epi8(0x00, 0x00, static_cast<char>(0x80), static_cast<char>(0xc0), 0x00, 0x20,
+                                          0x40, 0x60, 0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x00, static_cast<char>(0x80),
+                                          static_cast<char>(0xc0), 0x00, 0x20, 0x40, 0x60, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m256i lut_hi = _mm256_setr_epi8(0x00, 0x37, 0x37, 0x37, 0x38, 0x38, 0x38, 0x38, 0, 0, 0, 0, 0, 0, 0, 0,
+                                          0x00, 0x37, 0x37, 0x37, 0x38, 0x38, 0x38, 0x38, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m256i sub = _mm256_or_si256(_mm256_shuffle_epi8(lut_lo, mag),
+                                      _mm256_slli_epi16(_mm256_shuffle_epi8(lut_hi, mag), 8));
+  __m256i r = _mm256_blendv_epi8(normal, sub, _mm256_cmpgt_epi16(_mm256_set1_epi16(8), mag));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi16(0x7fc0), _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7f)));
+  return _mm256_or_si256(r, sign);
+}
+
 // bf16 rows are used in place; fp8 rows are widened to bf16 into kbuf ([16, 576] bf16).
 template <class CT>
 void prepare_tile(const typename CT::T* const* raw, int n, float* kbuf, const float* zero, const uint16_t** kb) {
@@ -67,14 +92,8 @@ void prepare_tile(const typename CT::T* const* raw, int n, float* kbuf, const fl
     uint16_t* buf = reinterpret_cast<uint16_t*>(kbuf);
     for (int i = 0; i < n; ++i) {
       uint16_t* dst = buf + i * kHeadDim;
-      for (int d = 0; d < kHeadDim; d += 16) {
-        // value / 256 in fp32 (exact), then its high 16 bits = the same value in bf16 (exact).
-        const __m256i lo = _mm256_srli_epi32(_mm256_castps_si256(avx2::load8_fp8(raw[i] + d)), 16);
-        const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(avx2::load8_fp8(raw[i] + d + 8)), 16);
-        // packus interleaves 128-bit lanes: [lo0-3 hi0-3 | lo4-7 hi4-7] -> reorder the 64-bit quarters.
-        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xd8);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), packed);
-      }
+      for (int d = 0; d < kHeadDim; d += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), fp8x16_to_bf16(raw[i] + d));
       kb[i] = dst;
     }
     for (int i = n; i < kKeyTile; ++i) kb[i] = reinterpret_cast<const uint16_t*>(zero);
