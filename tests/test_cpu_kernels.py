@@ -109,12 +109,24 @@ NEEDS_GXX = pytest.mark.skipif(
 
 
 def _cpu_has_avx2() -> bool:
+    """The library's own answer (cpuid + OS state): is the AVX2 kernel available here?"""
+    old = os.environ.get("MLA_EXT_CPU_ISA")
+    os.environ["MLA_EXT_CPU_ISA"] = "avx2"
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return {"avx2", "fma", "f16c"} <= set(flags)
+        return mla_ext.cpu_decode_kernel(torch.float16) == "avx2"
+    finally:
+        if old is None:
+            del os.environ["MLA_EXT_CPU_ISA"]
+        else:
+            os.environ["MLA_EXT_CPU_ISA"] = old
+
+
+def _build_native(src: str, exe: str) -> None:
+    """Compile a torch-free C++ check against csrc/cpu for AVX2 (+ -fwrapv, like torch builds)."""
+    cxx = os.environ.get("CXX", "g++")
+    subprocess.run([cxx, "-O2", "-std=c++17", "-fwrapv", "-mavx2", "-mfma", "-mf16c", "-pthread",
+                    "-I" + os.path.join(ROOT, "csrc", "cpu"), "-I" + os.path.join(ROOT, "csrc"),
+                    os.path.join(ROOT, src), "-o", exe], check=True, capture_output=True, timeout=300)
 
 
 @NEEDS_GXX
@@ -124,11 +136,7 @@ def test_item_bench_kernels_agree(args, tmp_path):
     """benchmarks/native/cpu_item_bench.cpp (the torch-free timing harness of the two AVX2
     kernels) builds, runs, and finds the two kernels' partial results equal."""
     exe = str(tmp_path / "cpu_item_bench")
-    src = os.path.join(ROOT, "benchmarks", "native", "cpu_item_bench.cpp")
-    cxx = os.environ.get("CXX", "g++")
-    subprocess.run([cxx, "-O2", "-std=c++17", "-fwrapv", "-mavx2", "-mfma", "-mf16c", "-pthread",
-                    "-I" + os.path.join(ROOT, "csrc", "cpu"), "-I" + os.path.join(ROOT, "csrc"), src, "-o", exe],
-                   check=True, capture_output=True, timeout=300)
+    _build_native(os.path.join("benchmarks", "native", "cpu_item_bench.cpp"), exe)
     res = subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "max difference between the kernels" in res.stdout
@@ -138,12 +146,9 @@ def test_item_bench_kernels_agree(args, tmp_path):
 @pytest.mark.skipif(not _cpu_has_avx2(), reason="needs an AVX2 + FMA + F16C CPU")
 def test_fp8_tile_widening_every_code(tmp_path):
     """All 256 e4m3fn codes through the avx2-bf16 kernel's fp8 -> bf16 widening, bit for bit
-    against the fp16 route (tests/native/fp8_widen_check.cpp)."""
+    against the library's e4m3 decoding table (tests/native/fp8_widen_check.cpp)."""
     exe = str(tmp_path / "fp8_widen_check")
-    cxx = os.environ.get("CXX", "g++")
-    subprocess.run([cxx, "-O2", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-I" + os.path.join(ROOT, "csrc", "cpu"),
-                    "-I" + os.path.join(ROOT, "csrc"), os.path.join(ROOT, "tests", "native", "fp8_widen_check.cpp"),
-                    "-o", exe], check=True, capture_output=True, timeout=300)
+    _build_native(os.path.join("tests", "native", "fp8_widen_check.cpp"), exe)
     res = subprocess.run([exe], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "PASS" in res.stdout, res.stdout
 

@@ -11,8 +11,9 @@
 // and avx2 (tiles widened to fp32), both through the same tile loop as the library
 // (decode_tile_loop.h, compiled here with -fwrapv like every torch extension).
 // Output: best-of-30 ms, GFLOP/s and % of one core's FMA peak given as MLA_FMA_PEAK
-// (GFLOP/s per core, e.g. from benchmarks/native/fma_peak.c), and the largest difference
-// between the two kernels' partial results (they differ only in summation order).
+// (GFLOP/s per core, e.g. from benchmarks/native/fma_peak.c), the speed ratio of the two
+// kernels (same run, same inputs), and the largest difference between their partial
+// results (they differ only in summation order).
 // It exits non-zero when they disagree, so it doubles as a test (tests/test_cpu_kernels.py).
 #include <immintrin.h>
 
@@ -148,6 +149,7 @@ int main(int argc, char** argv) {
     if (peak > 0) std::printf("  %.0f%% of FMA peak", 100.0 * gflops / (peak * threads));
     std::printf("\n");
   }
+  std::printf("avx2_bf16 / avx2 speed: %.2fx\n", results[1].ms / results[0].ms);
   // Partials agree: same max (the max of the same fp32 scores up to summation order), and
   // acc / sum relative to the row's sum.
   double worst = 0.0;

@@ -35,7 +35,6 @@ constexpr int kScoreKB = MLA_BF16_SCORE_KB;
 constexpr int kPvRB = MLA_BF16_PV_RB;        // 2*RB accumulators + raw / even / odd + 1 broadcast
 constexpr int kGroup = 16;                   // columns per de-interleaved group (one 32-byte bf16 load)
 static_assert(kKeyTile % kScoreKB == 0, "key blocks must divide the tile");
-static_assert(kScoreRB <= 4 && kPvRB <= 8, "remainder switches below");
 
 inline __m256 even_lanes(__m256i x) { return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)); }
 inline __m256 odd_lanes(__m256i x, __m256i high_mask) { return _mm256_castsi256_ps(_mm256_and_si256(x, high_mask)); }
@@ -152,14 +151,9 @@ inline void score_rows(const float* q, const uint16_t* const* kb, float* s, Pref
 template <class CT>
 void scores(const float* q, int rows, const typename CT::T* const* /*raw*/, const uint16_t* const* kb,
             float /*s2scale: folded into q*/, float* s, Prefetcher& pf) {
-  int r = 0;
-  for (; r + kScoreRB <= rows; r += kScoreRB) score_rows<kScoreRB>(q + r * kHeadDim, kb, s + r * kScoreStride, pf);
-  switch (rows - r) {
-    case 3: if constexpr (kScoreRB > 3) score_rows<3>(q + r * kHeadDim, kb, s + r * kScoreStride, pf); break;
-    case 2: if constexpr (kScoreRB > 2) score_rows<2>(q + r * kHeadDim, kb, s + r * kScoreStride, pf); break;
-    case 1: if constexpr (kScoreRB > 1) score_rows<1>(q + r * kHeadDim, kb, s + r * kScoreStride, pf); break;
-    default: break;
-  }
+  for_row_blocks<kScoreRB>(rows, [&](auto rb, int r) {
+    score_rows<decltype(rb)::value>(q + r * kHeadDim, kb, s + r * kScoreStride, pf);
+  });
 }
 
 // acc[i][c0 .. c0 + 16) = corr_i * acc + sum_t p[i][t] * v_t[c0 ..] for RB rows, with the
@@ -204,21 +198,9 @@ inline void pv_rows(const float* p, const float* corr, const uint16_t* const* vb
 
 inline void pv(const float* p, const float* corr, const uint16_t* const* vb, int n, int rows, float* acc,
                Prefetcher& pf) {
-  int r = 0;
-  for (; r + kPvRB <= rows; r += kPvRB)
-    pv_rows<kPvRB>(p + r * kScoreStride, corr + r, vb, n, acc + static_cast<int64_t>(r) * kLatentDim, pf);
-  const float* pr = p + r * kScoreStride;
-  float* ar = acc + static_cast<int64_t>(r) * kLatentDim;
-  switch (rows - r) {
-    case 7: if constexpr (kPvRB > 7) pv_rows<7>(pr, corr + r, vb, n, ar, pf); break;
-    case 6: if constexpr (kPvRB > 6) pv_rows<6>(pr, corr + r, vb, n, ar, pf); break;
-    case 5: if constexpr (kPvRB > 5) pv_rows<5>(pr, corr + r, vb, n, ar, pf); break;
-    case 4: if constexpr (kPvRB > 4) pv_rows<4>(pr, corr + r, vb, n, ar, pf); break;
-    case 3: if constexpr (kPvRB > 3) pv_rows<3>(pr, corr + r, vb, n, ar, pf); break;
-    case 2: if constexpr (kPvRB > 2) pv_rows<2>(pr, corr + r, vb, n, ar, pf); break;
-    case 1: if constexpr (kPvRB > 1) pv_rows<1>(pr, corr + r, vb, n, ar, pf); break;
-    default: break;
-  }
+  for_row_blocks<kPvRB>(rows, [&](auto rb, int r) {
+    pv_rows<decltype(rb)::value>(p + r * kScoreStride, corr + r, vb, n, acc + static_cast<int64_t>(r) * kLatentDim, pf);
+  });
 }
 
 // The accumulators back in natural column order: per 16 columns [e0..e7 | o0..o7] ->
@@ -264,9 +246,7 @@ struct Kernel {
   static void finish(float* acc, int rows) {
     avx2_bf16::finish(acc, rows);
   }
-  static int prefetch_steps(int rows) {  // one per score block and per PV block
-    return (rows + kScoreRB - 1) / kScoreRB * (kKeyTile / kScoreKB) + (rows + kPvRB - 1) / kPvRB * (kLatentDim / kGroup);
-  }
+  static int prefetch_steps(int rows) { return register_block_steps(rows, kScoreRB, kScoreKB, kPvRB, kGroup); }
 };
 
 }  // namespace avx2_bf16

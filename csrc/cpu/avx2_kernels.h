@@ -43,23 +43,15 @@ inline __m256 load8_bf16(const uint16_t* src) {
 inline __m256 load8_f16(const uint16_t* src) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
 }
-// 8 e4m3fn codes -> their values / 256 (kFp8TileScale): the code's 7 magnitude bits
-// shifted into an fp16 (exponent bias 15 vs 7), the sign moved to bit 15, then F16C.
-// The NaN codes (0x7f, 0xff) become fp16 NaN.
-inline __m256 load8_fp8(const uint8_t* src) {
-  const __m128i x = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
-  const __m128i mag = _mm_and_si128(x, _mm_set1_epi16(0x7f));
-  const __m128i sign = _mm_slli_epi16(_mm_and_si128(x, _mm_set1_epi16(0x80)), 8);
-  __m128i h = _mm_or_si128(sign, _mm_slli_epi16(mag, 7));
-  h = _mm_blendv_epi8(h, _mm_set1_epi16(0x7e00), _mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7f)));
-  return _mm256_cvtph_ps(h);
-}
 template <class CT>
 inline __m256 load8(const typename CT::T* src) {
   if constexpr (CT::kType == DType::kFloat32) return _mm256_loadu_ps(src);
   else if constexpr (CT::kType == DType::kFloat16) return load8_f16(src);
-  else if constexpr (CT::kType == DType::kFloat8E4M3) return load8_fp8(src);
-  else return load8_bf16(src);
+  else {
+    // fp8 tiles go to the bf16 kernel (avx2_bf16::fp8x16_to_bf16), never through here.
+    static_assert(CT::kType == DType::kBFloat16, "fp32, fp16 or bf16 elements only");
+    return load8_bf16(src);
+  }
 }
 
 // ---------------------------------------------------------------- reductions, exp2
@@ -108,18 +100,13 @@ inline __m256 exp2_ps(__m256 x) {
 template <class CT>
 void load_q(const DecodeParams& p, int32_t seq, int32_t row_begin, int32_t rows, float s2scale, float* q) {
   using QC = typename CT::Q;
-  using T = typename QC::T;
   const __m256 sc = _mm256_set1_ps(s2scale);
   for (int32_t r = 0; r < rows; ++r) {
-    const int32_t j = (row_begin + r) / p.num_heads, head = (row_begin + r) % p.num_heads;
-    const T* qn = static_cast<const T*>(p.q_nope) + seq * p.q_nope_batch_stride + j * p.q_nope_seq_stride +
-                  head * p.q_nope_head_stride;
-    const T* qp = static_cast<const T*>(p.q_pe) + seq * p.q_pe_batch_stride + j * p.q_pe_seq_stride +
-                  head * p.q_pe_head_stride;
+    const QueryRow<typename QC::T> src = query_row<typename QC::T>(p, seq, row_begin + r);
     float* dst = q + static_cast<int64_t>(r) * kHeadDim;
-    for (int d = 0; d < kLatentDim; d += 8) _mm256_storeu_ps(dst + d, _mm256_mul_ps(load8<QC>(qn + d), sc));
+    for (int d = 0; d < kLatentDim; d += 8) _mm256_storeu_ps(dst + d, _mm256_mul_ps(load8<QC>(src.nope + d), sc));
     for (int d = 0; d < kRopeDim; d += 8)
-      _mm256_storeu_ps(dst + kLatentDim + d, _mm256_mul_ps(load8<QC>(qp + d), sc));
+      _mm256_storeu_ps(dst + kLatentDim + d, _mm256_mul_ps(load8<QC>(src.pe + d), sc));
   }
 }
 
@@ -191,14 +178,9 @@ inline void score_rows(const float* q, const float* const* kf, float* s, Prefetc
 template <class CT>
 void scores(const float* q, int rows, const typename CT::T* const* /*raw*/, const float* const* kf,
             float /*s2scale: folded into q*/, float* s, Prefetcher& pf) {
-  int r = 0;
-  for (; r + kScoreRB <= rows; r += kScoreRB) score_rows<kScoreRB>(q + r * kHeadDim, kf, s + r * kScoreStride, pf);
-  switch (rows - r) {  // kScoreRB <= 4
-    case 3: if constexpr (kScoreRB > 3) score_rows<3>(q + r * kHeadDim, kf, s + r * kScoreStride, pf); break;
-    case 2: if constexpr (kScoreRB > 2) score_rows<2>(q + r * kHeadDim, kf, s + r * kScoreStride, pf); break;
-    case 1: if constexpr (kScoreRB > 1) score_rows<1>(q + r * kHeadDim, kf, s + r * kScoreStride, pf); break;
-    default: break;
-  }
+  for_row_blocks<kScoreRB>(rows, [&](auto rb, int r) {
+    score_rows<decltype(rb)::value>(q + r * kHeadDim, kf, s + r * kScoreStride, pf);
+  });
 }
 
 // ---------------------------------------------------------------- online softmax
@@ -279,33 +261,16 @@ inline void pv_rows(const float* p, const float* corr, const float* const* vf, i
 
 inline void pv(const float* p, const float* corr, const float* const* vf, int n, int rows, float* acc,
                Prefetcher& pf) {
-  int r = 0;
-  for (; r + kPvRB <= rows; r += kPvRB)
-    pv_rows<kPvRB>(p + r * kScoreStride, corr + r, vf, n, acc + static_cast<int64_t>(r) * kLatentDim, pf);
-  const float* pr = p + r * kScoreStride;
-  float* ar = acc + static_cast<int64_t>(r) * kLatentDim;
-  switch (rows - r) {  // kPvRB <= 6
-    case 5: if constexpr (kPvRB > 5) pv_rows<5>(pr, corr + r, vf, n, ar, pf); break;
-    case 4: if constexpr (kPvRB > 4) pv_rows<4>(pr, corr + r, vf, n, ar, pf); break;
-    case 3: if constexpr (kPvRB > 3) pv_rows<3>(pr, corr + r, vf, n, ar, pf); break;
-    case 2: if constexpr (kPvRB > 2) pv_rows<2>(pr, corr + r, vf, n, ar, pf); break;
-    case 1: if constexpr (kPvRB > 1) pv_rows<1>(pr, corr + r, vf, n, ar, pf); break;
-    default: break;
-  }
+  for_row_blocks<kPvRB>(rows, [&](auto rb, int r) {
+    pv_rows<decltype(rb)::value>(p + r * kScoreStride, corr + r, vf, n, acc + static_cast<int64_t>(r) * kLatentDim, pf);
+  });
 }
 
 // The kernel interface of decode_tile_loop.h.
-struct Kernel {
+struct Kernel : KernelDefaults {
   using QElt = float;
   static constexpr int kQStride = kHeadDim;
-  template <class CT>
-  using TileT = float;
-  template <class CT>
-  static void finish(float*, int) {}  // acc columns are already in natural order
-  static int prefetch_steps(int rows) {  // one per score block and per PV block
-    return (rows + kScoreRB - 1) / kScoreRB * (kKeyTile / kScoreKB) +
-           (rows + kPvRB - 1) / kPvRB * (kLatentDim / (8 * kPvW));
-  }
+  static int prefetch_steps(int rows) { return register_block_steps(rows, kScoreRB, kScoreKB, kPvRB, 8 * kPvW); }
   template <class CT>
   static void load_q(const DecodeParams& p, int32_t seq, int32_t r0, int32_t rows, float s2scale, float* q) {
     avx2::load_q<CT>(p, seq, r0, rows, s2scale, q);

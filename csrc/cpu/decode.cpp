@@ -204,8 +204,8 @@ void run(const DecodeParams& p, const DecodeIsa& isa) {
 
   const int64_t groups = static_cast<int64_t>(p.batch) * plan.row_blocks;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<float> merged(kLatentDim);
-    for (int64_t g = g0; g < g1; ++g) merge_group<QT>(p, plan, g, acc, mx, sm, merged.data());
+    float merged[kLatentDim];  // one row's merged accumulator (2 KiB, on the stack)
+    for (int64_t g = g0; g < g1; ++g) merge_group<QT>(p, plan, g, acc, mx, sm, merged);
   });
 }
 

@@ -51,11 +51,9 @@ inline __m512 widen_bf16(const uint16_t* src) {  // 16 bf16 -> 16 fp32 (exact)
 // q rows as raw bf16: [rows, 576].
 void load_q(const DecodeParams& p, int32_t seq, int32_t row_begin, int32_t rows, uint16_t* q) {
   for (int32_t r = 0; r < rows; ++r) {
-    const int32_t j = (row_begin + r) / p.num_heads, head = (row_begin + r) % p.num_heads;
-    const uint16_t* qn = static_cast<const uint16_t*>(p.q_nope) + seq * p.q_nope_batch_stride +
-                         j * p.q_nope_seq_stride + head * p.q_nope_head_stride;
-    const uint16_t* qp = static_cast<const uint16_t*>(p.q_pe) + seq * p.q_pe_batch_stride + j * p.q_pe_seq_stride +
-                         head * p.q_pe_head_stride;
+    const QueryRow<uint16_t> src = query_row<uint16_t>(p, seq, row_begin + r);
+    const uint16_t* qn = src.nope;
+    const uint16_t* qp = src.pe;
     uint16_t* dst = q + static_cast<int64_t>(r) * kHeadDim;
     for (int d = 0; d < kLatentDim; d += 32)
       _mm512_storeu_si512(dst + d, _mm512_loadu_si512(qn + d));
@@ -111,14 +109,9 @@ inline void score_rows(const uint16_t* q, const uint16_t* const* raw, float s2sc
 }
 
 void scores(const uint16_t* q, int rows, const uint16_t* const* raw, float s2scale, float* s, Prefetcher& pf) {
-  int r = 0;
-  for (; r + kScoreRB <= rows; r += kScoreRB) score_rows<kScoreRB>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride, pf);
-  switch (rows - r) {
-    case 3: score_rows<3>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride, pf); break;
-    case 2: score_rows<2>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride, pf); break;
-    case 1: score_rows<1>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride, pf); break;
-    default: break;
-  }
+  for_row_blocks<kScoreRB>(rows, [&](auto rb, int r) {
+    score_rows<decltype(rb)::value>(q + r * kHeadDim, raw, s2scale, s + r * kScoreStride, pf);
+  });
 }
 
 // acc[i][c0 .. c0 + 16W) = corr_i * acc + sum_t p[i][t] * v_t[c0 ..], RB rows.
@@ -157,31 +150,16 @@ inline void pv_rows(const float* p, const float* corr, const float* const* vf, i
 }
 
 void pv(const float* p, const float* corr, const float* const* vf, int n, int rows, float* acc, Prefetcher& pf) {
-  int r = 0;
-  for (; r + kPvRB <= rows; r += kPvRB)
-    pv_rows<kPvRB>(p + r * kScoreStride, corr + r, vf, n, acc + static_cast<int64_t>(r) * kLatentDim, pf);
-  const float* pr = p + r * kScoreStride;
-  float* ar = acc + static_cast<int64_t>(r) * kLatentDim;
-  switch (rows - r) {
-    case 3: pv_rows<3>(pr, corr + r, vf, n, ar, pf); break;
-    case 2: pv_rows<2>(pr, corr + r, vf, n, ar, pf); break;
-    case 1: pv_rows<1>(pr, corr + r, vf, n, ar, pf); break;
-    default: break;
-  }
+  for_row_blocks<kPvRB>(rows, [&](auto rb, int r) {
+    pv_rows<decltype(rb)::value>(p + r * kScoreStride, corr + r, vf, n, acc + static_cast<int64_t>(r) * kLatentDim, pf);
+  });
 }
 
 // The kernel interface of decode_tile_loop.h (instantiated for CacheBF16 only).
-struct Kernel {
+struct Kernel : KernelDefaults {
   using QElt = uint16_t;
   static constexpr int kQStride = kHeadDim;
-  template <class CT>
-  using TileT = float;
-  template <class CT>
-  static void finish(float*, int) {}  // acc columns are already in natural order
-  static int prefetch_steps(int rows) {  // one per score block and per PV block
-    return (rows + kScoreRB - 1) / kScoreRB * (kKeyTile / kScoreKB) +
-           (rows + kPvRB - 1) / kPvRB * (kLatentDim / (16 * kPvW));
-  }
+  static int prefetch_steps(int rows) { return register_block_steps(rows, kScoreRB, kScoreKB, kPvRB, 16 * kPvW); }
   template <class CT>
   static void load_q(const DecodeParams& p, int32_t seq, int32_t r0, int32_t rows, float, uint16_t* q) {
     static_assert(CT::kType == DType::kBFloat16, "bf16 only");

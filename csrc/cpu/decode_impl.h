@@ -16,9 +16,9 @@ namespace mla::cpu {
 constexpr int kKeyTile = 16;           // keys per tile: one score GEMM + one PV GEMM
 constexpr int kScoreStride = kKeyTile + 4;  // padded row stride of the score / probability tiles
 
-// fp8 tiles hold (stored e4m3 value) / kFp8TileScale: shifting the e4m3 bits into an fp16
-// gives exactly that (fp16's exponent bias is 8 above e4m3's), so the widening is a shift
-// and a conversion. The factor is folded back with the cache scale (q and the merge).
+// fp8 tiles hold (stored e4m3 value) / kFp8TileScale, exactly: every such value is a
+// normal bf16 (and the e4m3 bits shifted into an fp16 give it too), so the widening is
+// integer work. The factor is folded back with the cache scale (q and the merge).
 constexpr float kFp8TileScale = 256.f;
 
 // One unit of parallel work: query rows [row_begin, row_end) of sequence `seq` (row

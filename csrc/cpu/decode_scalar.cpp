@@ -33,28 +33,19 @@ inline float to_float(typename CT::T x) {
   }
 }
 
-struct Kernel {
+struct Kernel : KernelDefaults {
   using QElt = float;
   static constexpr int kQStride = kHeadDim;
-  template <class CT>
-  using TileT = float;
-  template <class CT>
-  static void finish(float*, int) {}  // acc columns are already in natural order
   static int prefetch_steps(int) { return 0; }  // never steps: memory is left to the hardware
 
   template <class CT>
   static void load_q(const DecodeParams& p, int32_t seq, int32_t r0, int32_t rows, float s2scale, float* q) {
     using QC = typename CT::Q;
-    using T = typename QC::T;
     for (int32_t r = 0; r < rows; ++r) {
-      const int32_t j = (r0 + r) / p.num_heads, head = (r0 + r) % p.num_heads;
-      const T* qn = static_cast<const T*>(p.q_nope) + seq * p.q_nope_batch_stride + j * p.q_nope_seq_stride +
-                    head * p.q_nope_head_stride;
-      const T* qp = static_cast<const T*>(p.q_pe) + seq * p.q_pe_batch_stride + j * p.q_pe_seq_stride +
-                    head * p.q_pe_head_stride;
+      const QueryRow<typename QC::T> src = query_row<typename QC::T>(p, seq, r0 + r);
       float* dst = q + static_cast<int64_t>(r) * kHeadDim;
-      for (int d = 0; d < kLatentDim; ++d) dst[d] = to_float<QC>(qn[d]) * s2scale;
-      for (int d = 0; d < kRopeDim; ++d) dst[kLatentDim + d] = to_float<QC>(qp[d]) * s2scale;
+      for (int d = 0; d < kLatentDim; ++d) dst[d] = to_float<QC>(src.nope[d]) * s2scale;
+      for (int d = 0; d < kRopeDim; ++d) dst[kLatentDim + d] = to_float<QC>(src.pe[d]) * s2scale;
     }
   }
 

@@ -87,6 +87,57 @@ struct CacheBF16 { using T = uint16_t; static constexpr DType kType = DType::kBF
 // so the kernels never multiply a cache element by the scale.
 struct CacheFP8 { using T = uint8_t; static constexpr DType kType = DType::kFloat8E4M3; using Q = CacheF32; };
 
+// Defaults of the kernel interface: fp32 tiles, accumulators in natural column order.
+struct KernelDefaults {
+  template <class CT>
+  using TileT = float;
+  template <class CT>
+  static void finish(float*, int) {}
+};
+
+// Where query row `row` (= j * h + head) of sequence `seq` starts: its 512 latent values
+// and its 64 rope values, in the query's element type T.
+template <class T>
+struct QueryRow {
+  const T* nope;
+  const T* pe;
+};
+template <class T>
+inline QueryRow<T> query_row(const DecodeParams& p, int32_t seq, int32_t row) {
+  const int32_t j = row / p.num_heads, head = row % p.num_heads;
+  return {static_cast<const T*>(p.q_nope) + seq * p.q_nope_batch_stride + j * p.q_nope_seq_stride +
+              head * p.q_nope_head_stride,
+          static_cast<const T*>(p.q_pe) + seq * p.q_pe_batch_stride + j * p.q_pe_seq_stride +
+              head * p.q_pe_head_stride};
+}
+
+// A row count as a type, so that a register block's height can be a template argument.
+template <int N>
+struct Rows {
+  static constexpr int value = N;
+};
+template <int N, class F>
+inline void row_tail(int n, int r, F& f) {
+  if constexpr (N > 0) {
+    if (n == N) f(Rows<N>{}, r);
+    else row_tail<N - 1>(n, r, f);
+  }
+}
+// The row loop of every micro-kernel: f(Rows<RB>{}, r) for r = 0, RB, 2 RB, ..., then once
+// f(Rows<rows - r>{}, r) for the remaining rows (each tail height compiled on its own).
+template <int RB, class F>
+inline void for_row_blocks(int rows, F&& f) {
+  int r = 0;
+  for (; r + RB <= rows; r += RB) f(Rows<RB>{}, r);
+  row_tail<RB - 1>(rows - r, r, f);
+}
+
+// Prefetcher::step() calls per tile of a kernel that steps once per score block (score_rb
+// rows x score_kb keys) and once per PV block (pv_rb rows x pv_cols columns).
+constexpr int register_block_steps(int rows, int score_rb, int score_kb, int pv_rb, int pv_cols) {
+  return (rows + score_rb - 1) / score_rb * (kKeyTile / score_kb) + (rows + pv_rb - 1) / pv_rb * (kLatentDim / pv_cols);
+}
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kPtrSlots = kKeyTile + 8;  // tile row pointers, padded for key blocks past 16
 
@@ -178,6 +229,7 @@ void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, 
     return row;
   };
   // pf.rows always holds the rows of the tile after the current one.
+  const int prefetch_steps = K::prefetch_steps(rows);
   const int first_n = it.key_end - it.key_begin < kKeyTile ? it.key_end - it.key_begin : kKeyTile;
   for (int i = 0; i < first_n; ++i) pf.rows[i] = reinterpret_cast<const char*>(next_row());
 
@@ -188,7 +240,7 @@ void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, 
     const int32_t after = it.key_end - t0 - n;
     const int next_n = after < kKeyTile ? after : kKeyTile;
     for (int i = 0; i < next_n; ++i) pf.rows[i] = reinterpret_cast<const char*>(next_row());
-    pf.start(next_n, K::prefetch_steps(rows));
+    pf.start(next_n, prefetch_steps);
 
     K::template prepare_tile<CT>(raw, n, kbuf, zero, kf);
 
