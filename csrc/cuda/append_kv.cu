@@ -62,7 +62,8 @@ cudaError_t launch(const AppendParams& p, cudaStream_t stream) {
   const int64_t total = p.num_tokens * kRowVecs;
   const int64_t blocks = (total + kAppendThreads - 1) / kAppendThreads;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  append_kv_kernel<T, Vec><<<static_cast<unsigned>(blocks), kAppendThreads, 0, stream>>>(p);
+  auto kernel = append_kv_kernel<T, Vec>;
+  MLA_LAUNCH(kernel, static_cast<unsigned>(blocks), kAppendThreads, 0, stream, p);
   return cudaGetLastError();
 }
 
@@ -112,7 +113,8 @@ cudaError_t launch_fp8(const AppendParams& p, cudaStream_t stream) {
   const int64_t total = p.num_tokens * kRowVecs;
   const int64_t blocks = (total + kAppendThreads - 1) / kAppendThreads;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  append_kv_fp8_kernel<T, kElems><<<static_cast<unsigned>(blocks), kAppendThreads, 0, stream>>>(p);
+  auto kernel = append_kv_fp8_kernel<T, kElems>;
+  MLA_LAUNCH(kernel, static_cast<unsigned>(blocks), kAppendThreads, 0, stream, p);
   return cudaGetLastError();
 }
 

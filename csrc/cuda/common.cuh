@@ -1,5 +1,11 @@
 // Device helpers shared by the CUDA kernels: element types, 16-byte async copies,
-// ldmatrix and the m16n8k16 tensor-core MMA (sm_80+). No torch headers.
+// ldmatrix and the m16n8k16 tensor-core MMA (sm_80+), dynamic shared memory and the launch
+// macro. No torch headers.
+//
+// Every PTX instruction the kernels use sits in a wrapper here or in fp8.cuh. Built with
+// -DMLA_CUDA_EMULATION (plain g++, tests/cuda_emu), the wrappers and MLA_LAUNCH call the
+// SIMT emulator instead, and the kernel bodies run unchanged on the CPU
+// (docs/cuda-emulation.md).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -8,6 +14,15 @@
 #include <cstdint>
 
 #include "../mla_params.h"
+
+#if defined(MLA_CUDA_EMULATION)
+#include "mla_cuda_emu.h"  // tests/cuda_emu: fibers, barriers, warp collectives, lazy cp.async
+#define MLA_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::mla_emu::launch(kernel, grid, block, smem, stream, __VA_ARGS__)
+#else
+// kernel<<<grid, block, smem, stream>>>(args); `kernel` must be one token (no template commas).
+#define MLA_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
 
 namespace mla::cuda {
 
@@ -44,36 +59,72 @@ struct TypeTraits<__nv_bfloat16> {
   }
 };
 
+// The block's dynamic shared memory (the launch's third <<< >>> argument), 128-byte aligned.
+// Kernels carve all their shared arrays from it, so its size is declared in one place.
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+#if defined(MLA_CUDA_EMULATION)
+  return ::mla_emu::dynamic_smem();
+#else
+  extern __shared__ __align__(128) unsigned char dynamic_smem_bytes[];
+  return dynamic_smem_bytes;
+#endif
+}
+
+#if !defined(MLA_CUDA_EMULATION)
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+#endif
 
 // 16-byte global -> shared copy that bypasses L1. When `valid` is false nothing is
 // read from `src` (source size 0) and the 16 destination bytes are zero-filled.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+#if defined(MLA_CUDA_EMULATION)
+  ::mla_emu::cp_async_16(dst, src, valid);
+#else
   const int src_bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes)
                : "memory");
+#endif
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(MLA_CUDA_EMULATION)
+  ::mla_emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 
+// Waits until at most N of this thread's committed cp.async groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#if defined(MLA_CUDA_EMULATION)
+  ::mla_emu::cp_async_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 // Four 8x8 16-bit matrices; lane l supplies the row address of matrix l / 8, row l % 8.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+#if defined(MLA_CUDA_EMULATION)
+  ::mla_emu::ldmatrix_x4(r, p, /*trans=*/false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(p)));
+#endif
 }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+#if defined(MLA_CUDA_EMULATION)
+  ::mla_emu::ldmatrix_x4(r, p, /*trans=*/true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(p)));
+#endif
 }
 
 // d += a * b for one m16n8k16 tile, fp32 accumulators.
@@ -83,20 +134,28 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                         uint32_t b1) {
+#if defined(MLA_CUDA_EMULATION)
+  ::mla_emu::mma_16816(::mla_emu::MmaKind::kBf16, d, a, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(MLA_CUDA_EMULATION)
+  ::mla_emu::mma_16816(::mla_emu::MmaKind::kFp16, d, a, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Cache length clamped to [0, block-table capacity]: a bad seqlen can never index past

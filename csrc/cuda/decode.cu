@@ -25,13 +25,21 @@ __device__ __forceinline__ float cache_value(const C* row, int d) {
   else return TypeTraits<C>::to_float(row[d]);
 }
 
+template <typename C>
+struct SimpleSmem {
+  float q[kHeadDim];             // query row, pre-scaled by softmax_scale * log2 e (* kv_scale)
+  float scores[kSimpleTile];     // scores of the tile (log2 units), -inf = masked
+  const C* rows[kSimpleTile];    // cache rows of the tile, nullptr = zero row
+};
+
 template <typename T, typename C>
 __global__ void __launch_bounds__(kSimpleThreads) decode_simple_kernel(const DecodeParams p) {
   using Tr = TypeTraits<T>;
   constexpr bool kFp8 = std::is_same_v<C, uint8_t>;
-  __shared__ float sq[kHeadDim];             // query row, pre-scaled by softmax_scale * log2 e (* kv_scale)
-  __shared__ float ss[kSimpleTile];          // scores of the tile (log2 units), -inf = masked
-  __shared__ const C* srow[kSimpleTile];     // cache rows of the tile, nullptr = zero row
+  SimpleSmem<C>& smem = *reinterpret_cast<SimpleSmem<C>*>(dynamic_smem());
+  float* sq = smem.q;
+  float* ss = smem.scores;
+  const C** srow = smem.rows;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int32_t h = p.num_heads;
@@ -159,9 +167,11 @@ cudaError_t launch_simple(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<uint32_t>(p.seqlen_q * p.num_heads * p.num_splits), p.batch);
   if (p.cache_dtype == DType::kFloat8E4M3) {
     if (p.kv_scale == nullptr) return cudaErrorInvalidValue;
-    decode_simple_kernel<T, uint8_t><<<grid, kSimpleThreads, 0, stream>>>(p);
+    auto kernel = decode_simple_kernel<T, uint8_t>;
+    MLA_LAUNCH(kernel, grid, kSimpleThreads, sizeof(SimpleSmem<uint8_t>), stream, p);
   } else {
-    decode_simple_kernel<T, T><<<grid, kSimpleThreads, 0, stream>>>(p);
+    auto kernel = decode_simple_kernel<T, T>;
+    MLA_LAUNCH(kernel, grid, kSimpleThreads, sizeof(SimpleSmem<T>), stream, p);
   }
   return cudaGetLastError();
 }
@@ -169,7 +179,8 @@ cudaError_t launch_simple(const DecodeParams& p, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_combine(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<uint32_t>(p.seqlen_q * p.num_heads), p.batch);
-  combine_kernel<T><<<grid, kCombineThreads, 0, stream>>>(p);
+  auto kernel = combine_kernel<T>;
+  MLA_LAUNCH(kernel, grid, kCombineThreads, 0, stream, p);
   return cudaGetLastError();
 }
 

@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) decode_tc_kernel(const Decod
   constexpr int RS = Cfg::kRowElems;
   using Tr = TypeTraits<T>;
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   using CacheT = std::conditional_t<Cfg::kFp8, uint8_t, T>;
   T* sQ = reinterpret_cast<T*>(smem);                                              // [BM][RS]
   // 16-bit cache: the ring, [STAGES][BN][RS]. fp8 cache: the converted tile [BN][RS], then
@@ -404,7 +404,7 @@ cudaError_t launch_decode_tc_impl(const DecodeParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   const int32_t M = p.seqlen_q * p.num_heads;
   const dim3 grid(ceil_div(M, Cfg::kBlockM) * p.num_splits, p.batch);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  MLA_LAUNCH(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p);
   return cudaGetLastError();
 }
 

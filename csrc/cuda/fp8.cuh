@@ -76,13 +76,17 @@ MLA_HOST_DEVICE uint32_t e4m3_patch_nan(uint32_t pair, uint32_t w, int k0, int k
   return pair;
 }
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(MLA_CUDA_EMULATION)
 // IEEE division rounded to nearest even, whatever --use_fast_math / -ftz say (the CPU
 // append divides in plain fp32; x / scale must match it bit for bit).
 __device__ __forceinline__ float div_rn(float a, float b) {
+#if defined(MLA_CUDA_EMULATION)
+  return a / b;  // host fp32 division is IEEE round-to-nearest-even
+#else
   float d;
   asm("div.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
   return d;
+#endif
 }
 
 __device__ __forceinline__ uint8_t e4m3_quantize(float x, float scale) {
@@ -96,16 +100,27 @@ __device__ __forceinline__ uint32_t mul2_exact(uint32_t a, uint32_t b);
 
 template <>
 __device__ __forceinline__ uint32_t mul2_exact<__half>(uint32_t a, uint32_t b) {
+#if defined(MLA_CUDA_EMULATION)
+  const __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+#else
   uint32_t d;
   asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
   return d;
+#endif
 }
 
 template <>
 __device__ __forceinline__ uint32_t mul2_exact<__nv_bfloat16>(uint32_t a, uint32_t b) {
+#if defined(MLA_CUDA_EMULATION)
+  const __nv_bfloat162 r =
+      __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+#else
   uint32_t d;
   asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));  // + (-0): keeps -0
   return d;
+#endif
 }
 
 // Per element type: the pattern shift, the exact factor that undoes it and the NaN pattern.

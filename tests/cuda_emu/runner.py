@@ -1,0 +1,268 @@
+"""Build and drive the SIMT emulator: csrc/cuda compiled as host C++ (-DMLA_CUDA_EMULATION)
+plus tests/cuda_emu/{emu_runtime,harness}.cpp, in three flavours:
+
+  plain   -O1, the emulator's own checks (barriers, collectives, cp.async, shared bounds,
+          write-once outputs)
+  asan    + AddressSanitizer and UndefinedBehaviorSanitizer (every global buffer is its own
+          allocation of its real size; shared memory past its declared size is poisoned)
+  tsan    + ThreadSanitizer (each CUDA thread a fiber; barriers, warp collectives, launch
+          and block end are the only happens-before edges)
+
+Binaries are cached under ~/.cache/mla_ext/emu/<hash of sources and flags>/, so editing a
+kernel rebuilds on the next run. `run_decode` / `run_append` take torch tensors laid out as
+mla_ext.decode / append_kv take them and return what the emulated CUDA call wrote.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+EMU_DIR = Path(__file__).resolve().parent
+CACHE_ROOT = Path(os.environ.get("MLA_EXT_EMU_CACHE", Path.home() / ".cache" / "mla_ext" / "emu"))
+CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+
+FLAVORS = {
+    "plain": ["-O1"],
+    "asan": ["-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
+    "tsan": ["-O1", "-fsanitize=thread"],
+}
+KERNEL_SOURCES = ["append_kv.cu", "decode.cu", "decode_tc_bf16.cu", "decode_tc_fp16.cu", "decode_tc_fp8_bf16.cu",
+                  "decode_tc_fp8_fp16.cu"]
+EMU_SOURCES = ["emu_runtime.cpp", "harness.cpp"]
+ERROR_EXIT = 86  # mla_emu::kErrorExitCode
+
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float8_e4m3fn: 3}
+SAN_ENV = {
+    "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
+    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+    "TSAN_OPTIONS": "halt_on_error=1:exitcode=66:report_signal_unsafe=0",
+}
+
+
+def cuda_include() -> Path:
+    for cand in (CUDA_HOME / "include", Path("/usr/local/cuda-13.0/include")):
+        if (cand / "cuda_bf16.h").exists():
+            return cand
+    raise FileNotFoundError("CUDA toolkit headers (cuda_bf16.h) not found; set CUDA_HOME")
+
+
+def available() -> str | None:
+    """None if the emulator can be built here, else the reason it cannot."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        return "no C++ compiler (g++)"
+    try:
+        cuda_include()
+    except FileNotFoundError as e:
+        return str(e)
+    return None
+
+
+def _sources(csrc: Path) -> list[Path]:
+    return [csrc / "cuda" / s for s in KERNEL_SOURCES] + [EMU_DIR / s for s in EMU_SOURCES]
+
+
+def _digest(csrc: Path, flavor: str) -> str:
+    h = hashlib.sha256(flavor.encode() + " ".join(FLAVORS[flavor]).encode())
+    files = sorted((csrc / "cuda").glob("*")) + [csrc / "mla_params.h"] + sorted(EMU_DIR.glob("*.[ch]*"))
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build(flavor: str = "plain", csrc: Path | None = None, jobs: int | None = None) -> Path:
+    """The harness binary for `flavor`, built from `csrc` (default: the repo's csrc/)."""
+    csrc = Path(csrc or REPO / "csrc")
+    out_dir = CACHE_ROOT / f"{flavor}-{_digest(csrc, flavor)}"
+    exe = out_dir / "emu_harness"
+    if exe.exists():
+        return exe
+    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="build-", dir=CACHE_ROOT))
+    cxx = os.environ.get("CXX", "g++")
+    common = ["-std=c++17", "-g", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas", "-DMLA_CUDA_EMULATION",
+              f"-I{cuda_include()}", f"-I{EMU_DIR}", f"-I{csrc / 'cuda'}"] + FLAVORS[flavor]
+
+    def compile_one(src: Path) -> Path:
+        obj = tmp / (src.name + ".o")
+        # The runtime is not under test: optimised in every flavour (still instrumented).
+        extra = ["-O2"] if src.name == "emu_runtime.cpp" else []
+        cmd = [cxx, *common, *extra, "-x", "c++", "-c", str(src), "-o", str(obj)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"emulator build failed: {' '.join(cmd)}\n{r.stderr[-4000:]}")
+        return obj
+
+    jobs = jobs or int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
+    sources = _sources(csrc)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        objs = list(pool.map(compile_one, sources))
+    link = [cxx, *FLAVORS[flavor], "-o", str(tmp / "emu_harness"), *map(str, objs)]
+    r = subprocess.run(link, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"emulator link failed: {r.stderr[-4000:]}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp / "emu_harness", exe)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return exe
+
+
+# ------------------------------------------------------------------------------ case files
+
+
+@dataclass
+class EmuResult:
+    info: dict                      # plan and counters printed by the harness
+    outputs: dict = field(default_factory=dict)
+
+
+class EmulatorError(AssertionError):
+    """The emulator or a sanitizer reported a problem (message: its stderr)."""
+
+
+class _CaseWriter:
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.lines: list[str] = []
+        self.storages: dict[int, tuple[str, torch.Tensor]] = {}  # storage data_ptr -> (buffer, uint8 view)
+
+    def tensor(self, field_name: str, t: torch.Tensor) -> None:
+        """Pointer field -> t, inside a buffer holding t's whole storage (its real allocation)."""
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self.storages:
+            name = f"buf{len(self.storages)}"
+            raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+            raw.numpy().tofile(self.dir / f"{name}.bin")
+            self.lines.append(f"buffer {name} {raw.numel()} {name}.bin")
+            self.storages[key] = (name, raw)
+        name, _ = self.storages[key]
+        self.lines.append(f"ptr {field_name} {name} {t.data_ptr() - key}")
+
+    def output(self, field_name: str, nbytes: int, writeonce: bool = True) -> str:
+        name = f"out_{field_name}"
+        self.lines.append(f"buffer {name} {nbytes} -")
+        self.lines.append(f"ptr {field_name} {name} 0")
+        self.lines.append(f"output {name}")
+        if writeonce:
+            self.lines.append(f"writeonce {name}")
+        return name
+
+    def set(self, kind: str, key: str, value) -> None:
+        self.lines.append(f"{kind} {key} {value}")
+
+    def write(self) -> None:
+        (self.dir / "case.txt").write_text("\n".join(self.lines) + "\n")
+
+
+def _run(exe: Path, directory: Path, flavor: str) -> dict:
+    env = dict(os.environ, **SAN_ENV)
+    r = subprocess.run([str(exe), str(directory)], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise EmulatorError(f"emulated run ({flavor}) exited {r.returncode}:\n{r.stderr[-6000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _common(w: _CaseWriter, order: str, seed: int, sms: int, smem_optin: int) -> None:
+    w.lines += [f"order {order}", f"seed {seed}", f"sms {sms}", f"smem_optin {smem_optin}"]
+
+
+# Emulated devices: SM count and the opt-in shared memory per block, which select the
+# tensor-core tile configuration (L: 227 KB sm_90, M: 163 KB sm_80, S: 99 KB sm_86 / sm_89).
+DEVICES = {"sm90": (132, 232448), "sm80": (108, 166912), "sm86": (84, 101376)}
+
+
+def run_decode(q_nope, q_pe, cache, block_table, cache_seqlens, softmax_scale, causal=True, kv_scale=None, *,
+               impl="auto", device="sm90", sms=None, order="forward", seed=1, flavor="plain",
+               exe: Path | None = None):
+    """mla_ext.decode's math through the emulated CUDA kernels. q_nope [b, s_q, h, 512 or 576]
+    (packed when q_pe is None), cache [NB, BS, 576] or [NB, BS, 1, 576]. Returns (out, lse, info)."""
+    exe = exe or build(flavor)
+    if q_pe is None:
+        q_pe = q_nope[..., 512:]
+        q_nope = q_nope[..., :512]
+    if cache.dim() == 4:
+        cache = cache.squeeze(2)
+    b, s_q, h, _ = q_nope.shape
+    cache_u = cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
+    with tempfile.TemporaryDirectory(prefix="emu-") as d:
+        w = _CaseWriter(Path(d))
+        w.lines.append("op decode")
+        w.lines.append(f"impl {impl}")
+        dev_sms, optin = DEVICES[device]
+        _common(w, order, seed, sms or dev_sms, optin)
+        w.tensor("q_nope", q_nope)
+        w.tensor("q_pe", q_pe)
+        w.tensor("cache", cache_u)
+        w.tensor("block_table", block_table)
+        w.tensor("cache_seqlens", cache_seqlens)
+        if kv_scale is not None:
+            w.tensor("kv_scale", kv_scale.reshape(1).to(torch.float32))
+        es = q_nope.element_size()
+        out_name = w.output("out", b * s_q * h * 512 * es)
+        lse_name = w.output("lse", b * s_q * h * 4)
+        for prefix, t in (("q_nope", q_nope), ("q_pe", q_pe)):
+            w.set("int", f"{prefix}_batch_stride", t.stride(0))
+            w.set("int", f"{prefix}_seq_stride", t.stride(1))
+            w.set("int", f"{prefix}_head_stride", t.stride(2))
+        w.set("int", "cache_block_stride", cache.stride(0))
+        w.set("int", "cache_token_stride", cache.stride(1))
+        w.set("int", "block_table_batch_stride", block_table.stride(0))
+        for k, v in dict(batch=b, seqlen_q=s_q, num_heads=h, num_blocks=cache.shape[0], block_size=cache.shape[1],
+                         max_blocks_per_seq=block_table.shape[1], causal=int(causal),
+                         q_dtype=DTYPE_CODE[q_nope.dtype], cache_dtype=DTYPE_CODE[cache.dtype]).items():
+            w.set("int", k, v)
+        w.set("float", "softmax_scale", repr(float(softmax_scale)))
+        w.write()
+        info = _run(exe, Path(d), flavor)
+        out = torch.from_numpy(np.fromfile(Path(d) / f"{out_name}.out", dtype=np.uint8)).view(q_nope.dtype)
+        lse = torch.from_numpy(np.fromfile(Path(d) / f"{lse_name}.out", dtype=np.uint8)).view(torch.float32)
+    return out.reshape(b, s_q, h, 512), lse.reshape(b, s_q, h), info
+
+
+def run_append(kv_c, k_pe, cache, slot_mapping, scale=None, *, order="forward", seed=1, flavor="plain",
+               exe: Path | None = None):
+    """mla_ext.append_kv through the emulated CUDA kernels; returns (new cache, info)."""
+    exe = exe or build(flavor)
+    if cache.dim() == 4:
+        cache = cache.squeeze(2)
+    cache_u = cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
+    with tempfile.TemporaryDirectory(prefix="emu-") as d:
+        w = _CaseWriter(Path(d))
+        w.lines.append("op append")
+        _common(w, order, seed, 132, 232448)
+        w.tensor("kv_c", kv_c)
+        w.tensor("k_pe", k_pe)
+        w.tensor("slot_mapping", slot_mapping)
+        if scale is not None:
+            w.tensor("scale", scale.reshape(1).to(torch.float32))
+        w.tensor("cache", cache_u)
+        cache_buf, raw = w.storages[cache_u.untyped_storage().data_ptr()]
+        w.lines.append(f"output {cache_buf}")
+        w.lines.append(f"writeonce {cache_buf}")
+        for k, v in dict(kv_c_row_stride=kv_c.stride(0), k_pe_row_stride=k_pe.stride(0),
+                         cache_block_stride=cache.stride(0), cache_token_stride=cache.stride(1),
+                         num_tokens=kv_c.shape[0], num_blocks=cache.shape[0], block_size=cache.shape[1],
+                         slot_is_int64=int(slot_mapping.dtype == torch.int64), input_dtype=DTYPE_CODE[kv_c.dtype],
+                         cache_dtype=DTYPE_CODE[cache.dtype]).items():
+            w.set("int", k, v)
+        w.write()
+        info = _run(exe, Path(d), flavor)
+        data = torch.from_numpy(np.fromfile(Path(d) / f"{cache_buf}.out", dtype=np.uint8))
+    new_storage = raw.clone()
+    new_storage.copy_(data)
+    result = torch.empty(0, dtype=cache.dtype).set_(new_storage.untyped_storage(), cache.storage_offset(),
+                                                     cache.shape, cache.stride())
+    return result, info
