@@ -342,15 +342,19 @@ def scaling_L(run: Run, out: str) -> str:
 def vllm_tokens(run: Run, out: str) -> str:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     keys = list(dict.fromkeys((p["backend"], p["context"]) for p in run.points))
+    backends = list(dict.fromkeys(b for b, _ in keys))
     ctxs = list(dict.fromkeys(c for _, c in keys))
-    for i, (backend, ctx) in enumerate(keys):
+    names = {"stock": "stock vLLM", "mla_ext": "vLLM + mla_ext"}
+    for backend, ctx in keys:
         rows = sorted((p for p in run.points if (p["backend"], p["context"]) == (backend, ctx)),
                       key=lambda p: p["batch"])
-        colour, marker, label = style(backend, i)
+        colour, marker, _ = style(backend, backends.index(backend))
         ls = ["-", "--", "-.", ":"][ctxs.index(ctx) % 4]
         ax.plot([p["batch"] for p in rows], [p["tokens_per_s"] for p in rows], color=colour, marker=marker, ls=ls,
-                label=label + (f", context {ctx}" if ctx is not None else ""))
+                label=names.get(backend, backend) + (f", context {ctx}" if ctx is not None else ""))
+    batches = sorted({p["batch"] for p in run.points})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
     ax.set_xlabel("batch size (sequences decoding together)")
     ax.set_ylabel("decode tokens/s (prefill excluded)")
     ax.set_title(f"vLLM decode throughput, stock vs mla_ext: {run.machine}", fontsize=9)
