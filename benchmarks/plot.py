@@ -38,6 +38,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from typing import Dict, List, Optional, Tuple
 
 import matplotlib
@@ -83,6 +84,9 @@ class Run:
         self.commit, self.when, self.provenance = provenance(path, data)
         self.date = self.when[:10]
         self.note = data.get("note")
+        dev = data.get("device_info") or {}
+        lb, la = dev.get("load_before"), dev.get("load_after")
+        self.load = (f"1-min load average {lb[0]:.1f} before, {la[0]:.1f} after" if lb and la else None)
 
 
 def slugify(text: str) -> str:
@@ -204,7 +208,7 @@ def load_run(path: str) -> Optional[Run]:
         return None
     run.points = [{"name": r.get("name", "?"), "impl": r.get("impl", "?"), "ms": float(r["ms"]),
                    "gflops": float(r["gflops"]), "gbps": float(r["gbps"]), "L": r.get("L"), "b": r.get("b"),
-                   "h": r.get("h"), "s_q": r.get("s_q"), "kernel": r.get("kernel")}
+                   "h": r.get("h"), "s_q": r.get("s_q"), "kernel": r.get("kernel"), "block_size": r.get("block_size")}
                   for r in decode if r.get("ms")]
     return run if run.points else None
 
@@ -236,11 +240,16 @@ def caption(run: Run) -> str:
 # --------------------------------------------------------------------------- pictures
 
 
-def footer(fig, run: Run) -> None:
-    text = caption(run)
+def footer(fig, run: Run) -> float:
+    """Machine, commit, date, record (and the run's note) under the axes; returns the figure
+    fraction they take, for tight_layout's rect."""
+    text = caption(run) + (f"; {run.load}" if run.load else "")
     if run.note:
         text += f"\nnote: {run.note}"
-    fig.text(0.01, 0.005, text, fontsize=7, color="0.35", ha="left", va="bottom")
+    width = int(fig.get_figwidth() * 16)  # characters of 7-point text per line at this size
+    lines = [w for para in text.split("\n") for w in textwrap.wrap(para, width)]
+    fig.text(0.01, 0.005, "\n".join(lines), fontsize=7, color="0.35", ha="left", va="bottom")
+    return 0.01 + 0.13 * len(lines) / fig.get_figheight()
 
 
 def roofline(run: Run, out: str) -> str:
@@ -297,8 +306,7 @@ def roofline(run: Run, out: str) -> str:
                  + f"\n{shapes}", fontsize=9)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    footer(fig, run)
-    fig.tight_layout(rect=(0, 0.05 if run.note else 0.03, 1, 1))
+    fig.tight_layout(rect=(0, footer(fig, run), 1, 1))
     path = os.path.join(out, f"roofline-{run.slug}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -312,6 +320,8 @@ def scaling_L(run: Run, out: str) -> str:
     for i, impl in enumerate(impls):
         rows = sorted((p for p in pts if p["impl"] == impl), key=lambda p: p["L"])
         colour, marker, label = style(impl, i)
+        kernels = sorted({p["kernel"] for p in rows if p.get("kernel")})
+        label += f" [{', '.join(kernels)} kernel]" if kernels else ""
         ax.plot([p["L"] for p in rows], [p["ms"] for p in rows], color=colour, marker=marker, label=label)
     # Same-run lower bound: the bf16 cache read at the copy rate, or the FLOPs at the best ceiling.
     base = sorted((p for p in pts if p["impl"] == "mla_ext"), key=lambda p: p["L"])
@@ -321,18 +331,19 @@ def scaling_L(run: Run, out: str) -> str:
         bound = [max(p["gflops"] * p["ms"] / peak, p["gbps"] * p["ms"] / bw) for p in base]
         ax.plot([p["L"] for p in base], bound, color="black", ls="--", lw=1,
                 label=f"same-run bound: max(bytes / {bw:.1f} GB/s, FLOPs / {peak:.3g} GFLOP/s)")
+    Ls = sorted({p["L"] for p in pts})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(Ls, [str(L) for L in Ls])
     ax.set_yscale("log")
     ax.set_xlabel("context length L (tokens per sequence)")
     ax.set_ylabel("ms per decode call (median)")
     p0 = pts[0]
     ax.set_title(f"Decode time vs context: {run.machine}" + (f", {run.threads} threads" if run.threads else "")
-                 + f"\nb={p0.get('b')}, s_q={p0.get('s_q')}, h={p0.get('h')}, block size 16 unless noted",
+                 + f"\nb={p0.get('b')}, s_q={p0.get('s_q')}, h={p0.get('h')}, block size {p0.get('block_size')}",
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
-    footer(fig, run)
-    fig.tight_layout(rect=(0, 0.05 if run.note else 0.04, 1, 1))
+    fig.tight_layout(rect=(0, footer(fig, run), 1, 1))
     path = os.path.join(out, f"scaling-L-{run.slug}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -360,8 +371,7 @@ def vllm_tokens(run: Run, out: str) -> str:
     ax.set_title(f"vLLM decode throughput, stock vs mla_ext: {run.machine}", fontsize=9)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
-    footer(fig, run)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.tight_layout(rect=(0, footer(fig, run), 1, 1))
     path = os.path.join(out, f"vllm-tokens-{run.slug}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
