@@ -10,8 +10,8 @@ built mla_ext. Nothing is drawn from a number that is not in a record. Pictures:
    an fp8 cache counts 1 byte per value); the ceilings measured in the SAME run as lines
    (copy bandwidth as the sloped roof, the fp32 FMA peak and torch's fp32 / bf16 matmul
    rates as flat ones); one labelled point per shape x implementation. Drawn from the
-   machine's newest full run (bench_decode.py without --sweep, or device_check.sh's
-   record.json).
+   machine's newest full run (bench_decode.py without --sweep, device_check.sh's
+   record.json or bench_cuda.py's JSON), or from its newest sweep where it has no full run.
 2. scaling-L-<machine>.png: milliseconds per decode call against context length L, log-log,
    one line per implementation, from the machine's newest `bench_decode.py --sweep L` run,
    with the same-run bound max(bytes / copy rate, FLOPs / best compute ceiling) dashed.
@@ -240,6 +240,11 @@ def caption(run: Run) -> str:
 # --------------------------------------------------------------------------- pictures
 
 
+def short(name: str) -> str:
+    """A point's label: the shape name, "sweep-L4096" as "L=4096"."""
+    return "L=" + name[len("sweep-L"):] if name.startswith("sweep-L") else name
+
+
 def footer(fig, run: Run) -> float:
     """Machine, commit, date, record (and the run's note) under the axes; returns the figure
     fraction they take, for tight_layout's rect."""
@@ -250,6 +255,42 @@ def footer(fig, run: Run) -> float:
     lines = [w for para in text.split("\n") for w in textwrap.wrap(para, width)]
     fig.text(0.01, 0.005, "\n".join(lines), fontsize=7, color="0.35", ha="left", va="bottom")
     return 0.01 + 0.13 * len(lines) / fig.get_figheight()
+
+
+def place_labels(ax, labels, points, xlim, ylim, div, axes_in) -> None:
+    """Annotate each (text, x, y, colour) beside its point, on the first side (right, left, then
+    the same raised or lowered) where the text overlaps neither a marker nor a label already
+    placed. Positions are estimated in axes fractions of the log-log axes (7-point text)."""
+    (x0, x1), (y0, y1) = xlim, ylim
+    w_in, h_in = axes_in
+
+    def frac(x, y):
+        return math.log(x / x0) / math.log(x1 / x0), math.log(y / y0) / math.log(y1 / y0)
+
+    pt_x, pt_y = 1 / 72 / w_in, 1 / 72 / h_in  # one point as a fraction of the axes
+    boxes = []
+    for x, y in points:  # markers, ~8 points wide
+        fx, fy = frac(x, y)
+        boxes.append((fx - 5 * pt_x, fx + 5 * pt_x, fy - 5 * pt_y, fy + 5 * pt_y))
+
+    def free(b):
+        return 0 <= b[0] and b[1] <= 1 and 0 <= b[2] and b[3] <= 1 and not any(
+            b[0] < o[1] and o[0] < b[1] and b[2] < o[3] and o[2] < b[3] for o in boxes)
+
+    for text, x, y, colour in sorted(labels, key=lambda t: -t[2]):
+        fx, fy = frac(x, y)
+        width, height = 3.9 * len(text) * pt_x, 8 * pt_y
+        choice = None
+        for dx, dy in ((7, -3), (-7, -3), (7, 6), (-7, 6), (7, -12), (-7, -12)):
+            bx0 = fx + dx * pt_x - (width if dx < 0 else 0)
+            box = (bx0, bx0 + width, fy + dy * pt_y, fy + dy * pt_y + height)
+            if free(box):
+                choice = (dx, dy, box)
+                break
+        dx, dy, box = choice or (7, -3, (fx, fx + width, fy, fy + height))
+        boxes.append(box)
+        ax.annotate(text, (x, y / div), textcoords="offset points", xytext=(dx, dy),
+                    ha="right" if dx < 0 else "left", va="bottom", fontsize=7, color=colour)
 
 
 def roofline(run: Run, out: str) -> str:
@@ -280,6 +321,7 @@ def roofline(run: Run, out: str) -> str:
     impls = list(dict.fromkeys(p["impl"] for p in pts))
     # One marker per shape x implementation; shapes of one implementation that land on the same
     # spot (same intensity, within 15 % in rate) share one label so that the text stays legible.
+    labels = []
     for i, impl in enumerate(impls):
         colour, marker, label = style(impl, i)
         mine = [(p, x) for p, x in zip(pts, ai) if p["impl"] == impl]
@@ -290,18 +332,23 @@ def roofline(run: Run, out: str) -> str:
             g = next((g for g in groups if abs(math.log(x / g[0][1])) < 0.1
                       and abs(math.log(p["gflops"] / g[0][0]["gflops"])) < 0.14), None)
             (g.append((p, x)) if g else groups.append([(p, x)]))
-        for g in groups:
-            p, x = g[0]
-            ax.annotate(", ".join(q["name"] for q, _ in g), (x, p["gflops"] / div), textcoords="offset points",
-                        xytext=(7, -3), fontsize=7, color=colour)
+        labels += [(", ".join(short(q["name"]) for q, _ in g), g[0][1], g[0][0]["gflops"], colour) for g in groups]
+    place_labels(ax, labels, [(x, p["gflops"]) for p, x in zip(pts, ai)], (lo, hi), (y_lo, y_hi), div,
+                 axes_in=(fig.get_figwidth() * 0.68, fig.get_figheight() * 0.78))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(lo, hi)
     ax.set_ylim(y_lo / div, y_hi / div)
     ax.set_xlabel("arithmetic intensity, FLOPs / byte (SPEC section 5: cache read once)")
     ax.set_ylabel(unit)
-    shapes = ", ".join(dict.fromkeys(
-        f"{p['name']} (b={p['b']}, h={p['h']}, L={p['L']})" if p.get("L") else p["name"] for p in pts))
+    if run.kind == "sweep":
+        p0 = pts[0]
+        shapes = (f"--sweep L: b={p0.get('b')}, s_q={p0.get('s_q')}, h={p0.get('h')}, "
+                  f"L = {', '.join(str(L) for L in sorted({p['L'] for p in pts}))}")
+    else:
+        shapes = ", ".join(dict.fromkeys(
+            f"{p['name']} (b={p['b']}, h={p['h']}, L={p['L']})" if p.get("L") else p["name"] for p in pts))
+    shapes = "\n".join(textwrap.wrap(shapes, 130))
     ax.set_title(f"Decode roofline: {run.machine}" + (f", {run.threads} threads" if run.threads else "")
                  + f"\n{shapes}", fontsize=9)
     ax.grid(True, which="both", alpha=0.25)
@@ -393,9 +440,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     os.makedirs(args.out, exist_ok=True)
     written: List[Tuple[str, Run]] = []
-    for run in by_machine(runs, ("bench", "gpu-check")).values():
-        written.append((roofline(run, args.out), run))
+    full = by_machine(runs, ("bench", "gpu-check"))
     sweeps = by_machine(runs, ("sweep",))
+    # A machine with sweeps only gets its roofline from its newest sweep (one point per L x impl).
+    for run in {**sweeps, **full}.values():
+        written.append((roofline(run, args.out), run))
     for run in sweeps.values():
         written.append((scaling_L(run, args.out), run))
     if not sweeps:
