@@ -133,3 +133,14 @@ def test_no_records_is_an_error(tmp_path):
     p = run_plot(res, out)
     assert p.returncode == 1
     assert not out.exists() or not any(n.endswith(".png") for n in os.listdir(out))
+
+
+def test_sweep_only_machine_gets_a_roofline(tmp_path):
+    res, out = tmp_path / "results", tmp_path / "img"
+    write(res, "sweep.json", sweep_record())
+    p = run_plot(res, out)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert sorted(os.listdir(out)) == ["index.md", "roofline-cpu-test-cpu-f6-m1.png",
+                                       "scaling-L-cpu-test-cpu-f6-m1.png"]
+    for n in ("roofline-cpu-test-cpu-f6-m1.png", "scaling-L-cpu-test-cpu-f6-m1.png"):
+        assert_png(out / n)
