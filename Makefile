@@ -10,9 +10,9 @@ CUDA_TORCH_SPEC ?= torch==2.14.1
 NVCC ?= nvcc
 MAX_JOBS ?= 2
 
-.PHONY: demo test bench build venv cuda-compile-check cuda-build-check device-check clean
+.PHONY: demo test bench build venv cuda-compile-check cuda-build-check device-check clean plots
 
-$(VENV)/.deps: requirements-dev.txt
+$(VENV)/.deps: requirements-dev.txt requirements-plots.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" -r requirements-dev.txt
 	touch $@
@@ -48,6 +48,10 @@ cuda-build-check:
 # On a GPU machine (one call): build for its arch, GPU tests, sanitizer, benchmark, $(OUT)/record.json.
 device-check:
 	benchmarks/device_check.sh
+
+# PNGs under docs/img/ from the JSON records in benchmarks/results/ (matplotlib, Agg; no build needed).
+plots: venv
+	$(PY) benchmarks/plot.py --results benchmarks/results --out docs/img
 
 clean:
 	rm -rf build *.egg-info mla_ext/*.so $(VENV)

@@ -20,13 +20,14 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
 
 import mla_ext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode import time_fn  # noqa: E402  (one timer for every benchmark)
+from bench_decode import git_commit, progress, time_fn  # noqa: E402  (one timer for every benchmark)
 
 D, DC, DR = 576, 512, 64
 SCALE = 1.0 / math.sqrt(192)
@@ -172,11 +173,17 @@ def main():
         return 0
     mla_ext.set_index_checks(False)  # timing the kernels, not the host-side validation sync
     torch.backends.cuda.matmul.allow_tf32 = False
-    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "index_checks": False}
+    t0 = time.perf_counter()
+    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "index_checks": False,
+              **git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    progress("measuring the ceilings (copy, bf16 matmul)", t0)
     record["ceilings"] = ceilings(args.quick)
     results = []
-    for name, b, s_q, h, L in DECODE_SHAPES[: 1 if args.quick else None]:
+    shapes = DECODE_SHAPES[: 1 if args.quick else None]
+    for i, (name, b, s_q, h, L) in enumerate(shapes):
+        progress(f"[{i + 1}/{len(shapes)}] {name}: b={b} s_q={s_q} h={h} L={L} ...", t0)
         results += bench_decode(name, b, s_q, h, L)
+    progress("append ...", t0)
     results += bench_append(T=4096 if args.quick else 65536)
     record["results"] = results
     c = record["ceilings"]

@@ -2,6 +2,14 @@
 
     python benchmarks/bench_decode.py --device cpu  [--json out.json] [--reps 30]
     python benchmarks/bench_decode.py --device cuda [--json out.json]
+    python benchmarks/bench_decode.py --device cpu --sweep L [--sweep-values 512,4096,32768] [--json out.json]
+
+--sweep L times decode at one batch and head count (--sweep-b, --sweep-h; default the
+cpu-small / decode-tp8 ones) over context lengths L (default 512 ... 65536, powers of 2):
+records named "sweep-L<L>" with "sweep": "L", for benchmarks/plot.py's scaling picture. The
+slow per-sequence torch reference is left out of a sweep (torch-batched stays).
+Every record file also carries the commit, the date and --note (say there whether the
+machine was quiet). Each shape prints a progress line as it starts and when it is done.
 
 Counting follows SPEC section 5:
     FLOPs = 2 * b * s_q * h * mean(L) * (576 + 512)
@@ -32,6 +40,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -227,6 +236,29 @@ def cpu_info() -> Dict[str, object]:
     return info
 
 
+# --------------------------------------------------------------------------- provenance
+
+
+def git_commit() -> Dict[str, object]:
+    """The checkout's commit and whether tracked files differ from it (None outside git)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*a: str) -> Optional[str]:
+        try:
+            r = subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, timeout=20)
+            return r.stdout.strip() if r.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "--short=7", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(dirty) if commit and dirty is not None else None}
+
+
+def progress(msg: str, t0: float) -> None:
+    print(f"# [{time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -245,7 +277,15 @@ def main() -> int:
     ap.add_argument("--no-fp8", action="store_true", help="skip the float8_e4m3fn cache rows")
     ap.add_argument("--quick", action="store_true", help="small ceilings, for smoke tests")
     ap.add_argument("--json", default=None, help="write records, ceilings and device info here")
+    ap.add_argument("--sweep", choices=["L"], default=None,
+                    help="time decode over context lengths at one b and h (records 'sweep-L<L>')")
+    ap.add_argument("--sweep-values", default=",".join(str(2**k) for k in range(9, 17)),
+                    help="comma-separated L values of --sweep L (default 512,...,65536)")
+    ap.add_argument("--sweep-b", type=int, default=None, help="batch of --sweep (default 4 cpu, 128 cuda)")
+    ap.add_argument("--sweep-h", type=int, default=16, help="query heads of --sweep")
+    ap.add_argument("--note", default=None, help="free text kept in the JSON (e.g. 'machine shared, not quiet')")
     args = ap.parse_args()
+    t_start = time.perf_counter()
 
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -260,8 +300,17 @@ def main() -> int:
     if args.shapes:
         wanted = args.shapes.split(",")
         shapes = {k: v for k, v in {**SHAPES["cpu"], **SHAPES["cuda"]}.items() if k in wanted}
+    sweep = None
+    if args.sweep == "L":
+        sb = args.sweep_b or (4 if device == "cpu" else 128)
+        values = [int(v) for v in args.sweep_values.split(",") if v.strip()]
+        shapes = {f"sweep-L{L}": (sb, 1, args.sweep_h, L) for L in values}
+        sweep = {"param": "L", "b": sb, "s_q": 1, "h": args.sweep_h, "values": values}
+        args.no_append = True
 
     dev_info: Dict[str, object] = {"device": device, "torch": torch.__version__, "python": platform.python_version()}
+    meta: Dict[str, object] = {**git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               "argv": sys.argv[1:], "note": args.note, "sweep": sweep}
     if device == "cpu":
         dev_info["cpu"] = cpu_info()
         dev_info["load_before"] = os.getloadavg()
@@ -274,6 +323,7 @@ def main() -> int:
     if device == "cpu":
         print(f"# load average before: {dev_info['load_before']}")
 
+    progress("measuring the ceilings (copy, matmuls" + (", FMA peak)" if device == "cpu" else ")"), t_start)
     ceil = ceilings(device, args.quick)
     print(f"# ceilings: copy {ceil['copy_gbps']:.1f} GB/s, matmul bf16 {ceil['matmul_bf16_gflops']:.1f} GFLOP/s "
           f"(n={ceil['matmul_bf16_n']}), fp32 {ceil['matmul_fp32_gflops']:.1f} GFLOP/s (n={ceil['matmul_fp32_n']})"
@@ -283,7 +333,8 @@ def main() -> int:
     vop = vllm_op() if device == "cpu" else None
     records: List[Dict[str, object]] = []
     scale = 1.0 / math.sqrt(192.0)
-    for name, (b, s_q, h, L) in shapes.items():
+    for i_shape, (name, (b, s_q, h, L)) in enumerate(shapes.items()):
+        progress(f"[{i_shape + 1}/{len(shapes)}] {name}: b={b} s_q={s_q} h={h} L={L} ...", t_start)
         q, cache, bt, sl = make_inputs(b, s_q, h, L, block_size, dtype, device)
         elt = q.element_size()
         flops = 2 * b * s_q * h * L * (HEAD + LATENT)
@@ -297,8 +348,9 @@ def main() -> int:
             s8 = mla_ext.fp8_scale_for(cache)
             cache8 = reference.quantize_fp8(cache, s8)
             impls["mla_ext-fp8"] = lambda: mla_ext.decode(qn, qp, cache8, bt, sl, softmax_scale=scale, scale=s8)
-        if not args.no_torch:
+        if not args.no_torch and sweep is None:
             impls["torch"] = lambda: reference.decode(q, None, cache, bt, sl, scale, compute_dtype=q.dtype)
+        if not args.no_torch:
             cdt = torch.float32 if device == "cpu" else dtype
             impls["torch-batched"] = lambda: torch_batched(q, cache, bt, sl, scale, True, cdt)
         if vop is not None and s_q == 1 and dtype == torch.bfloat16 and block_size == 16:
@@ -316,6 +368,8 @@ def main() -> int:
                 res[impl] = time_fn(fn, device, reps=args.torch_reps, warmup=1)
         fast = {k: v for k, v in impls.items() if not k.startswith("torch")}
         res.update(time_round_robin(fast, device, reps=reps, warmup=args.warmup))
+        progress(f"[{i_shape + 1}/{len(shapes)}] {name} done: "
+                 + ", ".join(f"{k} {v:.3f} ms" for k, v in res.items()), t_start)
         for impl, ms in res.items():
             gflops = flops / ms / 1e6
             gbps = impl_bytes.get(impl, nbytes) / ms / 1e6
@@ -326,6 +380,8 @@ def main() -> int:
                    "pct_matmul_fp32": 100 * gflops / ceil["matmul_fp32_gflops"],
                    "pct_fma_peak": 100 * gflops / ceil["fma_peak_gflops"] if ceil.get("fma_peak_gflops") else None,
                    "pct_copy": 100 * gbps / ceil["copy_gbps"]}
+            if sweep is not None:
+                rec["sweep"] = "L"
             if impl in kernels:
                 rec["kernel"] = kernels[impl]
             if impl == "mla_ext-fp8":
@@ -337,6 +393,7 @@ def main() -> int:
             records.append(rec)
 
     if not args.no_append:
+        progress("append_kv ...", t_start)
         T = APPEND_TOKENS[device]
         g = torch.Generator().manual_seed(1)
         nb = (T + block_size - 1) // block_size * 2
@@ -389,7 +446,7 @@ def main() -> int:
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device_info": dev_info, "ceilings": ceil, "records": records}, f, indent=1)
+            json.dump({**meta, "device_info": dev_info, "ceilings": ceil, "records": records}, f, indent=1)
         print(f"# wrote {args.json}")
     return 0
 
