@@ -10,7 +10,7 @@ CUDA_TORCH_SPEC ?= torch==2.14.1
 NVCC ?= nvcc
 MAX_JOBS ?= 2
 
-.PHONY: demo test bench build venv cuda-compile-check cuda-build-check device-check clean plots
+.PHONY: demo test bench build venv cuda-compile-check cuda-build-check device-check clean test-emulated plots
 
 $(VENV)/.deps: requirements-dev.txt requirements-plots.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q tests
+
+# The CUDA kernels' real source on the CPU (SIMT emulator, docs/cuda-emulation.md): every
+# emulated case under the forward / reverse / random thread orders and the ASan+UBSan and TSan
+# builds, then the mutation check (planted bugs that must all be caught). No GPU needed.
+# (`make test` runs the fast subset: plain build, forward order.)
+test-emulated: build
+	MLA_EXT_EMU_FULL=1 MAX_JOBS=$(MAX_JOBS) $(PY) -m pytest -q -m emulated tests
+	MAX_JOBS=$(MAX_JOBS) $(PY) tests/cuda_emu/mutations.py
 
 bench: build
 	$(PY) benchmarks/bench_decode.py --device cpu

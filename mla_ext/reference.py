@@ -59,6 +59,13 @@ def append_kv(
     return new
 
 
+def visible_keys(seqlen: int, s_q: int, j: int, causal: bool) -> int:
+    """Keys query j of s_q sees in a sequence of `seqlen` cached tokens (SPEC section 1)."""
+    if not causal:
+        return seqlen
+    return max(0, min(seqlen, seqlen - s_q + j + 1))
+
+
 def decode(
     q_nope: torch.Tensor,
     q_pe: Optional[torch.Tensor],
@@ -94,6 +101,10 @@ def decode(
         row_lse = torch.logsumexp(scores, dim=-1)  # [s_q, h]; -inf where every key is masked
         seen = torch.isfinite(row_lse)
         probs = torch.where(seen[..., None], torch.exp(scores - row_lse[..., None]), 0.0)
-        out[i] = torch.einsum("sht,td->shd", probs, kv[:, :LATENT_DIM])
+        for j in range(s_q):
+            # Only the keys query j sees: a masked key is skipped, not multiplied by 0, so an
+            # inf / NaN there cannot reach this query (0 * NaN would be NaN).
+            n = visible_keys(seqlen, s_q, j, causal)
+            out[i, j] = probs[j, :, :n] @ kv[:n, :LATENT_DIM]
         lse[i] = row_lse
     return out.to(q.dtype), lse.float()

@@ -105,8 +105,11 @@ __global__ void __launch_bounds__(kSimpleThreads) decode_simple_kernel(const Dec
     }
   }
 
-  const float inv = l > 0.f ? kv_scale / l : 0.f;
-  const float lse = l > 0.f ? (m + __log2f(l)) * kLn2 : -INFINITY;
+  // Empty (out 0, lse -inf) when this split holds none of the row's keys; decided from the
+  // range, so an inf / NaN the row does see propagates as in the reference.
+  const bool empty = range.key_end <= range.tile_begin * kSimpleTile;
+  const float inv = empty ? 0.f : kv_scale / l;
+  const float lse = empty ? -INFINITY : (m + __log2f(l)) * kLn2;
   if (p.num_splits == 1) {
     T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * M + r) * kLatentDim + col;
 #pragma unroll
@@ -135,11 +138,18 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
   const int64_t base = static_cast<int64_t>(b) * S * M + r;  // (b, split 0, r)
   const int col = threadIdx.x * 4;
 
+  // A split that saw no key has lse -inf and is skipped; a NaN lse (the row saw a NaN)
+  // propagates into the output as in the reference.
   float mx = -INFINITY;
-  for (int s = 0; s < S; ++s) mx = fmaxf(mx, p.lse_accum[base + static_cast<int64_t>(s) * M]);
+  bool seen = false;
+  for (int s = 0; s < S; ++s) {
+    const float lse = p.lse_accum[base + static_cast<int64_t>(s) * M];
+    seen |= lse != -INFINITY;
+    mx = lse > mx ? lse : mx;
+  }
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   float wsum = 0.f;
-  if (mx != -INFINITY) {
+  if (seen) {
     for (int s = 0; s < S; ++s) {
       const int64_t idx = base + static_cast<int64_t>(s) * M;
       const float lse = p.lse_accum[idx];
@@ -153,13 +163,13 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
       wsum += w;
     }
   }
-  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+  const float inv = seen ? 1.f / wsum : 0.f;
   T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * M + r) * kLatentDim + col;
   out[0] = Tr::from_float(acc.x * inv);
   out[1] = Tr::from_float(acc.y * inv);
   out[2] = Tr::from_float(acc.z * inv);
   out[3] = Tr::from_float(acc.w * inv);
-  if (threadIdx.x == 0) p.lse[static_cast<int64_t>(b) * M + r] = wsum > 0.f ? mx + __logf(wsum) : -INFINITY;
+  if (threadIdx.x == 0) p.lse[static_cast<int64_t>(b) * M + r] = seen ? mx + __logf(wsum) : -INFINITY;
 }
 
 template <typename T>

@@ -74,6 +74,19 @@ struct TcConfig {
   static_assert(STAGES >= 2, "need at least double buffering");
 };
 
+// Whether V rows [row_lo, row_hi) of a shared tile hold an inf / NaN in the warp's output
+// columns [col_begin, col_begin + kOCols); each lane checks every 32nd column.
+template <typename Cfg, typename T>
+__device__ __forceinline__ bool any_nonfinite(const T* tile, int row_lo, int row_hi, int col_begin, int lane) {
+  bool bad = false;
+  for (int r = row_lo; r < row_hi; ++r)
+    for (int c = lane; c < Cfg::kOCols; c += 32) {
+      const float v = TypeTraits<T>::to_float(tile[r * Cfg::kRowElems + col_begin + c]);
+      bad |= (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u;
+    }
+  return bad;
+}
+
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) decode_tc_kernel(const DecodeParams p) {
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, STAGES = Cfg::kStages;
@@ -164,6 +177,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) decode_tc_kernel(const Decod
       m0 + r_lo < M ? min(range.key_end, visible_keys(L, p.seqlen_q, (m0 + r_lo) / h, p.causal)) : 0;
   const int32_t lim_hi =
       m0 + r_hi < M ? min(range.key_end, visible_keys(L, p.seqlen_q, (m0 + r_hi) / h, p.causal)) : 0;
+  // Keys [block_min_lim, range.key_end) are loaded for the block's later query positions but
+  // masked for its first row (causal, s_q > 1): P.V must skip them there, see below.
+  const int32_t block_min_lim = min(range.key_end, visible_keys(L, p.seqlen_q, m0 / h, p.causal));
   const bool warp_active = m0 + wm * 16 < M;  // warps holding only padding rows skip the MMAs
   // fp8: the dequantization scale, folded into the scores here and the output at the end.
   const float kv_scale = Cfg::kFp8 ? __ldg(p.kv_scale) : 1.f;
@@ -302,8 +318,46 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) decode_tc_kernel(const Decod
 
     // ---- O += P V, V = columns [0, 512) of the same shared tile.
     if (warp_active) {
+      // A masked (row, key) pair has P = 0, but an MMA still computes 0 * V, and 0 * inf or
+      // 0 * NaN is NaN: an inf / NaN in a key that only later query positions see would reach
+      // the rows that must not see it. So a 16-key chunk holding such a key (the causal band
+      // [block_min_lim, key_end), at most s_q - 1 keys) with a non-finite V value takes a
+      // scalar path that skips masked pairs. Finite values (always, in practice) keep the MMA.
+      const int32_t tile_key0 = tile * BN;
+      const int32_t band_lo = max(block_min_lim, tile_key0), band_hi = min(range.key_end, tile_key0 + BN);
+      bool band_nonfinite = false;
+      if (band_lo < band_hi)  // uniform across the block
+        band_nonfinite = __any_sync(0xffffffffu, any_nonfinite<Cfg>(sK, band_lo - tile_key0, band_hi - tile_key0,
+                                                                     wn * Cfg::kOCols, lane));
+      const int col0 = wn * Cfg::kOCols + q8;
 #pragma unroll
       for (int ks = 0; ks < BN / 16; ++ks) {
+        const int32_t chunk0 = tile_key0 + ks * 16;
+        if (band_nonfinite && chunk0 < band_hi && chunk0 + 16 > band_lo) {
+#pragma unroll 1
+          for (int kk = 0; kk < 16; ++kk) {
+            const int32_t key = chunk0 + kk;
+            const T* v_row = sK + (ks * 16 + kk) * RS + col0;
+            const T* p_col = sP + ks * 16 + kk;
+            if (key < lim_lo) {
+              const float pv = Tr::to_float(p_col[r_lo * Cfg::kPRow]);
+#pragma unroll
+              for (int t = 0; t < Cfg::kOTiles; ++t) {
+                o[t][0] += pv * Tr::to_float(v_row[t * 8]);
+                o[t][1] += pv * Tr::to_float(v_row[t * 8 + 1]);
+              }
+            }
+            if (key < lim_hi) {
+              const float pv = Tr::to_float(p_col[r_hi * Cfg::kPRow]);
+#pragma unroll
+              for (int t = 0; t < Cfg::kOTiles; ++t) {
+                o[t][2] += pv * Tr::to_float(v_row[t * 8]);
+                o[t][3] += pv * Tr::to_float(v_row[t * 8 + 1]);
+              }
+            }
+          }
+          continue;
+        }
         uint32_t pa[4];
         ldmatrix_x4(pa, sP + (wm * 16 + (lane & 15)) * Cfg::kPRow + ks * 16 + (lane >> 4) * 8);
         const T* v_base = sK + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * RS + wn * Cfg::kOCols + (lane >> 4) * 8;
@@ -335,11 +389,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) decode_tc_kernel(const Decod
     tot_lo += sSum[w * BM + r_lo];
     tot_hi += sSum[w * BM + r_hi];
   }
-  // A row that saw no key has m = -inf and sum 0: out 0, lse -inf. (fp8: times kv_scale.)
-  const float inv_lo = tot_lo > 0.f ? kv_scale / tot_lo : 0.f;
-  const float inv_hi = tot_hi > 0.f ? kv_scale / tot_hi : 0.f;
-  const float lse_lo = tot_lo > 0.f ? (m_lo + __log2f(tot_lo)) * kLn2 : -INFINITY;
-  const float lse_hi = tot_hi > 0.f ? (m_hi + __log2f(tot_hi)) * kLn2 : -INFINITY;
+  // A row that sees no key of this split gets out 0, lse -inf (fp8: the output times kv_scale).
+  // Decided from the key ranges, not from the sum: an inf / NaN the row does see must show up
+  // in its output as it does in the reference, never turn it into an "empty" row.
+  const int32_t split_key0 = range.tile_begin * BN;
+  const bool empty_lo = lim_lo <= split_key0, empty_hi = lim_hi <= split_key0;
+  const float inv_lo = empty_lo ? 0.f : kv_scale / tot_lo;
+  const float inv_hi = empty_hi ? 0.f : kv_scale / tot_hi;
+  const float lse_lo = empty_lo ? -INFINITY : (m_lo + __log2f(tot_lo)) * kLn2;
+  const float lse_hi = empty_hi ? -INFINITY : (m_hi + __log2f(tot_hi)) * kLn2;
 
   const int32_t row_lo = m0 + r_lo, row_hi = m0 + r_hi;
   const int col0 = wn * Cfg::kOCols + q8;

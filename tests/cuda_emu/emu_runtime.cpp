@@ -23,9 +23,19 @@
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
-#if defined(__SANITIZE_THREAD__)
-#define MLA_EMU_TSAN 1
+// The tsan flavour builds this file WITHOUT -fsanitize=thread (-DMLA_EMU_TSAN=1): the
+// emulator's own bookkeeping is shared by all fibers by design and must not be checked. The
+// kernel's memory traffic that passes through here (cp.async, ldmatrix) is reported to TSan
+// by hand, attributed to the CUDA thread that issues it.
+#if defined(MLA_EMU_TSAN)
 #include <sanitizer/tsan_interface.h>
+extern "C" void __tsan_read_range(void* addr, unsigned long size);
+extern "C" void __tsan_write_range(void* addr, unsigned long size);
+#define MLA_EMU_TSAN_READ(p, n) __tsan_read_range(const_cast<void*>(static_cast<const void*>(p)), n)
+#define MLA_EMU_TSAN_WRITE(p, n) __tsan_write_range(static_cast<void*>(p), n)
+#else
+#define MLA_EMU_TSAN_READ(p, n) ((void)0)
+#define MLA_EMU_TSAN_WRITE(p, n) ((void)0)
 #endif
 
 // ---------------------------------------------------------------------------------------
@@ -84,11 +94,12 @@ constexpr size_t kGuardBytes = 4096;        // PROT_NONE page below each stack
 constexpr size_t kSmemCanary = 64;          // bytes after dynamic shared memory checked per block
 
 enum class State { kRunnable, kAtBarrier, kInCollective, kDone };
-enum class CollKind { kNone, kShfl, kLdmatrix, kLdmatrixTrans, kMmaBf16, kMmaFp16 };
+enum class CollKind { kNone, kShfl, kVote, kLdmatrix, kLdmatrixTrans, kMmaBf16, kMmaFp16 };
 
 const char* kind_name(CollKind k) {
   switch (k) {
     case CollKind::kShfl: return "__shfl_xor_sync";
+    case CollKind::kVote: return "__any_sync";
     case CollKind::kLdmatrix: return "ldmatrix.x4";
     case CollKind::kLdmatrixTrans: return "ldmatrix.x4.trans";
     case CollKind::kMmaBf16: return "mma.m16n8k16.bf16";
@@ -285,8 +296,9 @@ void init_fiber(Fiber& f) {
   f.open_group.clear();
   f.committed.clear();
 #if MLA_EMU_TSAN
-  if (f.tsan_fiber != nullptr) __tsan_destroy_fiber(f.tsan_fiber);
-  f.tsan_fiber = __tsan_create_fiber(0);
+  // One TSan fiber per thread slot, reused by later blocks: ordered after them anyway (block
+  // end -> launch edges), and creating 256 fibers per block costs more than the block.
+  if (f.tsan_fiber == nullptr) f.tsan_fiber = __tsan_create_fiber(0);
 #endif
 }
 
@@ -312,7 +324,7 @@ void warp_arrive(CollKind kind, uint32_t expected, const void* site) {
     if (w.kind != kind)
       fail(where() + " reached " + kind_name(kind) + " while other lanes of its warp wait in " + kind_name(w.kind));
     if (w.expected != expected) fail(where() + ": lanes of one warp pass different member masks to " + kind_name(kind));
-    if (kind != CollKind::kShfl && w.site != site)
+    if (kind != CollKind::kShfl && kind != CollKind::kVote && w.site != site)
       fail(where() + ": lanes of one warp reached " + kind_name(kind) + " at different instructions (" + hex(site) +
            " vs " + hex(w.site) + "); .aligned collectives need the whole warp converged");
   }
@@ -347,6 +359,15 @@ void warp_arrive(CollKind kind, uint32_t expected, const void* site) {
         lane_args(l).result[0] = lane_args(src).value;
       }
       break;
+    case CollKind::kVote: {
+      ++r.stats.shuffles;
+      uint32_t any = 0;
+      for (int l = 0; l < 32; ++l)
+        if (expected & (1u << l)) any |= lane_args(l).value;
+      for (int l = 0; l < 32; ++l)
+        if (expected & (1u << l)) lane_args(l).result[0] = any;
+      break;
+    }
     case CollKind::kLdmatrix:
     case CollKind::kLdmatrixTrans: {
       ++r.stats.ldmatrix;
@@ -426,8 +447,13 @@ uint32_t warp_lanes(const Fiber& f) {
 void complete_copies(Fiber& f, size_t keep) {
   while (f.committed.size() > keep) {
     for (const Copy& c : f.committed.front()) {
-      if (c.src != nullptr) std::memcpy(c.dst, c.src, 16);
-      else std::memset(c.dst, 0, 16);
+      MLA_EMU_TSAN_WRITE(c.dst, 16);
+      if (c.src != nullptr) {
+        MLA_EMU_TSAN_READ(c.src, 16);
+        std::memcpy(c.dst, c.src, 16);
+      } else {
+        std::memset(c.dst, 0, 16);
+      }
     }
     f.committed.pop_front();
   }
@@ -577,6 +603,7 @@ void regions_after_block(int64_t block) {
 }  // namespace
 
 Config& config() { return rt().cfg; }
+uint3 thread_idx() { return g_current->thread_idx; }
 const Stats& stats() { return rt().stats; }
 
 void fail(const std::string& message) {
@@ -619,6 +646,12 @@ uint32_t shfl_xor_b32(uint32_t mask, uint32_t value, int lane_mask, const void* 
   return cur().args.result[0];
 }
 
+bool vote_any(uint32_t mask, bool predicate, const void* site) {
+  cur().args.value = predicate ? 1u : 0u;
+  warp_arrive(CollKind::kVote, mask, site);
+  return cur().args.result[0] != 0;
+}
+
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem_addr, bool trans) {
   const void* site = __builtin_return_address(0);
   Fiber& f = cur();
@@ -626,6 +659,7 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_addr, bool trans) {
     fail(where() + ": ldmatrix row address " + hex(smem_addr) +
          " is not a 16-byte aligned row inside the block's shared memory");
   f.args.addr = static_cast<const unsigned char*>(smem_addr);
+  MLA_EMU_TSAN_READ(smem_addr, 16);  // this lane's row, read at the collective
   warp_arrive(trans ? CollKind::kLdmatrixTrans : CollKind::kLdmatrix, warp_lanes(f), site);
   for (int i = 0; i < 4; ++i) r[i] = cur().args.result[i];
 }
@@ -648,6 +682,7 @@ void cp_async_16(void* smem_dst, const void* global_src, bool valid) {
     fail(where() + ": cp.async source " + hex(global_src) + " is not 16-byte aligned");
   ++rt().stats.cp_async;
   unsigned char* dst = static_cast<unsigned char*>(smem_dst);
+  MLA_EMU_TSAN_WRITE(dst, 16);
   std::memset(dst, 0xff, 16);  // poisoned (NaN in every element type) until a wait covers it
   f.open_group.push_back({dst, valid ? static_cast<const unsigned char*>(global_src) : nullptr});
 }
@@ -676,6 +711,9 @@ cudaError_t run_grid(const void* kernel_id, dim3 grid, dim3 block, size_t dynami
   }
   if (dynamic_smem_bytes > static_cast<size_t>(r.cfg.smem_optin)) return r.last_error = cudaErrorInvalidValue;
   ++r.stats.launches;
+#if MLA_EMU_TSAN
+  if (r.tsan_main == nullptr) r.tsan_main = __tsan_get_current_fiber();
+#endif
   r.rng.seed(r.cfg.seed + r.stats.launches);
   g_block_dim = block;
   g_grid_dim = grid;

@@ -34,6 +34,7 @@ struct ThreadCoords {
   uint3 thread_idx;
 };
 extern ThreadCoords* g_current;  // the running fiber
+uint3 thread_idx();              // g_current->thread_idx, read inside the runtime (see tsan)
 extern uint3 g_block_idx;
 extern dim3 g_block_dim, g_grid_dim;
 
@@ -43,6 +44,7 @@ extern dim3 g_block_dim, g_grid_dim;
 // the same ldmatrix / mma instruction, and all threads of a block the same barrier.
 void syncthreads();
 uint32_t shfl_xor_b32(uint32_t mask, uint32_t value, int lane_mask, const void* site);
+bool vote_any(uint32_t mask, bool predicate, const void* site);
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem_addr, bool trans);
 enum class MmaKind : int { kBf16 = 0, kFp16 = 1 };
 void mma_16816(MmaKind kind, float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
@@ -82,7 +84,7 @@ cudaError_t cudaFuncSetAttribute(void (*kernel)(KArgs...), cudaFuncAttribute att
 #define __shared__ MLA_EMU_static_shared_arrays_are_not_supported_use_dynamic_smem
 #undef __launch_bounds__
 #define __launch_bounds__(...)
-#define threadIdx (::mla_emu::g_current->thread_idx)
+#define threadIdx (::mla_emu::thread_idx())
 #define blockIdx (::mla_emu::g_block_idx)
 #define blockDim (::mla_emu::g_block_dim)
 #define gridDim (::mla_emu::g_grid_dim)
@@ -108,6 +110,10 @@ __attribute__((noinline)) inline float __shfl_xor_sync(unsigned mask, float v, i
 }
 __attribute__((noinline)) inline int __shfl_xor_sync(unsigned mask, int v, int lane_mask, int = 32) {
   return static_cast<int>(::mla_emu::shfl_xor_b32(mask, static_cast<uint32_t>(v), lane_mask, __builtin_return_address(0)));
+}
+// Warp vote (PTX vote.sync.any): one rendezvous of the lanes in `mask`.
+__attribute__((noinline)) inline int __any_sync(unsigned mask, int predicate) {
+  return ::mla_emu::vote_any(mask, predicate != 0, __builtin_return_address(0)) ? 1 : 0;
 }
 __attribute__((noinline)) inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int lane_mask, int = 32) {
   return ::mla_emu::shfl_xor_b32(mask, v, lane_mask, __builtin_return_address(0));

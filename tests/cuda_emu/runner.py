@@ -8,8 +8,8 @@ plus tests/cuda_emu/{emu_runtime,harness}.cpp, in three flavours:
   tsan    + ThreadSanitizer (each CUDA thread a fiber; barriers, warp collectives, launch
           and block end are the only happens-before edges)
 
-Binaries are cached under ~/.cache/mla_ext/emu/<hash of sources and flags>/, so editing a
-kernel rebuilds on the next run. `run_decode` / `run_append` take torch tensors laid out as
+Objects and binaries are cached under ~/.cache/mla_ext/emu/ by the content of every source and
+header they are built from (and the flags), so editing a kernel rebuilds on the next run. `run_decode` / `run_append` take torch tensors laid out as
 mla_ext.decode / append_kv take them and return what the emulated CUDA call wrote.
 """
 from __future__ import annotations
@@ -37,6 +37,9 @@ FLAVORS = {
     "asan": ["-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
     "tsan": ["-O1", "-fsanitize=thread"],
 }
+# The runtime is not under test: optimised in every flavour; under tsan not instrumented
+# (its bookkeeping is shared by all fibers by design) but annotating the kernel's traffic.
+RUNTIME_FLAGS = {"plain": ["-O2"], "asan": ["-O2"], "tsan": ["-O2", "-fno-sanitize=thread", "-DMLA_EMU_TSAN=1"]}
 KERNEL_SOURCES = ["append_kv.cu", "decode.cu", "decode_tc_bf16.cu", "decode_tc_fp16.cu", "decode_tc_fp8_bf16.cu",
                   "decode_tc_fp8_fp16.cu"]
 EMU_SOURCES = ["emu_runtime.cpp", "harness.cpp"]
@@ -72,50 +75,72 @@ def _sources(csrc: Path) -> list[Path]:
     return [csrc / "cuda" / s for s in KERNEL_SOURCES] + [EMU_DIR / s for s in EMU_SOURCES]
 
 
-def _digest(csrc: Path, flavor: str) -> str:
-    h = hashlib.sha256(flavor.encode() + " ".join(FLAVORS[flavor]).encode())
-    files = sorted((csrc / "cuda").glob("*")) + [csrc / "mla_params.h"] + sorted(EMU_DIR.glob("*.[ch]*"))
-    for f in files:
-        if f.is_file():
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
+def _local_includes(src: Path, dirs: list[Path], seen: set) -> None:
+    """The quoted #includes of `src` that resolve in `dirs` (or next to it), recursively."""
+    for line in src.read_text().splitlines():
+        line = line.strip()
+        if not line.startswith("#include \""):
+            continue
+        name = line.split('"')[1]
+        for d in [src.parent, *dirs]:
+            cand = (d / name).resolve()
+            if cand.is_file():
+                if cand not in seen:
+                    seen.add(cand)
+                    _local_includes(cand, dirs, seen)
+                break
+
+
+def _object_key(src: Path, dirs: list[Path], flags: list[str]) -> str:
+    """Hash of a translation unit: its source, every local header it reaches, the flags."""
+    seen: set = set()
+    _local_includes(src, dirs, seen)
+    h = hashlib.sha256(" ".join(flags).encode())
+    for f in [src, *sorted(seen)]:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
 def build(flavor: str = "plain", csrc: Path | None = None, jobs: int | None = None) -> Path:
-    """The harness binary for `flavor`, built from `csrc` (default: the repo's csrc/)."""
+    """The harness binary for `flavor`, built from `csrc` (default: the repo's csrc/). Objects
+    are cached by content, so a mutated copy of csrc rebuilds only what its change reaches."""
     csrc = Path(csrc or REPO / "csrc")
-    out_dir = CACHE_ROOT / f"{flavor}-{_digest(csrc, flavor)}"
-    exe = out_dir / "emu_harness"
-    if exe.exists():
-        return exe
-    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="build-", dir=CACHE_ROOT))
     cxx = os.environ.get("CXX", "g++")
+    dirs = [EMU_DIR, csrc / "cuda"]
     common = ["-std=c++17", "-g", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas", "-DMLA_CUDA_EMULATION",
-              f"-I{cuda_include()}", f"-I{EMU_DIR}", f"-I{csrc / 'cuda'}"] + FLAVORS[flavor]
+              f"-I{cuda_include()}", *(f"-I{d}" for d in dirs)] + FLAVORS[flavor]
+    obj_dir = CACHE_ROOT / "obj" / flavor
+    obj_dir.mkdir(parents=True, exist_ok=True)
 
     def compile_one(src: Path) -> Path:
-        obj = tmp / (src.name + ".o")
-        # The runtime is not under test: optimised in every flavour (still instrumented).
-        extra = ["-O2"] if src.name == "emu_runtime.cpp" else []
-        cmd = [cxx, *common, *extra, "-x", "c++", "-c", str(src), "-o", str(obj)]
+        # The runtime is not under test: optimised in every flavour (see RUNTIME_FLAGS).
+        flags = common + (RUNTIME_FLAGS[flavor] if src.name == "emu_runtime.cpp" else [])
+        # Keyed by content, not paths: a mutated copy of csrc reuses every object it does not change.
+        key_flags = [cxx, *(f for f in flags if not f.startswith("-I"))]
+        obj = obj_dir / f"{src.name}-{_object_key(src, dirs, key_flags)}.o"
+        if obj.exists():
+            return obj
+        tmp = obj.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [cxx, *flags, "-x", "c++", "-c", str(src), "-o", str(tmp)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"emulator build failed: {' '.join(cmd)}\n{r.stderr[-4000:]}")
+        os.replace(tmp, obj)
         return obj
 
     jobs = jobs or int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
-    sources = _sources(csrc)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        objs = list(pool.map(compile_one, sources))
-    link = [cxx, *FLAVORS[flavor], "-o", str(tmp / "emu_harness"), *map(str, objs)]
-    r = subprocess.run(link, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"emulator link failed: {r.stderr[-4000:]}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp / "emu_harness", exe)
-    shutil.rmtree(tmp, ignore_errors=True)
+        objs = list(pool.map(compile_one, _sources(csrc)))
+    digest = hashlib.sha256("".join(o.name for o in objs).encode()).hexdigest()[:16]
+    exe = CACHE_ROOT / "bin" / f"emu_harness-{flavor}-{digest}"
+    if not exe.exists():
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        tmp = exe.with_suffix(f".{os.getpid()}.tmp")
+        r = subprocess.run([cxx, *FLAVORS[flavor], "-o", str(tmp), *map(str, objs)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"emulator link failed: {r.stderr[-4000:]}")
+        os.replace(tmp, exe)
     return exe
 
 

@@ -1,0 +1,157 @@
+"""Mutation check: proves the emulated suite can fail. Each mutation plants one known bug in a
+copy of csrc/, rebuilds the emulator from it (only the objects the change reaches) and runs the
+cases named for it; the mutation is caught when a run reports an emulator or sanitizer error
+or its output differs from the float64 reference. Every mutation must be caught.
+
+    python tests/cuda_emu/mutations.py            # all, prints the kill table, exit 1 if one survives
+    python tests/cuda_emu/mutations.py --only mma  # those whose name contains "mma"
+
+`make test-emulated` runs it; docs/cuda-emulation.md holds the table.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Tuple
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # tests/: cuda_cases, cuda_emu
+
+import torch  # noqa: E402
+
+from cuda_cases import DECODE_CASES, SCALE, DecodeCase, check_close  # noqa: E402
+from cuda_emu import runner  # noqa: E402
+
+CASES = {c.name: c for c in DECODE_CASES}
+# A key in the causal band holds NaN (see test_masked_key_with_nan_stays_masked).
+NAN_BAND = DecodeCase("nan in a causally masked key", s_q=2, lens=(40, 70))
+
+TC_LOOP = "cuda/decode_tc.cuh"
+
+
+@dataclass
+class Mutation:
+    name: str
+    path: str                                # relative to csrc/
+    old: str                                 # must occur exactly once
+    new: str
+    checks: List[Tuple[str, str, str, str]]  # (case, flavor, order, device)
+
+
+M = Mutation
+MUTATIONS = [
+    M("loop-top barrier deleted (next tile's copies overwrite a stage still being read)", TC_LOOP,
+      "    __syncthreads();  // tile `tile` is in shared memory; the stage read last iteration is free\n", "",
+      [("bf16 s_q=2 causal", "plain", "random", "sm86"), ("bf16 s_q=2 causal", "tsan", "forward", "sm86")]),
+    M("fp8 conversion barrier deleted", TC_LOOP,
+      "      __syncthreads();  // the converted tile is complete\n", "",
+      [("fp8 cache, bf16 q", "plain", "random", "sm90"), ("fp8 cache, bf16 q", "tsan", "forward", "sm90")]),
+    M("row-max exchange barrier deleted", TC_LOOP,
+      "    __syncthreads();  // both key halves' maxima are visible\n", "",
+      [("bf16 s_q=2 causal", "plain", "random", "sm90"), ("bf16 s_q=2 causal", "tsan", "forward", "sm90")]),
+    M("barrier before P.V deleted", TC_LOOP,
+      "    __syncthreads();  // P of all key halves is in shared memory\n", "",
+      [("bf16 s_q=2 causal", "plain", "random", "sm90"), ("bf16 s_q=2 causal", "tsan", "forward", "sm90")]),
+    M("one cp.async wait too few", TC_LOOP,
+      "    cp_async_wait<STAGES - 2>();\n", "    cp_async_wait<STAGES - 1>();\n",
+      [("bf16 s_q=2 causal", "plain", "forward", "sm90")]),
+    M("ldmatrix .trans made plain (V fragments)", TC_LOOP,
+      "          ldmatrix_x4_trans(vb, v_base + t * 8);\n", "          ldmatrix_x4(vb, v_base + t * 8);\n",
+      [("bf16 s_q=2 causal", "plain", "forward", "sm90")]),
+    M("mma B operand registers swapped (S = Q K^T)", TC_LOOP,
+      "            mma_16816<T>(acc[0][n], a0, bf[0], bf[1]);\n", "            mma_16816<T>(acc[0][n], a0, bf[1], bf[0]);\n",
+      [("fp16 s_q=2 causal", "plain", "forward", "sm90")]),
+    M("causal boundary off by one", TC_LOOP,
+      "        s[n][e] = key < lim_lo ? s[n][e] * scale_log2 : -INFINITY;\n",
+      "        s[n][e] = key <= lim_lo ? s[n][e] * scale_log2 : -INFINITY;\n",
+      [("bf16 s_q=2 causal", "plain", "forward", "sm90")]),
+    M("q_pe read with q_nope's head stride (reads past q_pe's end)", TC_LOOP,
+      "                  : qp + b * p.q_pe_batch_stride + j * p.q_pe_seq_stride + head * p.q_pe_head_stride +\n",
+      "                  : qp + b * p.q_pe_batch_stride + j * p.q_pe_seq_stride + head * p.q_nope_head_stride +\n",
+      [("bf16 h=1", "asan", "forward", "sm90"), ("bf16 s_q=2 causal", "asan", "forward", "sm90")]),
+    M("overlapping split ranges", "cuda/common.cuh",
+      "  r.tile_end = min(n_tiles, r.tile_begin + per_split);\n",
+      "  r.tile_end = min(n_tiles, r.tile_begin + per_split + 1);\n",
+      [("bf16 split-KV", "plain", "forward", "sm90")]),
+    M("two row blocks write the same rows", TC_LOOP,
+      "  const int32_t m0 = m_block * BM;\n", "  const int32_t m0 = m_block * (BM / 2);\n",
+      [("bf16 h=128 two row blocks", "plain", "forward", "sm90")]),
+    M("shuffle under a lane condition (partial-warp collective)", TC_LOOP,
+      "    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));\n",
+      "    if (lane < 16) mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));\n",
+      [("bf16 s_q=2 causal", "plain", "forward", "sm90")]),
+    M("masked-key NaN guard removed (0 * NaN in P.V)", TC_LOOP,
+      "      if (band_lo < band_hi)  // uniform across the block\n", "      if (false)\n",
+      [("nan band", "plain", "forward", "sm90")]),
+    M("CUDA-core kernel: a key tile's barrier deleted", "cuda/decode.cu",
+      "    __syncthreads();  // previous tile's ss / srow fully consumed (and sq written, first time)\n", "",
+      [("bf16 simple", "plain", "random", "sm90"), ("bf16 simple", "tsan", "forward", "sm90")]),
+]
+
+
+def run_check(case_name: str, flavor: str, order: str, device: str, exe: Path) -> str | None:
+    """None if the run passed, else how it failed (first line)."""
+    case = NAN_BAND if case_name == "nan band" else CASES[case_name]
+    q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+    if case is NAN_BAND:
+        last = int(seqlens[0]) - 1
+        cache[int(table[0, last // case.block_size]), last % case.block_size, 5] = float("nan")
+    try:
+        out, lse, _ = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
+                                        impl=case.impl, device=device, order=order, seed=11, flavor=flavor, exe=exe)
+    except runner.EmulatorError as e:
+        lines = [ln for ln in str(e).splitlines() if "ERROR" in ln or "error" in ln or "SUMMARY" in ln]
+        return "error: " + (lines[0] if lines else str(e).splitlines()[0])[:110]
+    ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
+    try:
+        if case is NAN_BAND:  # only query 0 must match (query 1 sees the NaN)
+            out, lse, ref_out, ref_lse = out[:, 0], lse[:, 0], ref_out[:, 0], ref_lse[:, 0]
+        check_close(out, lse, ref_out, ref_lse, case.q_dtype, case.name, tol=case.tolerance())
+    except AssertionError as e:
+        return "wrong result: " + str(e).splitlines()[0][:100]
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="", help="run the mutations whose name contains this")
+    args = ap.parse_args()
+    src = runner.REPO / "csrc"
+    survivors = 0
+    rows = []
+    for m in MUTATIONS:
+        if args.only not in m.name:
+            continue
+        t0 = time.time()
+        with tempfile.TemporaryDirectory(prefix="mla-mutant-") as d:
+            mutant = Path(d) / "csrc"
+            shutil.copytree(src, mutant)
+            target = mutant / m.path
+            text = target.read_text()
+            if text.count(m.old) != 1:
+                print(f"FAIL  {m.name}: the planted line occurs {text.count(m.old)} times in {m.path}", flush=True)
+                survivors += 1
+                continue
+            target.write_text(text.replace(m.old, m.new))
+            verdicts = []
+            for case_name, flavor, order, device in m.checks:
+                exe = runner.build(flavor, csrc=mutant)
+                verdicts.append((f"{case_name} [{flavor} {order} {device}]", run_check(case_name, flavor, order,
+                                                                                       device, exe)))
+        caught = any(v for _, v in verdicts)
+        survivors += not caught
+        rows.append((m.name, verdicts, caught))
+        print(f"{'caught' if caught else 'SURVIVED':8} {m.name} ({time.time() - t0:.0f} s)", flush=True)
+        for what, v in verdicts:
+            print(f"           {what}: {v or 'passed'}", flush=True)
+    print(f"\n{len(rows) - survivors} of {len(rows)} planted bugs caught")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

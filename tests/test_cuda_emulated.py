@@ -1,0 +1,105 @@
+"""The CUDA kernels' real source (csrc/cuda), executed on the CPU by the SIMT emulator
+(tests/cuda_emu, docs/cuda-emulation.md) and checked against the float64 reference.
+
+`make test` runs the fast subset (plain build, forward thread order); `make test-emulated`
+(MLA_EXT_EMU_FULL=1) adds the reverse and seeded-random thread orders and the ASan+UBSan and
+TSan builds. The cases are tests/cuda_cases.py's, the same ones tests/test_cuda.py runs on a GPU.
+"""
+import os
+
+import pytest
+import torch
+
+from cuda_cases import (APPEND_CASES, DECODE_CASES, SCALE, DecodeCase, check_close)
+from cuda_emu import runner
+
+pytestmark = [
+    pytest.mark.emulated,
+    pytest.mark.skipif(runner.available() is not None, reason=f"CUDA emulation unavailable: {runner.available()}"),
+]
+
+FULL = os.environ.get("MLA_EXT_EMU_FULL") == "1"
+# (build flavour, thread order). Every mode also randomises nothing else: inputs are per case.
+MODES = [("plain", "forward")] + ([("plain", "reverse"), ("plain", "random"), ("asan", "random"),
+                                   ("tsan", "forward")] if FULL else [])
+
+
+@pytest.fixture(scope="session")
+def harness():
+    """flavour -> harness binary (built once per session, cached across sessions by content)."""
+    built = {}
+
+    def get(flavor):
+        if flavor not in built:
+            built[flavor] = runner.build(flavor)
+        return built[flavor]
+
+    return get
+
+
+def run_case(case: DecodeCase, harness, flavor="plain", order="forward", device="sm90", seed=7, inputs=None):
+    q_nope, q_pe, cache, table, seqlens, scale = inputs or case.inputs()
+    out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
+                                       impl=case.impl, device=device, order=order, seed=seed, flavor=flavor,
+                                       exe=harness(flavor))
+    ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
+    return out, lse, ref_out, ref_lse, info
+
+
+def expected_impl(case: DecodeCase):
+    return "tc" if case.impl == "auto" and case.q_dtype != torch.float32 else "simple"
+
+
+@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[c.name for c in DECODE_CASES])
+def test_decode(case, flavor, order, harness):
+    out, lse, ref_out, ref_lse, info = run_case(case, harness, flavor, order)
+    assert info["impl"] == expected_impl(case), info  # the kernel we meant to test is the one that ran
+    if "split" in case.name:
+        assert info["num_splits"] > 1 and info["launches"] == 2, info  # split kernel + combine
+    check_close(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [{flavor} {order}]", tol=case.tolerance())
+
+
+# Every tensor-core tile configuration: L (sm_90, 227 KB), M (sm_80, 163 KB), S (sm_86 / sm_89, 99 KB).
+CONFIG_CASES = [c for c in DECODE_CASES if c.name in (
+    "bf16 s_q=2 causal", "fp16 s_q=4 h=64", "fp8 cache, bf16 q", "fp8 cache, fp16 q, block_size=7", "bf16 split-KV")]
+
+
+@pytest.mark.parametrize("device,config", [("sm80", 1), ("sm86", 2)])
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=[c.name for c in CONFIG_CASES])
+def test_decode_tile_configs(case, device, config, harness):
+    out, lse, ref_out, ref_lse, info = run_case(case, harness, device=device, order="random" if FULL else "forward")
+    assert info["impl"] == "tc" and info["config"] == config, info
+    check_close(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [{device}]", tol=case.tolerance())
+
+
+@pytest.mark.parametrize("impl", ["auto", "simple"])
+@pytest.mark.parametrize("device", ["sm90", "sm86"])
+def test_masked_key_with_nan_stays_masked(impl, device, harness):
+    """A key that query j = 0 must not see (causal, s_q = 2) holds NaN: query 0's output stays
+    finite and equal to the reference, query 1 (which sees it) is NaN as in the reference."""
+    case = DecodeCase("nan in a causally masked key", s_q=2, lens=(40, 70), impl=impl)
+    q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+    last = int(seqlens[0]) - 1  # visible to query 1 only
+    block = int(table[0, last // case.block_size])
+    cache[block, last % case.block_size, 5] = float("nan")
+    out, lse, ref_out, ref_lse, info = run_case(case, harness, device=device,
+                                                inputs=(q_nope, q_pe, cache, table, seqlens, scale))
+    assert info["impl"] == expected_impl(case)
+    assert torch.isnan(ref_lse[0, 1]).all() and torch.isfinite(ref_out[0, 0]).all()
+    assert torch.isnan(lse[0, 1]).all(), "query 1 sees the NaN key: its lse must be NaN"
+    check_close(out[:, 0], lse[:, 0], ref_out[:, 0], ref_lse[:, 0], case.q_dtype, "query 0 (key masked)")
+    check_close(out[1:], lse[1:], ref_out[1:], ref_lse[1:], case.q_dtype, "sequence 1 (no NaN)")
+
+
+@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+@pytest.mark.parametrize("case", APPEND_CASES, ids=[c.name for c in APPEND_CASES])
+def test_append(case, flavor, order, harness):
+    from mla_ext import reference
+    kv_c, k_pe, cache, slots, scale = case.inputs()
+    got, info = runner.run_append(kv_c, k_pe, cache, slots, scale, order=order, flavor=flavor, exe=harness(flavor))
+    want = reference.append_kv(kv_c, k_pe, cache, slots, scale)
+    assert info["launches"] == 1
+    # Bit-exact: a copy, or the fp8 quantisation the CPU kernel and the reference share; the
+    # untouched slots keep their NaN bytes.
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), case.name
