@@ -10,7 +10,7 @@ CUDA_TORCH_SPEC ?= torch==2.14.1
 NVCC ?= nvcc
 MAX_JOBS ?= 2
 
-.PHONY: demo test bench build venv cuda-compile-check cuda-build-check device-check clean
+.PHONY: demo test bench build venv cuda-compile-check cuda-build-check device-check clean cuda-tools cuda-sass-check
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,20 @@ bench: build
 # any spill (also: cmake -S . -B build/cmake -G Ninja && cmake --build build/cmake).
 cuda-compile-check:
 	NVCC=$(NVCC) MAX_JOBS=$(MAX_JOBS) benchmarks/cuda_compile_check.sh
+
+# Test-only tools, --no-deps into the project venv: the cuobjdump / nvdisasm wheels (the CUDA 13.0
+# toolkit here lacks them) and nvidia-cutlass for its CuTe headers (tests/cute_layouts/).
+$(VENV)/.cuda-tools: $(VENV)/.deps requirements-cuda-tools.txt
+	$(PY) -m pip install -q --no-deps -r requirements-cuda-tools.txt
+	touch $@
+
+cuda-tools: $(VENV)/.cuda-tools
+
+# CI, no GPU needed: the SASS of every tensor-core kernel must hold HMMA.16816 / LDSM(.T) / LDGSTS /
+# BAR.SYNC (registers and spills reported per kernel), from cuda-compile-check's objects (recompiled
+# when older than csrc/), then 9 planted bugs that must each be caught (docs/cuda-kernel.md).
+cuda-sass-check: cuda-tools
+	NVCC=$(NVCC) MAX_JOBS=$(MAX_JOBS) $(PY) benchmarks/cuda_sass_check.py --objects build/cuda-compile --mutations
 
 # CI, no GPU needed: the full CUDAExtension against a CUDA build of torch, import + dispatch keys.
 cuda-build-check:
