@@ -10,7 +10,7 @@ CUDA_TORCH_SPEC ?= torch==2.14.1
 NVCC ?= nvcc
 MAX_JOBS ?= 2
 
-.PHONY: demo test bench build venv cuda-compile-check cuda-build-check device-check clean cuda-tools cuda-sass-check
+.PHONY: demo test bench build venv cuda-compile-check cuda-build-check device-check clean cuda-tools cuda-sass-check test-emulated-layouts
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,13 @@ build: $(VENV)/.built
 demo: build
 	$(PY) -m mla_ext
 
-test: build
+# cuda-tools: the CuTe headers for the layout oracle's regeneration check (tests/test_cute_layouts.py).
+test: build cuda-tools
 	$(PY) -m pytest -q tests
+
+# The warp-collective models against CuTe's mma / ldmatrix layouts (marker `emulated`, seconds).
+test-emulated-layouts: build cuda-tools
+	$(PY) -m pytest -q -m emulated tests/test_cute_layouts.py
 
 bench: build
 	$(PY) benchmarks/bench_decode.py --device cpu
