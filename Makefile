@@ -55,7 +55,7 @@ cuda-tools: $(VENV)/.cuda-tools
 
 # CI, no GPU needed: the SASS of every tensor-core kernel must hold HMMA.16816 / LDSM(.T) / LDGSTS /
 # BAR.SYNC (registers and spills reported per kernel), from cuda-compile-check's objects (recompiled
-# when older than csrc/), then 9 planted bugs that must each be caught (docs/cuda-kernel.md).
+# when older than csrc/), then 13 planted bugs that must each be caught (docs/cuda-kernel.md).
 cuda-sass-check: cuda-tools
 	NVCC=$(NVCC) MAX_JOBS=$(MAX_JOBS) $(PY) benchmarks/cuda_sass_check.py --objects build/cuda-compile --mutations
 

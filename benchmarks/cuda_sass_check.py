@@ -177,6 +177,11 @@ class TcKernel:
     config: str
 
 
+# __syncthreads() of decode_tc_kernel (tests/test_cuda_sass_rules.py counts them in the source):
+# loop top, row maxima, P, row sums; the fp8 cache adds "converted tile complete".
+BARRIERS_16BIT = 4
+BARRIERS_FP8 = 5
+
 RULES: tuple[Rule, ...] = (
     Rule("hmma_bf16", r"^HMMA\.16816\.F32\.BF16$", applies="bf16",
          why="mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32 on the tensor cores"),
@@ -191,9 +196,9 @@ RULES: tuple[Rule, ...] = (
     Rule("ldgsts", r"^LDGSTS\..*\b128\b", why="cp.async 16 B global -> shared"),
     Rule("cp_async_commit", r"^LDGDEPBAR$", why="cp.async.commit_group"),
     Rule("cp_async_wait", r"^DEPBAR\.LE$", operands=r"\bSB0\b", why="cp.async.wait_group"),
-    Rule("bar_sync_16bit", r"^BAR\.SYNC", min=4, applies="16bit",
+    Rule("bar_sync_16bit", r"^BAR\.SYNC", min=BARRIERS_16BIT, applies="16bit",
          why="4 __syncthreads: loop top, row maxima, P, row sums"),
-    Rule("bar_sync_fp8", r"^BAR\.SYNC", min=5, applies="fp8",
+    Rule("bar_sync_fp8", r"^BAR\.SYNC", min=BARRIERS_FP8, applies="fp8",
          why="5 __syncthreads: the 16-bit kernel's 4 + converted tile complete"),
     Rule("shfl_bfly", r"^SHFL\.BFLY$", why="__shfl_xor_sync quad reductions"),
     Rule("prmt_fp8", r"^PRMT$", applies="fp8", why="e4m3 bytes spread into 16-bit lanes"),
@@ -355,16 +360,29 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("cp.async.wait_group dropped", "common.cuh",
              r'asm volatile\("cp\.async\.wait_group %0;\\n" ::"n"\(N\) : "memory"\);', "",
              ("decode_tc_bf16.cu",), "cp_async_wait"),
-    Mutation("loop-top __syncthreads deleted", "decode_tc.cuh", r"__syncthreads\(\);", ";",
+    Mutation("first __syncthreads deleted (bf16)", "decode_tc.cuh", r"__syncthreads\(\);", ";",
              ("decode_tc_bf16.cu",), "bar_sync_16bit", occurrence=0),
-    Mutation("P-in-shared __syncthreads deleted (fp8)", "decode_tc.cuh",
-             r"__syncthreads\(\);(?=\s*// P )", ";", ("decode_tc_fp8_bf16.cu",), "bar_sync_fp8"),
     Mutation("__shfl_xor_sync replaced by __shfl_down_sync", "decode_tc.cuh", r"__shfl_xor_sync", "__shfl_down_sync",
              ("decode_tc_fp16.cu",), "shfl_bfly", count=0),
     Mutation("register cap 128 (launch bounds: 2 CTAs / SM) -> spills", "decode_tc.cuh",
              r"__launch_bounds__\(Cfg::kThreads, 1\)", "__launch_bounds__(Cfg::kThreads, 2)",
              ("decode_tc_fp16.cu",), "no_local_memory"),
 )
+
+
+def barrier_mutations() -> tuple[Mutation, ...]:
+    """One mutation per __syncthreads() of decode_tc.cuh (deleted alone, fp8 bf16 kernels: they
+    run every barrier), generated from the current source so a new barrier is covered too."""
+    with open(os.path.join(ROOT, "csrc", "cuda", "decode_tc.cuh")) as fh:
+        src = fh.read()
+    hits = list(re.finditer(r"__syncthreads\(\);", src))
+    return tuple(
+        Mutation(f"__syncthreads {i + 1}/{len(hits)} (decode_tc.cuh:{src.count(chr(10), 0, h.start()) + 1}) deleted (fp8)",
+                 "decode_tc.cuh", r"__syncthreads\(\);", ";", ("decode_tc_fp8_bf16.cu",), "bar_sync_fp8", occurrence=i)
+        for i, h in enumerate(hits))
+
+
+MUTATIONS = MUTATIONS + barrier_mutations()
 
 
 def apply_mutation(src: str, m: Mutation) -> str:

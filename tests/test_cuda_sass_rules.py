@@ -247,3 +247,14 @@ def test_mutation_occurrence_and_count():
     assert sc.apply_mutation(src, first) == "a; ; b; __syncthreads(); c; __syncthreads();"
     assert sc.apply_mutation(src, last) == "a; __syncthreads(); b; __syncthreads(); c; ;"
     assert sc.apply_mutation(src, every).count("__syncthreads") == 0
+
+
+def test_barrier_rule_counts_match_the_source():
+    """The BAR.SYNC minimum must equal the kernel's __syncthreads count, or deleting one barrier
+    would go unseen: a barrier added to decode_tc.cuh must raise BARRIERS_FP8 (and BARRIERS_16BIT
+    unless it is fp8-only)."""
+    with open(os.path.join(ROOT, "csrc", "cuda", "decode_tc.cuh")) as fh:
+        src = fh.read()
+    assert src.count("__syncthreads();") == sc.BARRIERS_FP8
+    assert len(sc.barrier_mutations()) == sc.BARRIERS_FP8
+    assert sc.BARRIERS_16BIT == sc.BARRIERS_FP8 - 1
