@@ -304,7 +304,10 @@ def check_objects(cuobjdump: str, objs: list[str], archs: tuple[str, ...], quiet
     failures, n_tc, lines = [], 0, []
     seen_archs: dict[str, int] = {}
     for obj in objs:
-        for f in disassemble(cuobjdump, obj):
+        funcs = disassemble(cuobjdump, obj)
+        if os.path.basename(obj).startswith("decode_tc") and not any(tc_kernel(f, obj) for f in funcs):
+            failures.append(("no_tc_kernel", f"{os.path.basename(obj)}: no decode_tc_kernel instantiation"))
+        for f in funcs:
             lines.append(report_line(obj, f))
             if f.count(r"^(LDL|STL)\b") or f.stack or f.local:
                 failures.append(("local_memory", f"{os.path.basename(obj)} {short_name(f)}: local memory / spills"))
