@@ -10,7 +10,8 @@ CUDA_TORCH_SPEC ?= torch==2.14.1
 NVCC ?= nvcc
 MAX_JOBS ?= 2
 
-.PHONY: demo test bench build venv cuda-compile-check cuda-build-check device-check clean test-emulated plots
+.PHONY: demo test bench build venv cuda-compile-check cuda-build-check device-check clean test-emulated plots \
+	cuda-tools cuda-sass-check test-emulated-layouts
 
 $(VENV)/.deps: requirements-dev.txt requirements-plots.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,16 +30,21 @@ build: $(VENV)/.built
 demo: build
 	$(PY) -m mla_ext
 
-test: build
+# cuda-tools: the CuTe headers for the layout oracle's regeneration check (tests/test_cute_layouts.py).
+test: build cuda-tools
 	$(PY) -m pytest -q tests
 
 # The CUDA kernels' real source on the CPU (SIMT emulator, docs/cuda-emulation.md): every
 # emulated case under the forward / reverse / random thread orders and the ASan+UBSan and TSan
 # builds, then the mutation check (planted bugs that must all be caught). No GPU needed.
 # (`make test` runs the fast subset: plain build, forward order.)
-test-emulated: build
+test-emulated: build cuda-tools
 	MLA_EXT_EMU_FULL=1 MAX_JOBS=$(MAX_JOBS) $(PY) -m pytest -q -m emulated tests
 	MAX_JOBS=$(MAX_JOBS) $(PY) tests/cuda_emu/mutations.py
+
+# The warp-collective models against CuTe's mma / ldmatrix layouts (marker `emulated`, seconds).
+test-emulated-layouts: build cuda-tools
+	$(PY) -m pytest -q -m emulated tests/test_cute_layouts.py
 
 bench: build
 	$(PY) benchmarks/bench_decode.py --device cpu
@@ -47,6 +53,20 @@ bench: build
 # any spill (also: cmake -S . -B build/cmake -G Ninja && cmake --build build/cmake).
 cuda-compile-check:
 	NVCC=$(NVCC) MAX_JOBS=$(MAX_JOBS) benchmarks/cuda_compile_check.sh
+
+# Test-only tools, --no-deps into the project venv: the cuobjdump / nvdisasm wheels (the CUDA 13.0
+# toolkit here lacks them) and nvidia-cutlass for its CuTe headers (tests/cute_layouts/).
+$(VENV)/.cuda-tools: $(VENV)/.deps requirements-cuda-tools.txt
+	$(PY) -m pip install -q --no-deps -r requirements-cuda-tools.txt
+	touch $@
+
+cuda-tools: $(VENV)/.cuda-tools
+
+# CI, no GPU needed: the SASS of every tensor-core kernel must hold HMMA.16816 / LDSM(.T) / LDGSTS /
+# BAR.SYNC (registers and spills reported per kernel), from cuda-compile-check's objects (recompiled
+# when older than csrc/), then 13 planted bugs that must each be caught (docs/cuda-kernel.md).
+cuda-sass-check: cuda-tools
+	NVCC=$(NVCC) MAX_JOBS=$(MAX_JOBS) $(PY) benchmarks/cuda_sass_check.py --objects build/cuda-compile --mutations
 
 # CI, no GPU needed: the full CUDAExtension against a CUDA build of torch, import + dispatch keys.
 cuda-build-check:

@@ -1,0 +1,125 @@
+// Prints, as JSON, the warp fragment layouts of the tensor-core instructions the decode kernel
+// uses, taken from CuTe's own atom traits (CUTLASS headers from the nvidia-cutlass wheel), so the
+// tests check our lane models against an oracle we did not write:
+//
+//   mma.sync m16n8k16 (MMA_Traits<SM80_16x8x16_F32BF16BF16F32_TN>, ..._F32F16F16F32_TN):
+//     A[lane][v] = (m, k), v = 0..7 (register v / 2, low half when v is even)
+//     B[lane][v] = (n, k), v = 0..3 (register v / 2)
+//     C[lane][v] = (m, n), v = 0..3 (one fp32 per register)
+//   ldmatrix .x4 / .x4.trans (Copy_Traits<SM75_U32x4_LDSM_N>, <SM75_U16x8_LDSM_T>):
+//     dst[lane][v] = (s, j): register v / 2 (low half when v is even) of `lane` receives 16-bit
+//     element j of the 16-byte row whose address lane s supplied.
+//
+// CuTe's TV layouts map (thread, value) to an index: for MMA into the M x K (A), N x K (B),
+// M x N (C) tile, column-major (converted with cute::idx2crd); for copies into a bit array,
+// where SrcLayout says which bits each source thread's row holds and DstLayout which bits land
+// in each destination register. The program inverts SrcLayout by brute force and requires every
+// 16-bit destination element to be 16 consecutive source bits of one row.
+//
+// Build (host only, no nvcc): g++ -std=c++17 -I<cutlass>/include -I<cuda>/include
+//   -I<cuda>/include/cccl cute_layout_tables.cpp   (tests/test_cute_layouts.py does it).
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include <cute/atom/copy_traits_sm75.hpp>
+#include <cute/atom/mma_traits_sm80.hpp>
+#include <cutlass/version.h>
+
+using namespace cute;
+
+namespace {
+
+void fail(const char* what) {
+  std::fprintf(stderr, "cute_layout_tables: %s\n", what);
+  std::exit(1);
+}
+
+// TV layout (32 threads x V values) -> [[row, col] per value] per thread, the index converted
+// with idx2crd into the column-major (rows x cols) tile.
+template <class TV, int kRows, int kCols>
+void print_mma_operand(const char* key, bool last) {
+  constexpr int kThreads = size<0>(TV{});
+  constexpr int kVals = size<1>(TV{});
+  static_assert(kThreads == 32, "one warp");
+  std::printf("    \"%s_layout\": \"", key);
+  print(TV{});
+  std::printf("\",\n    \"%s\": [", key);
+  for (int t = 0; t < kThreads; ++t) {
+    std::printf("%s\n      [", t ? "," : "");
+    for (int v = 0; v < kVals; ++v) {
+      const int idx = TV{}(t, v);
+      const auto rc = idx2crd(idx, make_shape(Int<kRows>{}, Int<kCols>{}));
+      std::printf("%s[%d, %d]", v ? ", " : "", int(get<0>(rc)), int(get<1>(rc)));
+    }
+    std::printf("]");
+  }
+  std::printf("\n    ]%s\n", last ? "" : ",");
+}
+
+template <class Op>
+void print_mma(const char* key, const char* atom, bool last) {
+  using T = MMA_Traits<Op>;
+  using MNK = typename T::Shape_MNK;
+  constexpr int M = size<0>(MNK{}), N = size<1>(MNK{}), K = size<2>(MNK{});
+  static_assert(M == 16 && N == 8 && K == 16, "m16n8k16");
+  std::printf("  \"%s\": {\n    \"atom\": \"%s\",\n    \"shape_mnk\": [%d, %d, %d],\n", key, atom, M, N, K);
+  print_mma_operand<typename T::ALayout, M, K>("A", false);
+  print_mma_operand<typename T::BLayout, N, K>("B", false);
+  print_mma_operand<typename T::CLayout, M, N>("C", true);
+  std::printf("  }%s\n", last ? "" : ",");
+}
+
+// ldmatrix: 32 source threads x 128 bits (one 16-byte row each), 32 destination threads x
+// 4 registers x 32 bits. Flat destination value index = 32 * register + bit.
+template <class Op>
+void print_ldsm(const char* key, const char* atom, bool last) {
+  using Tr = Copy_Traits<Op>;
+  using Src = typename Tr::SrcLayout;
+  using Dst = typename Tr::DstLayout;
+  constexpr int kSrcThr = size<0>(Src{}), kSrcBits = size<1>(Src{});
+  constexpr int kDstThr = size<0>(Dst{}), kDstBits = size<1>(Dst{});
+  static_assert(kSrcThr == 32 && kSrcBits == 128 && kDstThr == 32 && kDstBits == 128, "ldmatrix .x4");
+  constexpr int kTotal = kSrcThr * kSrcBits;
+  std::vector<int> src_thr(kTotal, -1), src_bit(kTotal, -1);
+  for (int s = 0; s < kSrcThr; ++s)
+    for (int b = 0; b < kSrcBits; ++b) {
+      const int bit = Src{}(s, b);
+      if (bit < 0 || bit >= kTotal || src_thr[bit] != -1) fail("SrcLayout is not a bijection");
+      src_thr[bit] = s;
+      src_bit[bit] = b;
+    }
+  std::printf("  \"%s\": {\n    \"atom\": \"%s\",\n    \"src_layout\": \"", key, atom);
+  print(Src{});
+  std::printf("\",\n    \"dst_layout\": \"");
+  print(Dst{});
+  std::printf("\",\n    \"dst\": [");
+  for (int t = 0; t < kDstThr; ++t) {
+    std::printf("%s\n      [", t ? "," : "");
+    for (int e = 0; e < kDstBits / 16; ++e) {  // 16-bit element e = register e / 2, half e % 2
+      const int bit0 = Dst{}(t, 16 * e);
+      const int s = src_thr[bit0], b = src_bit[bit0];
+      if (b % 16 != 0) fail("destination element does not start a source element");
+      for (int i = 1; i < 16; ++i) {
+        const int bit = Dst{}(t, 16 * e + i);
+        if (src_thr[bit] != s || src_bit[bit] != b + i) fail("destination element is not one source element");
+      }
+      std::printf("%s[%d, %d]", e ? ", " : "", s, b / 16);
+    }
+    std::printf("]");
+  }
+  std::printf("\n    ]\n  }%s\n", last ? "" : ",");
+}
+
+}  // namespace
+
+int main() {
+  std::printf("{\n  \"generator\": \"tests/cute_layouts/cute_layout_tables.cpp\",\n");
+  std::printf("  \"cutlass_version\": \"%d.%d.%d\",\n", CUTLASS_MAJOR, CUTLASS_MINOR, CUTLASS_PATCH);
+  print_mma<SM80_16x8x16_F32BF16BF16F32_TN>("mma_m16n8k16_bf16", "SM80_16x8x16_F32BF16BF16F32_TN", false);
+  print_mma<SM80_16x8x16_F32F16F16F32_TN>("mma_m16n8k16_fp16", "SM80_16x8x16_F32F16F16F32_TN", false);
+  print_ldsm<SM75_U32x4_LDSM_N>("ldmatrix_x4", "SM75_U32x4_LDSM_N", false);
+  print_ldsm<SM75_U16x8_LDSM_T>("ldmatrix_x4_trans", "SM75_U16x8_LDSM_T", true);
+  std::printf("}\n");
+  return 0;
+}
