@@ -29,9 +29,10 @@ column / k index, as listed in the tables -- in bits 0-15):
       compared). A lane of lane_mask reading a lane outside it (undefined in PTX) must raise.
 
 BACKENDS holds NumpyWarpModel (the PTX-ISA fragment formulas, groupID = lane >> 2,
-threadID_in_group = lane % 4, written without looking at the tables). Another implementation --
-the CPU emulator of csrc/cuda (tests/cuda_emu) -- plugs in by appending to BACKENDS, or without
-editing this file through MLA_EXT_WARP_BACKENDS="module:attr[,module:attr]" (attr: a backend
+threadID_in_group = lane % 4, written without looking at the tables) and the CPU emulator of
+csrc/cuda (tests/cuda_emu/warp_backend.py: each call runs the real common.cuh wrappers in the
+emulator). Other implementations plug in by appending to BACKENDS, or without editing this file
+through MLA_EXT_WARP_BACKENDS="module:attr[,module:attr]" (attr: a backend
 object or a class to instantiate; module importable from tests/). The checker functions return
 lists of mismatches; test_checkers_reject_wrong_models proves each catches planted bugs.
 """
@@ -180,7 +181,16 @@ def _extra_backends() -> list:
     return found
 
 
-BACKENDS = [NumpyWarpModel()] + _extra_backends()
+def _emulator_backends() -> list:
+    """The SIMT emulator's collectives (tests/cuda_emu), where it can be built."""
+    from cuda_emu import runner
+    if runner.available() is not None:
+        return []
+    from cuda_emu.warp_backend import EmulatorWarpBackend
+    return [EmulatorWarpBackend()]
+
+
+BACKENDS = [NumpyWarpModel()] + _emulator_backends() + _extra_backends()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,9 +102,10 @@ def _object_key(src: Path, dirs: list[Path], flags: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def build(flavor: str = "plain", csrc: Path | None = None, jobs: int | None = None) -> Path:
-    """The harness binary for `flavor`, built from `csrc` (default: the repo's csrc/). Objects
-    are cached by content, so a mutated copy of csrc rebuilds only what its change reaches."""
+def build(flavor: str = "plain", csrc: Path | None = None, jobs: int | None = None, program: str = "harness") -> Path:
+    """The harness binary for `flavor`, built from `csrc` (default: the repo's csrc/), or with
+    program="collectives_probe" the one-collective probe (collectives_probe.cpp). Objects are
+    cached by content, so a mutated copy of csrc rebuilds only what its change reaches."""
     csrc = Path(csrc or REPO / "csrc")
     cxx = os.environ.get("CXX", "g++")
     dirs = [EMU_DIR, csrc / "cuda"]
@@ -131,9 +132,10 @@ def build(flavor: str = "plain", csrc: Path | None = None, jobs: int | None = No
 
     jobs = jobs or int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        objs = list(pool.map(compile_one, _sources(csrc)))
+        sources = _sources(csrc) if program == "harness" else [EMU_DIR / "emu_runtime.cpp", EMU_DIR / f"{program}.cpp"]
+        objs = list(pool.map(compile_one, sources))
     digest = hashlib.sha256("".join(o.name for o in objs).encode()).hexdigest()[:16]
-    exe = CACHE_ROOT / "bin" / f"emu_harness-{flavor}-{digest}"
+    exe = CACHE_ROOT / "bin" / f"{program}-{flavor}-{digest}"
     if not exe.exists():
         exe.parent.mkdir(parents=True, exist_ok=True)
         tmp = exe.with_suffix(f".{os.getpid()}.tmp")
