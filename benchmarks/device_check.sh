@@ -75,7 +75,7 @@ if [ $BUILD_OK = 1 ]; then
   # native checks (kernel cross-checks, emulations: they build C++ and never touch the GPU)
   # run in CI instead.
   others=$(ls tests/test_*.py 2>/dev/null \
-    | grep -v -e "tests/test_cuda.py" -e "tests/test_cpu_kernels.py" -e "tests/test_tc_emulation.py" || true)
+    | grep -v -e "tests/test_cuda.py" -e "tests/test_cpu_kernels.py" || true)
   if [ -n "$others" ] && [ "$(remaining)" -gt 200 ]; then
     stage tests_rest 60 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
       --junitxml="$WORK/junit_rest.xml" $others

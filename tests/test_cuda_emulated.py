@@ -103,3 +103,27 @@ def test_append(case, flavor, order, harness):
     # Bit-exact: a copy, or the fp8 quantisation the CPU kernel and the reference share; the
     # untouched slots keep their NaN bytes.
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), case.name
+
+
+@pytest.mark.parametrize("impl", ["auto", "simple"])
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
+def test_fp8_every_code_exact(impl, q_dtype, harness):
+    """One visible key, so each query's output is that key's V row: every finite e4m3 code
+    (254 of them, in the first 512 columns) must come out exactly, through the kernels' own
+    dequantisation (byte permutes + one exact multiply) and the kv_scale folding."""
+    finite = [c for c in range(256) if c & 0x7F != 0x7F]
+    row = torch.tensor((finite * 3)[:576], dtype=torch.uint8)
+    cache = torch.full((2, 16, 576), 0x7F, dtype=torch.uint8)  # unused slots: the NaN code
+    cache[1, 0] = row
+    cache = cache.view(torch.float8_e4m3fn)
+    table = torch.tensor([[1, 0, 7]], dtype=torch.int32)
+    seqlens = torch.tensor([1], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 1, 8, 576, generator=gen).to(q_dtype)
+    scale = torch.tensor([0.5])  # a power of two: x * scale stays exact
+    out, lse, info = runner.run_decode(q[..., :512].contiguous(), q[..., 512:].contiguous(), cache, table, seqlens,
+                                       SCALE, True, kv_scale=scale, impl=impl, exe=harness("plain"))
+    assert info["impl"] == ("tc" if impl == "auto" else "simple")
+    want = (cache[1, 0, :512].to(torch.float64) * 0.5).to(q_dtype).expand(8, 512)
+    assert torch.equal(out[0, 0], want)
+    assert torch.isfinite(lse).all()

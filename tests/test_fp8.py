@@ -1,4 +1,8 @@
 """float8_e4m3fn latent cache: exact stored bytes for append, scale helper, bad scales."""
+import os
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -176,3 +180,17 @@ def test_append_fp8_vector_and_portable_paths_agree_on_every_bit_pattern(dtype, 
     codes, flat = stored["scalar", 1.0], x.reshape(-1).float()
     assert ((codes[flat.isnan()] & 0x7F) == 0x7F).all(), "NaN stays NaN"
     assert ((codes[flat.isinf()] & 0x7F) == 0x7E).all(), "inf saturates to 448"
+
+
+def test_fp8_helpers_host_selftest(tmp_path):
+    """csrc/cuda/fp8.cuh's integer helpers compiled for the host vs csrc/cpu/fp8.h (every
+    97th float bit pattern plus every e4m3 boundary; cuda_compile_check.sh runs all 2^32)."""
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    exe = str(tmp_path / "fp8_selftest")
+    subprocess.run([cxx, "-O2", "-std=c++17", os.path.join(root, "tests", "native", "fp8_selftest.cpp"), "-o", exe],
+                   check=True)
+    res = subprocess.run([exe, "97"], capture_output=True, text=True)
+    assert res.returncode == 0 and "PASS" in res.stdout, res.stdout
