@@ -9,7 +9,8 @@ import torch
 import mla_ext
 from mla_ext import reference
 
-from cuda_cases import D, DC, DR, IMPLS, SCALE, TOL, check_close, make_paged, make_query
+from cuda_cases import (APPEND_CASES, D, DC, DECODE_CASES, DR, IMPLS, SCALE, TOL, check_close, make_paged,
+                        make_query)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -48,6 +49,29 @@ def run_three_ways(q_nope, q_pe, cache, table, lens, causal, dtype, what):
 
 
 # ----------------------------------------------------------------------------------------- decode
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[c.name for c in DECODE_CASES])
+def test_decode_shared_cases(case):
+    """tests/cuda_cases.py's list, the one tests/test_cuda_emulated.py runs in the emulator."""
+    set_impl(case.impl)
+    q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+    ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
+    dev = torch.device("cuda")
+    out, lse = mla_ext.decode(q_nope.to(dev), None if q_pe is None else q_pe.to(dev), cache.to(dev), table.to(dev),
+                              seqlens.to(dev), softmax_scale=SCALE, causal=case.causal, return_lse=True,
+                              scale=None if scale is None else scale.to(dev))
+    check_close(out, lse, ref_out, ref_lse, case.q_dtype, case.name, tol=case.tolerance())
+
+
+@pytest.mark.parametrize("case", APPEND_CASES, ids=[c.name for c in APPEND_CASES])
+def test_append_shared_cases(case):
+    kv_c, k_pe, cache, slots, scale = case.inputs()
+    want = reference.append_kv(kv_c, k_pe, cache, slots, scale)
+    dev = torch.device("cuda")
+    got = cache.to(dev)
+    mla_ext.append_kv(kv_c.to(dev), k_pe.to(dev), got, slots.to(dev), scale=None if scale is None else scale.to(dev))
+    assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8)), case.name
 
 
 @pytest.mark.parametrize("impl", IMPLS)
