@@ -127,3 +127,14 @@ def test_fp8_every_code_exact(impl, q_dtype, harness):
     want = (cache[1, 0, :512].to(torch.float64) * 0.5).to(q_dtype).expand(8, 512)
     assert torch.equal(out[0, 0], want)
     assert torch.isfinite(lse).all()
+
+
+def test_mutation_patterns_match_sources():
+    """Every planted bug of the mutation check (tests/cuda_emu/mutations.py, run by make
+    test-emulated) still finds its line exactly once: a refactor must update them, not
+    silently turn a mutation into a no-op."""
+    from cuda_emu.mutations import MUTATIONS
+    assert len(MUTATIONS) >= 8
+    for m in MUTATIONS:
+        text = (runner.REPO / "csrc" / m.path).read_text()
+        assert text.count(m.old) == 1, f"{m.name}: its line occurs {text.count(m.old)} times in csrc/{m.path}"

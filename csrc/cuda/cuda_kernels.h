@@ -23,7 +23,7 @@ enum class DecodeImpl : int32_t {
 
 struct DecodePlan {
   DecodeImpl impl;      // never kAuto after planning
-  int32_t config;       // tensor-core tile configuration (index into the kernel table)
+  int32_t config;       // tensor-core tile configuration: a TcConfigId (decode_tc.cuh), -1 otherwise
   int32_t num_splits;   // KV splits per (sequence, row block); 1 = no workspace, no combine pass
   int64_t workspace_o;    // floats needed for DecodeParams::o_accum   (0 when num_splits == 1)
   int64_t workspace_lse;  // floats needed for DecodeParams::lse_accum (0 when num_splits == 1)

@@ -261,11 +261,9 @@ DecodePlan plan_decode(const DecodeParams& p, int device, DecodeImpl requested) 
                        stride16(p.cache_block_stride, cache_elt) && stride16(p.cache_token_stride, cache_elt) &&
                        reinterpret_cast<uintptr_t>(p.out) % 4 == 0;  // the kernel stores column pairs
   if (requested != DecodeImpl::kSimple && half_type && aligned) {
-    const size_t sizes[kNumTcConfigs] = {
-        fp8 ? TcFp8ConfigL::kSmemBytes : TcConfigL::kSmemBytes, fp8 ? TcFp8ConfigM::kSmemBytes : TcConfigM::kSmemBytes,
-        fp8 ? TcFp8ConfigS::kSmemBytes : TcConfigS::kSmemBytes};
-    for (int c = 0; c < kNumTcConfigs; ++c) {
-      if (sizes[c] <= static_cast<size_t>(info.smem_optin)) {
+    for (int c = 0; c < kNumTcConfigs; ++c) {  // largest first
+      const size_t smem = fp8 ? kTcConfigs[c].smem_fp8 : kTcConfigs[c].smem_16bit;
+      if (smem <= static_cast<size_t>(info.smem_optin)) {
         plan.impl = DecodeImpl::kTensorCore;
         plan.config = c;
         break;
@@ -275,12 +273,8 @@ DecodePlan plan_decode(const DecodeParams& p, int device, DecodeImpl requested) 
 
   int64_t base_ctas, slots, tile;
   if (plan.impl == DecodeImpl::kTensorCore) {
-    static_assert(TcFp8ConfigL::kBlockM == TcConfigL::kBlockM && TcFp8ConfigM::kBlockM == TcConfigM::kBlockM &&
-                      TcFp8ConfigS::kBlockM == TcConfigS::kBlockM && TcFp8ConfigL::kBlockN == TcConfigL::kBlockN &&
-                      TcFp8ConfigM::kBlockN == TcConfigM::kBlockN && TcFp8ConfigS::kBlockN == TcConfigS::kBlockN,
-                  "fp8 configurations share the tile shapes the split planner assumes");
-    const int bm = plan.config == 2 ? TcConfigS::kBlockM : TcConfigL::kBlockM;
-    tile = plan.config == 2 ? TcConfigS::kBlockN : TcConfigL::kBlockN;
+    const int64_t bm = kTcConfigs[plan.config].block_m;
+    tile = kTcConfigs[plan.config].block_n;
     base_ctas = static_cast<int64_t>(p.batch) * ((M + bm - 1) / bm);
     slots = info.sms;  // every configuration holds one CTA per SM (shared memory, registers)
   } else {
