@@ -72,12 +72,12 @@ if [ $BUILD_OK = 1 ]; then
   stage tests 230 "$OUT/tests.log" "$PY" -m pytest -q --maxfail=30 -p no:cacheprovider -o addopts="" \
     --junitxml="$WORK/junit.xml" tests/test_cuda.py
   # The rest of the suite (its tests run on CPU and CUDA), if time allows. The CPU-only
-  # native checks (kernel cross-checks, emulations: they build C++ and never touch the GPU)
-  # run in CI instead.
+  # native checks (kernel cross-checks, the SIMT emulator and layout oracle: marker
+  # `emulated`; they build C++ and never touch the GPU) run in CI instead.
   others=$(ls tests/test_*.py 2>/dev/null \
     | grep -v -e "tests/test_cuda.py" -e "tests/test_cpu_kernels.py" || true)
   if [ -n "$others" ] && [ "$(remaining)" -gt 200 ]; then
-    stage tests_rest 60 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+    stage tests_rest 60 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -m "not emulated" \
       --junitxml="$WORK/junit_rest.xml" $others
   fi
 else
