@@ -57,7 +57,7 @@ HF_RANGE_VERSIONS ?= 5.19.0 5.24.0
 HF_VENV_DIR ?= $(HOME)/.cache/mla_ext
 test-hf-range: build
 	@set -e; for v in $(HF_RANGE_VERSIONS); do \
-	  venv=$(HF_VENV_DIR)/venv-hf-$$v; \
+	  venv=$(HF_VENV_DIR)/venv-hf-$$v-$(subst ==,,$(TORCH_SPEC)); \
 	  if [ ! -f $$venv/.deps ]; then \
 	    rm -rf $$venv; $(PYTHON) -m venv $$venv; \
 	    $$venv/bin/python -m pip install -q "$(TORCH_SPEC)" "transformers==$$v" \
