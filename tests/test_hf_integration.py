@@ -1,8 +1,10 @@
 """mla_ext.integrations.transformers: HF DeepSeek-V3 / V2 models generating through
 mla_ext (paged latent cache, absorbed decode) give transformers' own greedy tokens.
 
-Tiny random-weight models built offline, fp32 on the CPU (and CUDA when present). The
-kernels fix kv_lora_rank = 512 and qk_rope_head_dim = 64; the other dims are small.
+Tiny random-weight models built offline, fp32 (and bf16) on the CPU (and CUDA when
+present). The kernels fix kv_lora_rank = 512 and qk_rope_head_dim = 64; the other dims are
+small. CI runs this file with the pinned transformers (make test) and with both ends of the
+supported range, 5.19.0 and 5.24.0 (make test-hf-range); it must pass on each unchanged.
 """
 import collections
 import os
@@ -297,6 +299,24 @@ def test_transformers_version_range(v3_model, monkeypatch):
         mla_hf.enable(v3_model)
     assert "transformers 5.18.0 is installed" in str(err.value) and spec in str(err.value)
     assert not mla_hf.is_enabled(v3_model) and type(v3_model.model.layers[0].self_attn) is attn_cls
+
+
+def test_enable_refuses_when_a_hook_is_missing(v3_model, monkeypatch):
+    """A transformers change that removes what the patched attention uses makes enable()
+    raise, naming it, before anything is modified (not an error deep inside generate)."""
+    attn = v3_model.model.layers[0].self_attn
+    cls = type(attn)
+    monkeypatch.delattr(cls, "expand_kv")
+    with pytest.raises(mla_hf.MlaExtNotUsedError, match="expand_kv"):
+        mla_hf.enable(v3_model)
+    monkeypatch.undo()
+    # 5.24 renamed the cache argument (past_key_values -> cache): a forward with neither name.
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, kv_store=None, **kwargs):
+        raise AssertionError("not reached")
+    monkeypatch.setattr(cls, "forward", forward)
+    with pytest.raises(mla_hf.MlaExtNotUsedError, match="takes no cache argument"):
+        mla_hf.enable(v3_model)
+    assert not mla_hf.is_enabled(v3_model) and type(attn) is cls
 
 
 def test_supported_range_is_declared_everywhere():

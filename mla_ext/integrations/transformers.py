@@ -490,9 +490,29 @@ def output_cache(output):
     return None
 
 
+# What the patched attention uses of transformers' (checked by enable(), before any change).
+_ATTN_ATTRS = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj", "q_lora_rank", "qk_head_dim",
+               "qk_nope_head_dim", "qk_rope_head_dim", "kv_lora_rank", "v_head_dim", "num_heads", "scaling",
+               "layer_idx", "expand_kv")
+_MODULE_ATTRS = ("ALL_ATTENTION_FUNCTIONS", "eager_attention_forward")
+
+
+def _check_attention(module) -> None:
+    cls = type(module)
+    mod = _modeling_module(cls)
+    missing = [a for a in _ATTN_ATTRS if not hasattr(module, a)] + [f"{mod.__name__}.{a}" for a in _MODULE_ATTRS if not hasattr(mod, a)]
+    if not (hasattr(mod, "apply_rotary_emb") or hasattr(mod, "apply_rotary_pos_emb")):
+        missing.append(f"{mod.__name__}.apply_rotary_emb / apply_rotary_pos_emb")
+    if missing:
+        raise MlaExtNotUsedError(
+            f"mla_ext: {cls.__name__} of transformers {_transformers.__version__} lacks {missing}; mla_ext cannot route "
+            f"its attention (supported: transformers {TRANSFORMERS_SPEC})"
+        )
+    _cache_param(cls.forward, cls.__name__ + ".forward")
+
+
 def _patched_class(orig_cls: type) -> type:
     if orig_cls not in _PATCHED_CLASSES:
-        _cache_param(orig_cls.forward, orig_cls.__name__ + ".forward")
         _PATCHED_CLASSES[orig_cls] = type(
             "MlaExt" + orig_cls.__name__,
             (_MlaExtAttentionMixin, orig_cls),
@@ -600,6 +620,8 @@ def enable(model, block_size: int = 64, *, num_blocks: Optional[int] = None, pre
     targets = [m for m in model.modules() if type(m).__name__ in _ATTENTION_CLASS_NAMES and not isinstance(m, _MlaExtAttentionMixin)]
     if not targets:
         raise ValueError("enable: found no DeepseekV3Attention / DeepseekV2Attention module in the model")
+    for m in targets:
+        _check_attention(m)
     classes = {type(m): _patched_class(type(m)) for m in targets}
     decoder = _decoder(model)
     _cache_param(type(decoder).forward, type(decoder).__name__ + ".forward")
