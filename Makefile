@@ -11,7 +11,7 @@ NVCC ?= nvcc
 MAX_JOBS ?= 2
 
 .PHONY: demo test bench build venv cuda-compile-check cuda-build-check device-check clean test-emulated plots \
-	cuda-tools cuda-sass-check test-emulated-layouts
+	cuda-tools cuda-sass-check test-emulated-layouts test-hf-range
 
 $(VENV)/.deps: requirements-dev.txt requirements-plots.txt
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,27 @@ device-check:
 # PNGs under docs/img/ from the JSON records in benchmarks/results/ (matplotlib, Agg; no build needed).
 plots: venv
 	$(PY) benchmarks/plot.py --results benchmarks/results --out docs/img
+
+# The HF integration at both ends of its supported transformers range (mla_ext[hf]), each in
+# its own small venv (no system site-packages): the CPU torch wheel, transformers==X, pytest,
+# and the package built above (the checkout, whose extension was built against the same torch,
+# put on the venv's path with a .pth file, as an editable install does).
+HF_RANGE_VERSIONS ?= 5.19.0 5.24.0
+HF_VENV_DIR ?= $(HOME)/.cache/mla_ext
+test-hf-range: build
+	@set -e; for v in $(HF_RANGE_VERSIONS); do \
+	  venv=$(HF_VENV_DIR)/venv-hf-$$v-$(subst ==,,$(TORCH_SPEC)); \
+	  if [ ! -f $$venv/.deps ]; then \
+	    rm -rf $$venv; $(PYTHON) -m venv $$venv; \
+	    $$venv/bin/python -m pip install -q "$(TORCH_SPEC)" "transformers==$$v" \
+	      $$(grep -E '^(pytest|numpy)==' requirements-dev.txt); \
+	    touch $$venv/.deps; \
+	  fi; \
+	  echo "$(CURDIR)" > $$($$venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/mla_ext_checkout.pth; \
+	  echo "== transformers $$v"; \
+	  (cd /tmp && $$venv/bin/python -c 'import mla_ext, transformers, torch; print("mla_ext from", mla_ext.__file__, "| transformers", transformers.__version__, "| torch", torch.__version__)'); \
+	  $$venv/bin/python -m pytest -q -p no:cacheprovider tests/test_hf_integration.py; \
+	done
 
 clean:
 	rm -rf build *.egg-info mla_ext/*.so $(VENV)

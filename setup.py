@@ -92,6 +92,14 @@ def extension():
                          **common)
 
 
+def transformers_spec() -> str:
+    """The supported transformers range, from mla_ext/integrations/transformers_range.py."""
+    scope: dict = {}
+    with open(os.path.join(ROOT, "mla_ext", "integrations", "transformers_range.py")) as f:
+        exec(f.read(), scope)
+    return scope["TRANSFORMERS_SPEC"]
+
+
 setup(
     name="mla_ext",
     version="0.1.0",
@@ -101,4 +109,6 @@ setup(
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     python_requires=">=3.10",
+    # pip install 'mla_ext[hf]': a transformers release mla_ext.integrations.transformers supports.
+    extras_require={"hf": ["transformers" + transformers_spec()]},
 )

@@ -132,21 +132,24 @@ def run_hf_demo(
         mla_hf.enable(model, block_size=block_size)
         try:
             out, t_mla = timed()
+            ran = mla_hf.op_counts(model)  # what went through mla_ext (warm-up included)
         finally:
             mla_hf.disable(model)
 
     tokens = b * new_tokens
-    hf_bytes = mla_hf.hf_cache_nbytes(ref.past_key_values)
-    cache = out.past_key_values
+    ref_cache = mla_hf.output_cache(ref)  # `.cache` from transformers 5.24 on, `.past_key_values` before
+    hf_bytes = mla_hf.hf_cache_nbytes(ref_cache)
+    cache = mla_hf.output_cache(out)
     paged_used, paged_pool = cache.nbytes(used_only=True), cache.nbytes(used_only=False)
     real_tokens = sum(cache.num_cached_tokens())
     elt = torch.empty((), dtype=dtype).element_size()
     expanded = real_tokens * L * h * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * elt
     print(f"  transformers attention: {tokens / t_ref:8.1f} tokens/s  ({t_ref:.2f} s)")
     print(f"  mla_ext (paged, bs={block_size}):  {tokens / t_mla:8.1f} tokens/s  ({t_mla:.2f} s)")
+    print(f"    through mla_ext: {ran['steps']} forwards, {ran['layer_steps']} attention-layer calls (warm-up included)")
     print("  KV cache after generation:")
     print(
-        f"    transformers DynamicCache     {_mb(hf_bytes)}  (latent rows for {b} x {ref.past_key_values.get_seq_length()} "
+        f"    transformers DynamicCache     {_mb(hf_bytes)}  (latent rows for {b} x {ref_cache.get_seq_length()} "
         "positions, padding included)"
     )
     print(

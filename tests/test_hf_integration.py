@@ -1,10 +1,14 @@
 """mla_ext.integrations.transformers: HF DeepSeek-V3 / V2 models generating through
 mla_ext (paged latent cache, absorbed decode) give transformers' own greedy tokens.
 
-Tiny random-weight models built offline, fp32 on the CPU (and CUDA when present). The
-kernels fix kv_lora_rank = 512 and qk_rope_head_dim = 64; the other dims are small.
+Tiny random-weight models built offline, fp32 (and bf16) on the CPU (and CUDA when
+present). The kernels fix kv_lora_rank = 512 and qk_rope_head_dim = 64; the other dims are
+small. CI runs this file with the pinned transformers (make test) and with both ends of the
+supported range, 5.19.0 and 5.24.0 (make test-hf-range); it must pass on each unchanged.
 """
+import collections
 import os
+import pathlib
 
 import pytest
 import torch
@@ -102,7 +106,7 @@ def test_v3_greedy_tokens_match_batched_left_padded(v3_model, block_size, prefil
     n = 10
     mla_hf.disable(model)
     ref = greedy(model, ids, mask, n)
-    assert type(ref.past_key_values) is DynamicCache
+    assert type(mla_hf.output_cache(ref)) is DynamicCache
     mla_hf.enable(model, block_size=block_size, prefill=prefill)
     spy = DecodeSpy(monkeypatch)
     try:
@@ -119,7 +123,7 @@ def test_v3_greedy_tokens_match_batched_left_padded(v3_model, block_size, prefil
     assert len(decode_steps) == layers * (n - 1)
     assert all(c == (4, 1, 4, 512) for c in decode_steps)
     assert len(spy.calls) == layers * (n if prefill == "mla" else n - 1)
-    cache = out.past_key_values
+    cache = mla_hf.output_cache(out)
     assert isinstance(cache, mla_hf.MlaExtCache) and cache.paged.block_size == block_size
     # Padding never entered the paged cache: each row holds its prompt + the n - 1 fed-back tokens.
     assert cache.num_cached_tokens() == [9 + n - 1, 4 + n - 1, 1 + n - 1, 7 + n - 1]
@@ -137,9 +141,9 @@ def test_v3_cache_rows_are_hf_latents(v3_model):
         out = greedy(model, ids, mask, 3)
     finally:
         mla_hf.disable(model)
-    cache, T = out.past_key_values, ids.shape[1]
+    cache, T = mla_hf.output_cache(out), ids.shape[1]
     for layer in range(model.config.num_hidden_layers):
-        hf = ref.past_key_values.layers[layer]
+        hf = mla_hf.output_cache(ref).layers[layer]
         for row, n_real in enumerate([6, 3]):
             ours = cache.paged.gather(cache.seq_ids[row], layer)  # [n_real + 2, 576]
             real = slice(T - n_real, None)
@@ -165,7 +169,7 @@ def test_v2_greedy_tokens_match():
     mla_hf.enable(model, block_size=5)
     out = greedy(model, ids, mask, 8)
     assert torch.equal(out.sequences, ref.sequences)
-    assert isinstance(out.past_key_values, mla_hf.MlaExtCache)
+    assert isinstance(mla_hf.output_cache(out), mla_hf.MlaExtCache)
 
 
 def test_beam_search_and_unpadded_batch(v3_model):
@@ -180,6 +184,160 @@ def test_beam_search_and_unpadded_batch(v3_model):
         finally:
             mla_hf.disable(model)
     assert torch.equal(out, ref)
+
+
+def profiled(fn):
+    """fn()'s result and how often each mla_ext custom op ran in it, as the torch profiler
+    saw it (the dispatcher's event names, "mla_ext::decode" etc.; independent of our code)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, collections.Counter(e.name for e in prof.events() if e.name.startswith("mla_ext::"))
+
+
+# Logit tolerances. fp32: absorption reorders the sums, logits agree to ~1e-5 (1e-4 leaves a
+# margin, as above). bf16: the model rounds to bf16 after every op; the logits (|x| < 4 here)
+# come out of a bf16 lm_head, so they are multiples of 2^-6 and the reordered attention moves
+# them by 1-2 of those ulps (measured <= 0.031 with transformers 5.19 / 5.23 / 5.24); 2^-4
+# allows 4 ulps. A wrong attention moves them by ~1 or more (measured: 1.2-2.3 once two
+# sequences diverge).
+LOGIT_TOL = {torch.float32: 1e-4, torch.bfloat16: 2.0**-4}
+
+
+def assert_greedy_matches(out, ref, dtype):
+    """Greedy tokens equal transformers' own, logits within LOGIT_TOL[dtype].
+
+    In bf16 two correct implementations may legitimately part at a near-tie of the logits
+    (ties are common: the random model's top-2 logits are often the same bf16 number). So a
+    row may differ only at a step where transformers' own logit of our token is within the
+    tolerance of its maximum; that row is not compared after the step. fp32: no exception.
+    """
+    tol = LOGIT_TOL[dtype]
+    T = out.sequences.shape[1] - len(out.logits)
+    assert out.sequences.shape == ref.sequences.shape and torch.equal(out.sequences[:, :T], ref.sequences[:, :T])
+    parted = 0
+    for row in range(out.sequences.shape[0]):
+        for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+            ours, theirs = int(out.sequences[row, T + step]), int(ref.sequences[row, T + step])
+            torch.testing.assert_close(a[row].float(), b[row].float(), atol=tol, rtol=0, msg=lambda m: f"row {row} step {step}: {m}")
+            if ours != theirs:
+                gap = float(b[row].float().max() - b[row, ours].float())
+                assert dtype != torch.float32 and gap <= tol, f"row {row} step {step}: token {ours} vs {theirs}, logit gap {gap}"
+                parted += 1
+                break
+    assert parted == 0 or dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_generate_runs_mla_ext_ops_and_matches_transformers(dtype):
+    """The profiler sees mla_ext's append_kv and decode ops run in every layer and step of a
+    left-padded batched generate, and the greedy tokens are transformers' own (the check
+    that catches a silent fallback, which token equality alone cannot)."""
+    model = build(DeepseekV3ForCausalLM, v3_config(), seed=23).to(dtype)
+    lengths, n = [7, 3, 1, 5], 6
+    ids, mask = left_padded_batch(lengths, seed=23)
+
+    def run():
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  return_dict_in_generate=True, output_logits=True)
+
+    ref, ref_ops = profiled(run)
+    assert not ref_ops  # transformers' own attention: no mla_ext op
+    mla_hf.enable(model, block_size=4)
+    try:
+        out, ops_seen = profiled(run)
+        counts = mla_hf.op_counts(model)
+    finally:
+        mla_hf.disable(model)
+    layers = model.config.num_hidden_layers
+    # n forwards (the prefill + n - 1 decode steps), each writing its rows in every layer;
+    # decode steps (all but the prefill, which uses transformers' attention) call decode.
+    assert ops_seen["mla_ext::append_kv"] == layers * n
+    assert ops_seen["mla_ext::decode"] == layers * (n - 1)
+    assert counts == {"steps": n, "layer_steps": layers * n}
+    assert_greedy_matches(out, ref, dtype)
+    cache = mla_hf.output_cache(out)
+    assert isinstance(cache, mla_hf.MlaExtCache) and cache.paged.caches.dtype == dtype
+    assert cache.num_cached_tokens() == [m + n - 1 for m in lengths]
+
+
+def test_generate_never_falls_back_silently(v3_model):
+    """generate() on an enabled model either runs through mla_ext or raises."""
+    model = v3_model
+    ids, mask = left_padded_batch([4, 2], seed=22)
+    mla_hf.enable(model, block_size=4)
+    try:
+        with pytest.raises(mla_hf.MlaExtNotUsedError, match="DynamicCache instead of an MlaExtCache"):
+            with torch.no_grad():
+                model.generate(ids, attention_mask=mask, max_new_tokens=2, **{mla_hf.cache_kwarg(model): DynamicCache(config=model.config)})
+        with pytest.raises(mla_hf.MlaExtNotUsedError, match="no cache instead of an MlaExtCache"):
+            with torch.no_grad():
+                model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, use_cache=False)
+        # A transformers whose cache hook enable() wraps is never called (as 5.24's rename of
+        # generate's cache key did to the 5.23-only integration): the first step raises.
+        model._prepare_cache_for_generation = type(model)._prepare_cache_for_generation.__get__(model)
+        with pytest.raises(mla_hf.MlaExtNotUsedError, match="instead of an MlaExtCache"):
+            greedy(model, ids, mask, 2)
+    finally:
+        mla_hf.disable(model)
+    assert type(mla_hf.output_cache(greedy(model, ids, mask, 2))) is DynamicCache  # disable() restored stock generate
+
+
+def test_transformers_version_range(v3_model, monkeypatch):
+    spec = mla_hf.TRANSFORMERS_SPEC
+    assert mla_hf.transformers_supported()  # the installed release (CI: oldest, pinned, newest)
+    for v in ("5.19.0", "5.21.1", "5.23.0", "5.24.0", "5.24.3"):
+        assert mla_hf.transformers_supported(v), v
+    for v in ("4.57.6", "5.10.4", "5.18.0", "5.25.0", "5.25.0.dev0", "6.0.0"):
+        assert not mla_hf.transformers_supported(v), v
+    # Outside the range enable() refuses at once, naming the installed version and the range,
+    # and leaves the model untouched.
+    monkeypatch.delenv("MLA_EXT_HF_ANY_VERSION", raising=False)
+    monkeypatch.setattr(mla_hf._transformers, "__version__", "5.18.0")
+    attn_cls = type(v3_model.model.layers[0].self_attn)
+    with pytest.raises(mla_hf.UnsupportedTransformersError) as err:
+        mla_hf.enable(v3_model)
+    assert "transformers 5.18.0 is installed" in str(err.value) and spec in str(err.value)
+    assert not mla_hf.is_enabled(v3_model) and type(v3_model.model.layers[0].self_attn) is attn_cls
+
+
+def test_enable_refuses_when_a_hook_is_missing(v3_model, monkeypatch):
+    """A transformers change that removes what the patched attention uses makes enable()
+    raise, naming it, before anything is modified (not an error deep inside generate)."""
+    attn = v3_model.model.layers[0].self_attn
+    cls = type(attn)
+    monkeypatch.delattr(cls, "expand_kv")
+    with pytest.raises(mla_hf.MlaExtNotUsedError, match="expand_kv"):
+        mla_hf.enable(v3_model)
+    monkeypatch.undo()
+    # 5.24 renamed the cache argument (past_key_values -> cache): a forward with neither name.
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, kv_store=None, **kwargs):
+        raise AssertionError("not reached")
+    monkeypatch.setattr(cls, "forward", forward)
+    with pytest.raises(mla_hf.MlaExtNotUsedError, match="takes no cache argument"):
+        mla_hf.enable(v3_model)
+    assert not mla_hf.is_enabled(v3_model) and type(attn) is cls
+
+
+def test_supported_range_is_declared_everywhere():
+    """The range in the package metadata (the `hf` extra), the docs and the dev pin agree."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = mla_hf.TRANSFORMERS_SPEC
+    assert spec in (root / "docs" / "integration.md").read_text()
+    pins = [line.split("==")[1].strip() for line in (root / "requirements-dev.txt").read_text().splitlines()
+            if line.startswith("transformers==")]
+    assert len(pins) == 1 and mla_hf.transformers_supported(pins[0])
+    assert "transformers_range.py" in (root / "setup.py").read_text()
+    import importlib.metadata as md
+    try:
+        requires = md.requires("mla_ext") or []
+    except md.PackageNotFoundError:
+        pytest.skip("mla_ext is not pip-installed here (the range CI venvs import it from the checkout)")
+    hf = [r for r in requires if r.startswith("transformers") and 'extra == "hf"' in r]
+    assert len(hf) == 1, requires
+    from packaging.requirements import Requirement
+    req = Requirement(hf[0])
+    assert {str(c) for c in req.specifier} == set(spec.split(","))
 
 
 def assert_same_with_and_without_mla_ext(model, run, block_size):
@@ -241,12 +399,13 @@ def test_forward_with_explicit_cache_and_fallback(v3_model):
             assert torch.equal(model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits, ref_full)
             # A manual prefill + decode step with an explicit MlaExtCache.
             cache = mla_hf.MlaExtCache(model.config, block_size=4)
-            out = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            kw = mla_hf.cache_kwarg(model)  # "cache" from transformers 5.24 on, "past_key_values" before
+            out = model(ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache})
             assert torch.equal(out.logits, ref_full)  # prefill = transformers' own attention
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
             pos2 = (mask2.cumsum(-1) - 1).clamp(min=0)
-            step = model(nxt, attention_mask=mask2, position_ids=pos2[:, -1:], past_key_values=cache, use_cache=True)
+            step = model(nxt, attention_mask=mask2, position_ids=pos2[:, -1:], use_cache=True, **{kw: cache})
         finally:
             mla_hf.disable(model)
         full = model(torch.cat([ids, nxt], 1), attention_mask=mask2, position_ids=pos2).logits

@@ -6,7 +6,12 @@
     model = mla_hf.enable(DeepseekV3ForCausalLM(...), block_size=64)
     out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)   # unchanged
 
-What `enable` does (tested with transformers 5.23):
+Supported transformers releases: TRANSFORMERS_SPEC (>= 5.19.0, < 5.25; the `mla_ext[hf]`
+extra). `enable` refuses any other release at once, naming the installed version and the
+range. Inside the range, differences between releases are found by feature detection (e.g.
+5.24 renamed the cache argument of every forward from `past_key_values` to `cache`).
+
+What `enable` does:
 
 * every DeepseekV3Attention / DeepseekV2Attention gets an mla_ext forward (its class is
   swapped for a subclass; parameters, state_dict and `isinstance` are unchanged);
@@ -23,23 +28,67 @@ every later step absorbs W_UK into the query, calls `mla_ext.decode` over the pa
 then applies W_UV and o_proj. q_pe and k_pe are taken exactly as transformers computes them
 (after its rope, whatever `rope_interleave` says), so the dot products match.
 
-Without an MlaExtCache (e.g. `model(..., use_cache=False)` or a DynamicCache passed by the
-caller) the patched attention falls back to transformers' own forward.
+Never a silent fallback inside generate: a generate call on an enabled model whose steps do
+not all run through mla_ext (a caller's own cache, `use_cache=False`, or a transformers
+change that bypasses the hooks) raises. A plain `model(...)` forward without an MlaExtCache
+runs transformers' own attention (as `prefill="standard"` does for the prompt anyway).
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import os
 import sys
 import types
 from typing import Any, Dict, List, Optional
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+import transformers as _transformers
+from packaging.version import Version
+
+from .transformers_range import TRANSFORMERS_BELOW, TRANSFORMERS_MIN, TRANSFORMERS_SPEC
+
+
+class UnsupportedTransformersError(RuntimeError):
+    """The installed transformers release is outside TRANSFORMERS_SPEC."""
+
+
+def _version_message(version: str) -> str:
+    return (
+        f"mla_ext.integrations.transformers supports transformers {TRANSFORMERS_SPEC}, but transformers {version} is "
+        f"installed; install a supported release: pip install 'mla_ext[hf]' (or 'transformers{TRANSFORMERS_SPEC}'). "
+        "MLA_EXT_HF_ANY_VERSION=1 lets enable() try anyway (it still raises rather than fall back silently)."
+    )
+
+
+def transformers_supported(version: Optional[str] = None) -> bool:
+    """Whether a transformers version (default: the installed one) is in TRANSFORMERS_SPEC."""
+    base = Version(Version(version or _transformers.__version__).base_version)
+    return Version(TRANSFORMERS_MIN) <= base < Version(TRANSFORMERS_BELOW)
+
+
+def check_transformers_version(version: Optional[str] = None) -> None:
+    """Raises UnsupportedTransformersError (installed version + supported range) outside
+    TRANSFORMERS_SPEC, unless MLA_EXT_HF_ANY_VERSION=1."""
+    version = version or _transformers.__version__
+    if not transformers_supported(version) and os.environ.get("MLA_EXT_HF_ANY_VERSION") != "1":
+        raise UnsupportedTransformersError(_version_message(version))
+
+
+try:
+    from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+except ImportError as _err:  # releases far outside the range
+    raise ImportError(_version_message(_transformers.__version__)) from _err
 
 from .. import ops
 from ..absorb import absorb_query, expand_output, split_kv_b_proj
 from ..cache import PagedLatentCache, StepMetadata
 
-__all__ = ["enable", "disable", "is_enabled", "MlaExtCache", "hf_cache_nbytes", "SUPPORTED_MODEL_TYPES"]
+__all__ = [
+    "enable", "disable", "is_enabled", "MlaExtCache", "hf_cache_nbytes", "output_cache", "cache_kwarg", "op_counts",
+    "check_transformers_version", "transformers_supported", "UnsupportedTransformersError", "MlaExtNotUsedError",
+    "SUPPORTED_MODEL_TYPES", "TRANSFORMERS_SPEC",
+]
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 _ATTENTION_CLASS_NAMES = ("DeepseekV3Attention", "DeepseekV2Attention")
@@ -79,6 +128,9 @@ class _LatentLayer(CacheLayerMixin):
         return self.length
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the older name of get_max_length
         return -1
 
     def reset(self) -> None:
@@ -136,8 +188,10 @@ class MlaExtCache(Cache):
             raise ValueError(f"MlaExtCache: block_size must be >= 1, got {block_size}")
         self.block_size = int(block_size)
         self.num_blocks = num_blocks
-        self.max_batch_size = max_batch_size
-        self.max_cache_len = max_cache_len
+        # Not `self.max_batch_size` / `self.max_cache_len`: transformers <= 5.19's Cache has
+        # read-only properties of those names.
+        self._hint_batch = max_batch_size
+        self._hint_len = max_cache_len
         self.paged: Optional[PagedLatentCache] = None
         self.seq_ids: Optional[List[int]] = None
         self.step: Optional[_Step] = None
@@ -183,8 +237,8 @@ class MlaExtCache(Cache):
         return total
 
     def _allocate(self, batch: int, query_len: int, dtype, device) -> None:
-        per_seq = self.max_cache_len if self.max_cache_len is not None else query_len + 128
-        rows = max(batch, self.max_batch_size or 0)
+        per_seq = self._hint_len if self._hint_len is not None else query_len + 128
+        rows = max(batch, self._hint_batch or 0)
         num_blocks = self.num_blocks if self.num_blocks is not None else rows * -(-max(per_seq, 1) // self.block_size)
         self.paged = PagedLatentCache(num_blocks, self.block_size, num_layers=len(self.layers), dtype=dtype, device=device)
         self.seq_ids = [self.paged.add_sequence() for _ in range(batch)]
@@ -258,10 +312,11 @@ class MlaExtCache(Cache):
 
 
 class _Step:
-    __slots__ = ("meta", "prefill", "query_len")
+    __slots__ = ("meta", "prefill", "query_len", "layers_run")
 
     def __init__(self, meta: StepMetadata, prefill: bool, query_len: int) -> None:
         self.meta, self.prefill, self.query_len = meta, prefill, query_len
+        self.layers_run = 0  # attention layers that ran this step through mla_ext
 
 
 def hf_cache_nbytes(cache) -> int:
@@ -345,23 +400,20 @@ class _MlaExtAttentionMixin:
         o = expand_output(o_lat, w.w_uv)  # [b, s, h, v]
         return self.o_proj(o.reshape(b, s, self.num_heads * self.v_head_dim))
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        cache = past_key_values
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        cache = _find_cache(kwargs)
         if not isinstance(cache, MlaExtCache) or cache.step is None:
             return self._mla_ext_orig_cls.forward(
-                self,
-                hidden_states=hidden_states,
-                position_embeddings=position_embeddings,
-                attention_mask=attention_mask,
-                past_key_values=past_key_values,
-                **kwargs,
+                self, hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
             )
+        kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
         step = cache.step
         meta = step.meta
         if hidden_states.shape[1] != step.query_len:
             raise RuntimeError("mla_ext: hidden_states length does not match the step prepared by the model pre-hook")
         kv_cache = cache.paged.layer(self.layer_idx)
         cache.layers[self.layer_idx].length += step.query_len
+        step.layers_run += 1
         if not (step.prefill and self._mla_ext_prefill == "standard"):
             out = self.mla_decode_step(
                 hidden_states, position_embeddings, kv_cache, meta.slot_mapping, meta.block_table, meta.cache_seqlens
@@ -393,6 +445,71 @@ class _MlaExtAttentionMixin:
 
 _PATCHED_CLASSES: Dict[type, type] = {}
 
+# What a forward calls its cache argument: `cache` from transformers 5.24 on, `past_key_values`
+# before (5.24 still accepts the old name, deprecated).
+_CACHE_KWARGS = ("cache", "past_key_values")
+
+
+class MlaExtNotUsedError(RuntimeError):
+    """enable() cannot route the model's attention through mla_ext, or a generate call on an
+    enabled model did not run through it (raised instead of falling back silently)."""
+
+
+def _find_cache(kwargs):
+    for name in _CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def _cache_param(fn, what: str) -> str:
+    """The name under which `fn` takes the cache (feature detection, not a version check)."""
+    params = inspect.signature(fn).parameters
+    for name in _CACHE_KWARGS:
+        if name in params:
+            return name
+    raise MlaExtNotUsedError(
+        f"mla_ext: {what} takes no cache argument (none of {_CACHE_KWARGS} in {list(params)}) in transformers "
+        f"{_transformers.__version__}; mla_ext cannot route its attention (supported: transformers {TRANSFORMERS_SPEC})"
+    )
+
+
+def cache_kwarg(model) -> str:
+    """The keyword `model(...)` takes its cache under: "cache" (transformers >= 5.24) or
+    "past_key_values" (before)."""
+    return _cache_param(type(model).forward, type(model).__name__ + ".forward")
+
+
+def output_cache(output):
+    """The cache of a model / generate output (`.cache` from transformers 5.24 on,
+    `.past_key_values` before)."""
+    for name in _CACHE_KWARGS:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
+# What the patched attention uses of transformers' (checked by enable(), before any change).
+_ATTN_ATTRS = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj", "q_lora_rank", "qk_head_dim",
+               "qk_nope_head_dim", "qk_rope_head_dim", "kv_lora_rank", "v_head_dim", "num_heads", "scaling",
+               "layer_idx", "expand_kv")
+_MODULE_ATTRS = ("ALL_ATTENTION_FUNCTIONS", "eager_attention_forward")
+
+
+def _check_attention(module) -> None:
+    cls = type(module)
+    mod = _modeling_module(cls)
+    missing = [a for a in _ATTN_ATTRS if not hasattr(module, a)] + [f"{mod.__name__}.{a}" for a in _MODULE_ATTRS if not hasattr(mod, a)]
+    if not (hasattr(mod, "apply_rotary_emb") or hasattr(mod, "apply_rotary_pos_emb")):
+        missing.append(f"{mod.__name__}.apply_rotary_emb / apply_rotary_pos_emb")
+    if missing:
+        raise MlaExtNotUsedError(
+            f"mla_ext: {cls.__name__} of transformers {_transformers.__version__} lacks {missing}; mla_ext cannot route "
+            f"its attention (supported: transformers {TRANSFORMERS_SPEC})"
+        )
+    _cache_param(cls.forward, cls.__name__ + ".forward")
+
 
 def _patched_class(orig_cls: type) -> type:
     if orig_cls not in _PATCHED_CLASSES:
@@ -408,8 +525,16 @@ def _patched_class(orig_cls: type) -> type:
 
 
 def _pre_hook(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
+    state = module._mla_ext_state
+    cache = _find_cache(kwargs)
     if not isinstance(cache, MlaExtCache):
+        if state["generating"]:
+            raise MlaExtNotUsedError(
+                f"mla_ext is enabled on this model but generate() called its decoder with "
+                f"{type(cache).__name__ if cache is not None else 'no cache'} instead of an MlaExtCache, so its "
+                "attention would not run through mla_ext. Do not pass your own cache, cache_implementation or "
+                "use_cache=False to generate() on an enabled model (or mla_hf.disable(model) first)."
+            )
         return None
     x = kwargs.get("input_ids")
     if x is None and args:
@@ -419,15 +544,24 @@ def _pre_hook(module, args, kwargs):
     if x is None:
         return None
     batch, query_len = x.shape[0], x.shape[1]
-    param = module._mla_ext_param()
+    param = state["param"]
     cache.begin_step(kwargs.get("attention_mask"), batch, query_len, param.dtype, param.device)
+    state["counts"]["steps"] += 1
     return None
 
 
 def _post_hook(module, args, kwargs, output):
-    cache = kwargs.get("past_key_values")
-    if isinstance(cache, MlaExtCache):
-        cache.step = None
+    cache = _find_cache(kwargs)
+    if not isinstance(cache, MlaExtCache) or cache.step is None:
+        return None
+    step, cache.step = cache.step, None
+    state = module._mla_ext_state
+    state["counts"]["layer_steps"] += step.layers_run
+    if output is not None and step.layers_run != len(state["patched"]):
+        raise MlaExtNotUsedError(
+            f"mla_ext: only {step.layers_run} of {len(state['patched'])} attention layers ran through mla_ext in this "
+            f"forward (transformers {_transformers.__version__} called them without the MlaExtCache)"
+        )
     return None
 
 
@@ -438,6 +572,13 @@ def _decoder(model):
 
 def is_enabled(model) -> bool:
     return getattr(model, "_mla_ext_state", None) is not None
+
+
+def op_counts(model) -> Dict[str, int]:
+    """What ran through mla_ext since enable(): "steps" (decoder forwards with an
+    MlaExtCache) and "layer_steps" (attention layer calls over the paged cache)."""
+    state = getattr(model, "_mla_ext_state", None)
+    return {} if state is None else dict(state["counts"])
 
 
 def enable(model, block_size: int = 64, *, num_blocks: Optional[int] = None, prefill: str = "standard"):
@@ -452,9 +593,13 @@ def enable(model, block_size: int = 64, *, num_blocks: Optional[int] = None, pre
             own attention function; "mla" sends it through mla_ext.decode too (causal).
 
     Returns the same model object, modified in place. `model.generate(...)` is unchanged for
-    the caller; pass `past_key_values=MlaExtCache(model.config, block_size)` to a plain
-    forward to use the paged cache there. `disable(model)` undoes everything.
+    the caller; pass `MlaExtCache(model.config, block_size)` as the cache argument of a plain
+    forward (`cache_kwarg(model)`) to use the paged cache there. `disable(model)` undoes everything.
+
+    Raises UnsupportedTransformersError outside TRANSFORMERS_SPEC and MlaExtNotUsedError when
+    the model's attention cannot be routed through mla_ext.
     """
+    check_transformers_version()
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -471,45 +616,77 @@ def enable(model, block_size: int = 64, *, num_blocks: Optional[int] = None, pre
     if is_enabled(model):
         disable(model)
 
-    patched = []
-    for module in model.modules():
-        cls = type(module)
-        if cls.__name__ in _ATTENTION_CLASS_NAMES and not isinstance(module, _MlaExtAttentionMixin):
-            module.__class__ = _patched_class(cls)
-            module._mla_ext_prefill = prefill
-            patched.append((module, cls))
-    if not patched:
+    # Feature detection first, so that nothing is modified when something is missing.
+    targets = [m for m in model.modules() if type(m).__name__ in _ATTENTION_CLASS_NAMES and not isinstance(m, _MlaExtAttentionMixin)]
+    if not targets:
         raise ValueError("enable: found no DeepseekV3Attention / DeepseekV2Attention module in the model")
-
+    for m in targets:
+        _check_attention(m)
+    classes = {type(m): _patched_class(type(m)) for m in targets}
     decoder = _decoder(model)
-    first_param = next(patched[0][0].parameters())
-    decoder._mla_ext_param = lambda: first_param
-    handles = [
+    _cache_param(type(decoder).forward, type(decoder).__name__ + ".forward")
+    orig_prepare = getattr(model, "_prepare_cache_for_generation", None)
+    prepare_params = inspect.signature(orig_prepare).parameters if orig_prepare is not None else {}
+    if hasattr(model, "generate") and not {"generation_config", "model_kwargs"} <= set(prepare_params):
+        raise MlaExtNotUsedError(
+            f"mla_ext: transformers {_transformers.__version__} has no GenerationMixin._prepare_cache_for_generation"
+            f"(generation_config, model_kwargs, ...), where mla_ext installs its cache (supported: {TRANSFORMERS_SPEC})"
+        )
+
+    patched = []
+    for module in targets:
+        cls = type(module)
+        module.__class__ = classes[cls]
+        module._mla_ext_prefill = prefill
+        patched.append((module, cls))
+
+    state: Dict[str, Any] = {
+        "patched": patched, "decoder": decoder, "block_size": int(block_size), "generating": 0,
+        "param": next(patched[0][0].parameters()), "counts": {"steps": 0, "layer_steps": 0},
+    }
+    decoder._mla_ext_state = state
+    state["handles"] = [
         decoder.register_forward_pre_hook(_pre_hook, with_kwargs=True),
         decoder.register_forward_hook(_post_hook, with_kwargs=True, always_call=True),
     ]
+    if hasattr(model, "generate"):
+        prepare_sig = inspect.signature(orig_prepare)
 
-    state: Dict[str, Any] = {"patched": patched, "handles": handles, "decoder": decoder, "block_size": int(block_size)}
-    orig_prepare = getattr(model, "_prepare_cache_for_generation", None)
-    if orig_prepare is not None:
-
-        def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
-            user_cache = model_kwargs.get("past_key_values")
-            result = orig_prepare(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
-            cache = model_kwargs.get("past_key_values")
-            if user_cache is None and type(cache) is DynamicCache:
-                rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
-                model_kwargs["past_key_values"] = MlaExtCache(
-                    self.config,
-                    block_size,
-                    num_blocks=num_blocks,
-                    max_batch_size=rows,
-                    max_cache_len=max_cache_length,
+        def _prepare_cache_for_generation(self, *args, **kwargs):
+            arguments = prepare_sig.bind(*args, **kwargs).arguments
+            model_kwargs, generation_config = arguments["model_kwargs"], arguments["generation_config"]
+            user_cache = _find_cache(model_kwargs)
+            result = orig_prepare(*args, **kwargs)
+            names = [k for k in _CACHE_KWARGS if type(model_kwargs.get(k)) is DynamicCache]
+            if user_cache is None and names:
+                rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+                rows *= arguments.get("batch_size") or 1
+                model_kwargs[names[0]] = MlaExtCache(
+                    self.config, block_size, num_blocks=num_blocks, max_batch_size=rows,
+                    max_cache_len=arguments.get("max_cache_length"),
                 )
             return result
 
+        orig_generate = model.generate
+
+        @functools.wraps(orig_generate)
+        def generate(*args, **kwargs):
+            steps = state["counts"]["steps"]
+            state["generating"] += 1
+            try:
+                out = orig_generate(*args, **kwargs)
+            finally:
+                state["generating"] -= 1
+            if state["counts"]["steps"] == steps:
+                raise MlaExtNotUsedError(
+                    f"mla_ext: generate() ran no step through mla_ext (transformers {_transformers.__version__}); "
+                    f"supported: transformers {TRANSFORMERS_SPEC}"
+                )
+            return out
+
         model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
-        state["patched_prepare"] = True
+        model.generate = generate
+        state["patched_generate"] = True
     model._mla_ext_state = state
     return model
 
@@ -524,8 +701,9 @@ def disable(model):
         module.__dict__.pop("_mla_ext_prefill", None)
     for h in state["handles"]:
         h.remove()
-    state["decoder"].__dict__.pop("_mla_ext_param", None)
-    if state.get("patched_prepare"):
+    state["decoder"].__dict__.pop("_mla_ext_state", None)
+    if state.get("patched_generate"):
         model.__dict__.pop("_prepare_cache_for_generation", None)
+        model.__dict__.pop("generate", None)
     model._mla_ext_state = None
     return model
