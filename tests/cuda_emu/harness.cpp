@@ -145,6 +145,9 @@ Case read_case(const std::string& dir) {
 
 mla::DType dtype(long long v) { return static_cast<mla::DType>(v); }
 
+// p.FIELD = the case's "int FIELD", converted to the field's type.
+#define INT_FIELD(field) p.field = static_cast<decltype(p.field)>(c.i(#field))
+
 std::string run_append(const Case& c) {
   mla::AppendParams p{};
   p.kv_c = c.ptr("kv_c");
@@ -152,13 +155,13 @@ std::string run_append(const Case& c) {
   p.cache = c.ptr("cache");
   p.slot_mapping = c.ptr("slot_mapping");
   p.scale = static_cast<const float*>(c.ptr("scale", false));
-  p.kv_c_row_stride = c.i("kv_c_row_stride");
-  p.k_pe_row_stride = c.i("k_pe_row_stride");
-  p.cache_block_stride = c.i("cache_block_stride");
-  p.cache_token_stride = c.i("cache_token_stride");
-  p.num_tokens = c.i("num_tokens");
-  p.num_blocks = c.i("num_blocks");
-  p.block_size = static_cast<int32_t>(c.i("block_size"));
+  INT_FIELD(kv_c_row_stride);
+  INT_FIELD(k_pe_row_stride);
+  INT_FIELD(cache_block_stride);
+  INT_FIELD(cache_token_stride);
+  INT_FIELD(num_tokens);
+  INT_FIELD(num_blocks);
+  INT_FIELD(block_size);
   p.slot_is_int64 = c.i("slot_is_int64") != 0;
   p.input_dtype = dtype(c.i("input_dtype"));
   p.cache_dtype = dtype(c.i("cache_dtype"));
@@ -177,21 +180,21 @@ std::string run_decode(Case& c) {
   p.kv_scale = static_cast<const float*>(c.ptr("kv_scale", false));
   p.out = c.ptr("out");
   p.lse = static_cast<float*>(c.ptr("lse"));
-  p.q_nope_batch_stride = c.i("q_nope_batch_stride");
-  p.q_nope_seq_stride = c.i("q_nope_seq_stride");
-  p.q_nope_head_stride = c.i("q_nope_head_stride");
-  p.q_pe_batch_stride = c.i("q_pe_batch_stride");
-  p.q_pe_seq_stride = c.i("q_pe_seq_stride");
-  p.q_pe_head_stride = c.i("q_pe_head_stride");
-  p.cache_block_stride = c.i("cache_block_stride");
-  p.cache_token_stride = c.i("cache_token_stride");
-  p.block_table_batch_stride = c.i("block_table_batch_stride");
-  p.batch = static_cast<int32_t>(c.i("batch"));
-  p.seqlen_q = static_cast<int32_t>(c.i("seqlen_q"));
-  p.num_heads = static_cast<int32_t>(c.i("num_heads"));
-  p.num_blocks = static_cast<int32_t>(c.i("num_blocks"));
-  p.block_size = static_cast<int32_t>(c.i("block_size"));
-  p.max_blocks_per_seq = static_cast<int32_t>(c.i("max_blocks_per_seq"));
+  INT_FIELD(q_nope_batch_stride);
+  INT_FIELD(q_nope_seq_stride);
+  INT_FIELD(q_nope_head_stride);
+  INT_FIELD(q_pe_batch_stride);
+  INT_FIELD(q_pe_seq_stride);
+  INT_FIELD(q_pe_head_stride);
+  INT_FIELD(cache_block_stride);
+  INT_FIELD(cache_token_stride);
+  INT_FIELD(block_table_batch_stride);
+  INT_FIELD(batch);
+  INT_FIELD(seqlen_q);
+  INT_FIELD(num_heads);
+  INT_FIELD(num_blocks);
+  INT_FIELD(block_size);
+  INT_FIELD(max_blocks_per_seq);
   p.softmax_scale = static_cast<float>(c.f("softmax_scale"));
   p.causal = c.i("causal") != 0;
   p.q_dtype = dtype(c.i("q_dtype"));
