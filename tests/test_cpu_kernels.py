@@ -166,3 +166,39 @@ def test_avx512_kernel_logic_under_emulation():
     res = subprocess.run(["sh", script], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "cases agree" in res.stdout
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "auto"])
+def test_nan_in_a_causally_masked_key_stays_masked(isa, cache_dtype, monkeypatch):
+    """s_q = 2, causal: the last key of sequence 0 holds an inf / NaN in its V columns, so only
+    query 1 sees it. Query 0 must equal the float64 reference (a masked key is skipped, never
+    multiplied by P = 0: 0 * NaN is NaN); query 1 is non-finite, as in the reference. The
+    emulated CUDA kernels have the same test (tests/test_cuda_emulated.py)."""
+    monkeypatch.setenv("MLA_EXT_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(11)
+    bs, lens, h = 16, [40, 70], 4
+    cache = torch.randn(10, bs, 576, generator=gen)
+    table = torch.tensor([[2, 5, 0, 7, 9], [1, 3, 4, 6, 8]], dtype=torch.int32)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    last = lens[0] - 1
+    bad = float("inf") if cache_dtype == torch.float32 else float("nan")
+    cache[int(table[0, last // bs]), last % bs, 5] = bad
+    scale = None
+    if cache_dtype == torch.float8_e4m3fn:
+        scale = torch.tensor([0.02])
+        cache = reference.quantize_fp8(cache, scale)
+        cache.view(torch.uint8)[int(table[0, last // bs]), last % bs, 5] = 0x7F  # the NaN code
+    else:
+        cache = cache.to(cache_dtype)
+    q_dtype = torch.float32 if cache_dtype in (torch.float32, torch.float8_e4m3fn) else cache_dtype
+    q = torch.randn(2, 2, h, 576, generator=gen).to(q_dtype)
+    out, lse = mla_ext.decode(q[..., :512], q[..., 512:], cache, table, seqlens, softmax_scale=0.07, causal=True,
+                              return_lse=True, scale=scale)
+    ref_out, ref_lse = reference.decode(q[..., :512], q[..., 512:], cache, table, seqlens, 0.07, True,
+                                        compute_dtype=torch.float64, scale=scale)
+    assert not torch.isfinite(ref_out[0, 1]).all() and not torch.isfinite(out[0, 1]).all()
+    tol = dict(rtol=2e-2, atol=2e-2) if q_dtype != torch.float32 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[0, 0].double(), ref_out[0, 0].double(), **tol)
+    torch.testing.assert_close(out[1].double(), ref_out[1].double(), **tol)
+    torch.testing.assert_close(lse[:, 0].double(), ref_lse[:, 0].double(), rtol=1e-4, atol=1e-4)

@@ -163,6 +163,25 @@ struct ScratchLayout {
   }
 };
 
+// Whether the V part (columns [0, 512)) of a cache row holds an inf or NaN.
+template <class CT>
+inline bool v_has_nonfinite(const typename CT::T* row) {
+  for (int d = 0; d < kLatentDim; ++d) {
+    if constexpr (CT::kType == DType::kFloat32) {
+      uint32_t u;
+      __builtin_memcpy(&u, row + d, 4);
+      if ((u & 0x7f800000u) == 0x7f800000u) return true;
+    } else if constexpr (CT::kType == DType::kBFloat16) {
+      if ((row[d] & 0x7f80u) == 0x7f80u) return true;
+    } else if constexpr (CT::kType == DType::kFloat16) {
+      if ((row[d] & 0x7c00u) == 0x7c00u) return true;
+    } else {
+      if ((row[d] & 0x7fu) == 0x7fu) return true;  // e4m3fn: NaN is the only non-finite code
+    }
+  }
+  return false;
+}
+
 template <class K>
 size_t scratch_bytes_impl(int32_t max_rows) {
   return ScratchLayout(max_rows, K::kQStride * sizeof(typename K::QElt)).total;
@@ -199,8 +218,11 @@ void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, 
   K::template load_q<CT>(p, it.seq, it.row_begin, rows, s2scale, q);
 
   const int32_t len = p.cache_seqlens[it.seq];
-  for (int32_t r = 0; r < rows; ++r)
+  int32_t min_limit = it.key_end;  // keys [min_limit, key_end) are masked for some rows (causal band)
+  for (int32_t r = 0; r < rows; ++r) {
     limit[r] = visible_keys(len, p.seqlen_q, (it.row_begin + r) / p.num_heads, p.causal);
+    min_limit = limit[r] < min_limit ? limit[r] : min_limit;
+  }
   for (int64_t i = 0; i < static_cast<int64_t>(rows) * kLatentDim; ++i) out.acc[i] = 0.f;
   for (int32_t r = 0; r < rows; ++r) {
     run_max[r] = -__builtin_inff();
@@ -250,7 +272,20 @@ void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, 
       visible = visible < 0 ? 0 : (visible > n ? n : visible);
       K::softmax_row(s + r * kScoreStride, visible, run_max + r, run_sum + r, pr + r * kScoreStride, corr + r);
     }
-    K::pv(pr, corr, kf, n, rows, out.acc, pf);
+    // A masked key has P = 0, but 0 * inf / NaN is NaN: if a key of the causal band holds a
+    // non-finite V value, each row takes only the keys it sees (rare; finite data never).
+    bool band_nonfinite = false;
+    for (int i = min_limit > t0 ? min_limit - t0 : 0; i < n && !band_nonfinite; ++i)
+      band_nonfinite = v_has_nonfinite<CT>(raw[i]);
+    if (!band_nonfinite) {
+      K::pv(pr, corr, kf, n, rows, out.acc, pf);
+    } else {
+      for (int32_t r = 0; r < rows; ++r) {
+        int32_t visible = limit[r] - t0;
+        visible = visible < 0 ? 0 : (visible > n ? n : visible);
+        K::pv(pr + r * kScoreStride, corr + r, kf, visible, 1, out.acc + static_cast<int64_t>(r) * kLatentDim, pf);
+      }
+    }
   }
   K::template finish<CT>(out.acc, rows);
   for (int32_t r = 0; r < rows; ++r) {
