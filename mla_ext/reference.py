@@ -99,7 +99,7 @@ def decode(
             t = torch.arange(seqlen, device=q.device).view(1, 1, seqlen)
             scores = scores.masked_fill(t > seqlen - s_q + j, float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)  # [s_q, h]; -inf where every key is masked
-        seen = torch.isfinite(row_lse)
+        seen = ~torch.isneginf(row_lse)  # a NaN / inf the query sees propagates; -inf: no key
         probs = torch.where(seen[..., None], torch.exp(scores - row_lse[..., None]), 0.0)
         for j in range(s_q):
             # Only the keys query j sees: a masked key is skipped, not multiplied by 0, so an

@@ -73,23 +73,46 @@ def test_decode_tile_configs(case, device, config, harness):
     check_close(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [{device}]", tol=case.tolerance())
 
 
+# Where the NaN sits: V column 5 (the first key-half warps' output columns), V column 300 (the
+# second half's), column 540 (rope only: the score is NaN but V is finite); fp16 / fp8 caches;
+# a long sequence so the split-KV combine merges the NaN row.
+NAN_VARIANTS = {
+    "bf16 col 5": (dict(), 5),
+    "bf16 col 300": (dict(), 300),
+    "fp16 col 300": (dict(q_dtype=torch.float16), 300),
+    "fp8 col 300": (dict(fp8=True), 300),
+    "bf16 rope col 540": (dict(), 540),
+    "bf16 col 300 split-KV": (dict(lens=(700, 70), extra_cols=30), 300),
+}
+
+
+@pytest.mark.parametrize("variant", list(NAN_VARIANTS))
 @pytest.mark.parametrize("impl", ["auto", "simple"])
 @pytest.mark.parametrize("device", ["sm90", "sm86"])
-def test_masked_key_with_nan_stays_masked(impl, device, harness):
+def test_masked_key_with_nan_stays_masked(variant, impl, device, harness):
     """A key that query j = 0 must not see (causal, s_q = 2) holds NaN: query 0's output stays
-    finite and equal to the reference, query 1 (which sees it) is NaN as in the reference."""
-    case = DecodeCase("nan in a causally masked key", s_q=2, lens=(40, 70), impl=impl)
+    finite and equal to the reference; query 1 (which sees it) is NaN in every column, as in the
+    reference (an inf / NaN a query sees is never hidden as an empty row)."""
+    kw, col = NAN_VARIANTS[variant]
+    case = DecodeCase(f"nan in a causally masked key {variant}", s_q=2, impl=impl, **{"lens": (40, 70), **kw})
     q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
     last = int(seqlens[0]) - 1  # visible to query 1 only
-    block = int(table[0, last // case.block_size])
-    cache[block, last % case.block_size, 5] = float("nan")
+    block, slot = int(table[0, last // case.block_size]), last % case.block_size
+    if case.fp8:
+        cache.view(torch.uint8)[block, slot, col] = 0x7F  # the e4m3fn NaN code
+    else:
+        cache[block, slot, col] = float("nan")
     out, lse, ref_out, ref_lse, info = run_case(case, harness, device=device,
                                                 inputs=(q_nope, q_pe, cache, table, seqlens, scale))
     assert info["impl"] == expected_impl(case)
-    assert torch.isnan(ref_lse[0, 1]).all() and torch.isfinite(ref_out[0, 0]).all()
+    if "split" in variant:
+        assert info["num_splits"] > 1, info
+    assert torch.isnan(ref_out[0, 1]).all() and torch.isnan(ref_lse[0, 1]).all()
+    assert torch.isnan(out[0, 1]).all(), "query 1 sees the NaN key: its whole output must be NaN"
     assert torch.isnan(lse[0, 1]).all(), "query 1 sees the NaN key: its lse must be NaN"
-    check_close(out[:, 0], lse[:, 0], ref_out[:, 0], ref_lse[:, 0], case.q_dtype, "query 0 (key masked)")
-    check_close(out[1:], lse[1:], ref_out[1:], ref_lse[1:], case.q_dtype, "sequence 1 (no NaN)")
+    tol = case.tolerance()
+    check_close(out[:, 0], lse[:, 0], ref_out[:, 0], ref_lse[:, 0], case.q_dtype, "query 0 (key masked)", tol=tol)
+    check_close(out[1:], lse[1:], ref_out[1:], ref_lse[1:], case.q_dtype, "sequence 1 (no NaN)", tol=tol)
 
 
 @pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])

@@ -95,8 +95,8 @@ __global__ void __launch_bounds__(kSimpleThreads) decode_simple_kernel(const Dec
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[c] *= alpha;
     for (int k = 0; k < kSimpleTile; ++k) {
+      if (ss[k] == -INFINITY) continue;  // masked or past the range: skipped, never 0 * V
       const float pk = exp2f(ss[k] - m_use);
-      if (pk == 0.f) continue;
       l += pk;
       const C* row = srow[k];
       if (row == nullptr) continue;  // zero row: contributes to the sum only

@@ -658,6 +658,7 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_addr, bool trans) {
   if (!in_smem(smem_addr, 16) || reinterpret_cast<uintptr_t>(smem_addr) % 16 != 0)
     fail(where() + ": ldmatrix row address " + hex(smem_addr) +
          " is not a 16-byte aligned row inside the block's shared memory");
+  if (warp_lanes(f) != 0xffffffffu) fail(where() + ": ldmatrix in a warp of fewer than 32 threads (.aligned needs all 32)");
   f.args.addr = static_cast<const unsigned char*>(smem_addr);
   MLA_EMU_TSAN_READ(smem_addr, 16);  // this lane's row, read at the collective
   warp_arrive(trans ? CollKind::kLdmatrixTrans : CollKind::kLdmatrix, warp_lanes(f), site);
@@ -667,6 +668,7 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_addr, bool trans) {
 void mma_16816(MmaKind kind, float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   const void* site = __builtin_return_address(0);
   Fiber& f = cur();
+  if (warp_lanes(f) != 0xffffffffu) fail(where() + ": mma.sync in a warp of fewer than 32 threads (.aligned needs all 32)");
   for (int i = 0; i < 4; ++i) f.args.a[i] = a[i], f.args.c[i] = d[i];
   f.args.b[0] = b0;
   f.args.b[1] = b1;

@@ -89,6 +89,9 @@ MUTATIONS = [
     M("masked-key NaN guard removed (0 * NaN in P.V)", TC_LOOP,
       "  if (band_lo < band_hi)  // uniform across the block\n", "  if (false)\n",
       [("nan band", "plain", "forward", "sm90")]),
+    M("masked-key scalar path: output columns of the wrong key half", TC_LOOP,
+      "  const int col0 = wn * Cfg::kOCols + q8;\n#pragma unroll\n", "  const int col0 = q8;\n#pragma unroll\n",
+      [("nan band", "plain", "forward", "sm90")]),
     M("CUDA-core kernel: a key tile's barrier deleted", "cuda/decode.cu",
       "    __syncthreads();  // previous tile's ss / srow fully consumed (and sq written, first time)\n", "",
       [("bf16 simple", "plain", "random", "sm90"), ("bf16 simple", "tsan", "forward", "sm90")]),
@@ -101,7 +104,7 @@ def run_check(case_name: str, flavor: str, order: str, device: str, exe: Path) -
     q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
     if case is NAN_BAND:
         last = int(seqlens[0]) - 1
-        cache[int(table[0, last // case.block_size]), last % case.block_size, 5] = float("nan")
+        cache[int(table[0, last // case.block_size]), last % case.block_size, 300] = float("nan")  # wn = 1 columns
     try:
         out, lse, _ = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
                                         impl=case.impl, device=device, order=order, seed=11, flavor=flavor, exe=exe)

@@ -32,6 +32,9 @@ EMU_DIR = Path(__file__).resolve().parent
 CACHE_ROOT = Path(os.environ.get("MLA_EXT_EMU_CACHE", Path.home() / ".cache" / "mla_ext" / "emu"))
 CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
 
+# The divergence checks compare call sites (return addresses): keep GCC from merging two
+# identical __syncthreads() / collective calls of different source lines into one.
+NO_MERGE = ["-fno-crossjumping", "-fno-tree-tail-merge"]
 FLAVORS = {
     "plain": ["-O1"],
     "asan": ["-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
@@ -110,7 +113,7 @@ def build(flavor: str = "plain", csrc: Path | None = None, jobs: int | None = No
     cxx = os.environ.get("CXX", "g++")
     dirs = [EMU_DIR, csrc / "cuda"]
     common = ["-std=c++17", "-g", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas", "-DMLA_CUDA_EMULATION",
-              f"-I{cuda_include()}", *(f"-I{d}" for d in dirs)] + FLAVORS[flavor]
+              *NO_MERGE, f"-I{cuda_include()}", *(f"-I{d}" for d in dirs)] + FLAVORS[flavor]
     obj_dir = CACHE_ROOT / "obj" / flavor
     obj_dir.mkdir(parents=True, exist_ok=True)
 
@@ -223,6 +226,11 @@ def run_decode(q_nope, q_pe, cache, block_table, cache_seqlens, softmax_scale, c
     if cache.dim() == 4:
         cache = cache.squeeze(2)
     b, s_q, h, _ = q_nope.shape
+    # The params structs take strides for the outer dims only: the rest must be dense.
+    for name, t in (("q_nope", q_nope), ("q_pe", q_pe), ("cache", cache)):
+        assert t.stride(-1) == 1, f"{name}: the last dim must be contiguous"
+    assert block_table.dtype == torch.int32 and block_table.stride(1) == 1, "block_table: int32, rows contiguous"
+    assert cache_seqlens.dtype == torch.int32 and cache_seqlens.is_contiguous(), "cache_seqlens: contiguous int32"
     cache_u = cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
     with tempfile.TemporaryDirectory(prefix="emu-") as d:
         w = _CaseWriter(Path(d))
@@ -265,6 +273,9 @@ def run_append(kv_c, k_pe, cache, slot_mapping, scale=None, *, order="forward", 
     exe = exe or build(flavor)
     if cache.dim() == 4:
         cache = cache.squeeze(2)
+    for name, t in (("kv_c", kv_c), ("k_pe", k_pe), ("cache", cache)):
+        assert t.stride(-1) == 1, f"{name}: the last dim must be contiguous"
+    assert slot_mapping.dtype in (torch.int32, torch.int64) and slot_mapping.is_contiguous(), "slot_mapping"
     cache_u = cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
     with tempfile.TemporaryDirectory(prefix="emu-") as d:
         w = _CaseWriter(Path(d))
