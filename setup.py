@@ -99,6 +99,9 @@ setup(
     packages=find_packages(include=["mla_ext", "mla_ext.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
+    # vLLM runs every vllm.general_plugins entry point in each of its processes: registers the
+    # mla_ext MLA backend (inert unless selected; see mla_ext/integrations/vllm.py).
+    entry_points={"vllm.general_plugins": ["mla_ext = mla_ext.integrations.vllm:register"]},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     python_requires=">=3.10",
 )
