@@ -2,7 +2,7 @@
 
     python tests/vllm_child.py make-model DIR [--layers 2 --heads 4 --hidden 256 ...]
     python tests/vllm_child.py generate DIR --prompts P.json --out OUT.json [--dtype float32]
-        [--kv-cache-dtype auto|fp8] [--max-tokens 24] [--scale-factor 1.0] [--profile]
+        [--kv-cache-dtype auto|fp8] [--max-tokens 24] [--negative-scale F] [--profile]
 
 `generate` runs vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so torch.profiler and
 the backend's counters see the model's ops) with attention_backend="CPU_MLA"; whether
@@ -11,8 +11,8 @@ Greedy decoding, token ids in and out (no tokenizer), ignore_eos. Writes JSON: t
 the chosen tokens' logprobs per prompt, which attention ops ran (profiler event counts),
 mla_ext's backend counters and the backend class vLLM resolved for CPU_MLA.
 
---scale-factor multiplies the softmax scale mla_ext's decode receives (a negative control:
-a wrong scale must show in the logprobs).
+--negative-scale F generates a second time in the same engine with mla_ext's decode given
+softmax_scale * F ("negative_outputs"): a negative control, a wrong scale must show.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def make_model(path: str, layers: int = 2, heads: int = 4, hidden: int = 256, vo
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, moe_intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
         q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        n_routed_experts=None, n_shared_experts=None, first_k_dense_replace=layers,
+        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=layers,
         max_position_embeddings=max_pos, initializer_range=init_std, tie_word_embeddings=False,
         rope_theta=10000.0, bos_token_id=0, eos_token_id=1, torch_dtype="float32",
     )
@@ -58,19 +58,6 @@ def generate(args) -> dict:
     from vllm import LLM, SamplingParams
 
     from mla_ext.integrations import _vllm_backend as backend_mod
-
-    if args.scale_factor != 1.0:
-        real_forward_mqa = backend_mod.MlaExtImpl.forward_mqa
-
-        def forward_mqa_wrong_scale(self, *a, **kw):
-            right = self.scale
-            self.scale = right * args.scale_factor
-            try:
-                return real_forward_mqa(self, *a, **kw)
-            finally:
-                self.scale = right
-
-        backend_mod.MlaExtImpl.forward_mqa = forward_mqa_wrong_scale
 
     with open(args.prompts) as f:
         prompts = json.load(f)
@@ -103,11 +90,32 @@ def generate(args) -> dict:
     result = {"backend_path": backend_path, "op_counts": {k: op_counts.get(k, 0) for k in OPS},
               "counters": {k: backend_mod.counters[k] - counters_before[k] for k in backend_mod.counters},
               "elapsed_s": elapsed, "torch": torch.__version__, "outputs": []}
+    result["outputs"] = _tokens_and_logprobs(outs)
+    if args.negative_scale is not None:
+        # Negative control, same engine: mla_ext's decode gets softmax_scale * factor.
+        real_forward_mqa = backend_mod.MlaExtImpl.forward_mqa
+
+        def forward_mqa_wrong_scale(self, *a, **kw):
+            right = self.scale
+            self.scale = right * args.negative_scale
+            try:
+                return real_forward_mqa(self, *a, **kw)
+            finally:
+                self.scale = right
+
+        backend_mod.MlaExtImpl.forward_mqa = forward_mqa_wrong_scale
+        result["negative_outputs"] = _tokens_and_logprobs(llm.generate(inputs, sp, use_tqdm=False))
+        backend_mod.MlaExtImpl.forward_mqa = real_forward_mqa
+    return result
+
+
+def _tokens_and_logprobs(outs) -> list:
+    res = []
     for o in outs:
         c = o.outputs[0]
         lps = [float(step[tok].logprob) for tok, step in zip(c.token_ids, c.logprobs)]
-        result["outputs"].append({"tokens": list(c.token_ids), "logprobs": lps})
-    return result
+        res.append({"tokens": list(c.token_ids), "logprobs": lps})
+    return res
 
 
 def main() -> None:
@@ -125,7 +133,7 @@ def main() -> None:
     g.add_argument("--kv-cache-dtype", default="auto")
     g.add_argument("--max-tokens", type=int, default=24)
     g.add_argument("--max-model-len", type=int, default=256)
-    g.add_argument("--scale-factor", type=float, default=1.0)
+    g.add_argument("--negative-scale", type=float, default=None)
     g.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     if args.cmd == "make-model":
