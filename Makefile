@@ -64,8 +64,17 @@ $(VLLM_VENV)/.deps: requirements-vllm.txt
 	$(VLLM_PY) -m pip install -q --no-deps "$(VLLM_SPEC)"
 	touch $@
 
-$(VLLM_VENV)/.built: $(VLLM_VENV)/.deps setup.py $(shell find csrc -name '*.cpp' -o -name '*.h')
-	MAX_JOBS=$(MAX_JOBS) MLA_EXT_CUDA=0 $(VLLM_PY) -m pip install -q --no-build-isolation --no-deps -e .
+# The library .venv built is reused when both venvs have the same torch (setup.py:
+# MLA_EXT_PREBUILT); otherwise it is compiled again against the vLLM venv's torch.
+$(VLLM_VENV)/.built: $(VLLM_VENV)/.deps $(VENV)/.built
+	@tv() { $$1 -c 'import torch; print(torch.__version__)'; }; \
+	so=$$(ls mla_ext/_C*.so 2>/dev/null | head -1); \
+	if [ -n "$$so" ] && [ "$$(tv $(PY))" = "$$(tv $(VLLM_PY))" ]; then \
+		echo "mla_ext -> $(VLLM_VENV): reusing $$so (torch $$(tv $(PY)) in both venvs)"; \
+		MLA_EXT_PREBUILT=$$so MLA_EXT_CUDA=0 $(VLLM_PY) -m pip install -q --no-build-isolation --no-deps -e .; \
+	else \
+		MAX_JOBS=$(MAX_JOBS) MLA_EXT_CUDA=0 $(VLLM_PY) -m pip install -q --no-build-isolation --no-deps -e .; \
+	fi
 	touch $@
 
 vllm-venv: $(VLLM_VENV)/.built

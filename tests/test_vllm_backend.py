@@ -11,7 +11,7 @@ Runs in the vLLM venv (`make test-vllm`); skipped where vllm is not installed.
   in fp32 (greedy tokens identical, logprobs close, on prompts of 5 / 17 / 40 / 70 tokens
   plus 24 new ones: every decode crosses 16-token blocks), the profiler's proof of which
   ops ran, a negative control (a wrong softmax scale moves the logprobs far past the
-  tolerance) and the fp8 cache against the bf16 cache.
+  tolerance) and the fp8 cache (equal to a cache of e4m3-rounded rows, close to the exact one).
 """
 from __future__ import annotations
 
@@ -220,6 +220,35 @@ def test_impl_refuses_other_mla_shapes():
         make_impl("fp8_e5m2")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (and a CUDA build of vLLM)")
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_cuda_hooks_match_reference(block_size, s_q, gen):
+    """The same backend on a CUDA build of vLLM: mla_ext's CUDA kernels behind both hooks."""
+    b, dtype = 4, torch.bfloat16
+    seqlens = varlen_seqlens(b, 300, gen, min_len=s_q, zero=False)
+    kv = make_paged_kv(seqlens, block_size, gen, dtype)
+    ql_nope, q_pe = vllm_query(b * s_q, gen, dtype)
+    impl = make_impl()
+    meta = SimpleNamespace(decode=SimpleNamespace(block_table=kv.block_table.cuda(), seq_lens=kv.cache_seqlens.cuda()),
+                           causal=True, num_decodes=b)
+    out, lse = impl.forward_mqa((ql_nope.cuda(), q_pe.cuda()), kv.cache.cuda(), meta,
+                                SimpleNamespace(_k_scale=torch.tensor(1.0, device="cuda")))
+    o64, l64 = mla_ext.reference.decode(ql_nope.double().view(b, s_q, HEADS, LATENT),
+                                        q_pe.double().reshape(b, s_q, HEADS, ROPE), kv.cache, kv.block_table,
+                                        kv.cache_seqlens, impl.scale, compute_dtype=torch.float64)
+    atol, rtol = OUT_TOL_VS_FP64[dtype]
+    torch.testing.assert_close(out.cpu().double().view(b, s_q, HEADS, LATENT), o64, atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse.cpu().view(b, s_q, HEADS), l64.float(), atol=LSE_ATOL, rtol=LSE_RTOL)
+    cache = torch.zeros(4, block_size, 576, dtype=dtype, device="cuda")
+    kv_c, k_pe = randn((3, LATENT), gen, dtype, "cuda"), randn((3, 1, ROPE), gen, dtype, "cuda")
+    impl.do_kv_cache_update(kv_c, k_pe, cache, torch.tensor([5, -1, 2 * block_size], device="cuda"), "auto",
+                            torch.tensor(1.0, device="cuda"))
+    flat = cache.view(-1, 576)
+    assert torch.equal(flat[5], torch.cat([kv_c[0], k_pe[0, 0]])) and torch.equal(flat[2 * block_size], torch.cat([kv_c[2], k_pe[2, 0]]))
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -244,7 +273,7 @@ def _run_child(args, env, log: Path, timeout=600) -> None:
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
-    """The four vLLM runs, each in its own process, two at a time."""
+    """The three vLLM runs, each in its own process, two at a time."""
     d = tmp_path_factory.mktemp("vllm_e2e")
     model = d / "model"
     _run_child(["make-model", str(model)], _child_env(False), d / "make_model.log")
@@ -252,11 +281,10 @@ def e2e(tmp_path_factory):
     prompts = [[rng.randrange(2, 512) for _ in range(n)] for n in PROMPT_LENS]
     (d / "prompts.json").write_text(json.dumps(prompts))
     common = ["generate", str(model), "--prompts", str(d / "prompts.json"), "--max-tokens", str(MAX_TOKENS)]
-    runs = {
+    runs = {  # longest first: the pool runs two at a time
+        "ours_fp32": (common + ["--profile", "--negative-scale", str(NEGATIVE_SCALE), "--fp8-rows-pass"], True),
         "stock_fp32": (common + ["--profile"], False),
-        "ours_fp32": (common + ["--profile", "--negative-scale", str(NEGATIVE_SCALE)], True),
-        "ours_bf16": (common + ["--dtype", "bfloat16"], True),
-        "ours_fp8": (common + ["--dtype", "bfloat16", "--kv-cache-dtype", "fp8"], True),
+        "ours_fp8": (common + ["--kv-cache-dtype", "fp8"], True),
     }
 
     def one(name):
@@ -307,18 +335,28 @@ def test_e2e_negative_control_wrong_scale(e2e):
     assert min(first) > 10 * FP32_LOGPROB_TOL, first
 
 
-def test_e2e_fp8_cache_close_to_bf16(e2e):
-    """kv_cache_dtype="fp8" through mla_ext vs the bf16 cache (bf16 model both times):
-    greedy tokens agree until the first near-tie flips, and the logprobs up to there are
-    within what e4m3's 2^-4 relative rounding of the cached rows allows."""
-    bf16, fp8 = e2e["ours_bf16"]["outputs"], e2e["ours_fp8"]["outputs"]
-    assert e2e["ours_fp8"]["counters"]["decode"] > 0
-    agree, diffs = [], []
-    for a, b in zip(bf16, fp8):
-        n = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), len(a["tokens"]))
-        agree.append(n)
-        diffs += [abs(x - y) for x, y in zip(a["logprobs"][:n], b["logprobs"][:n])]
-    assert sum(agree) >= 0.75 * MAX_TOKENS * len(bf16), agree
-    assert max(diffs) < 0.1, max(diffs)
-    neg = _max_logprob_diff(e2e["stock_fp32"]["outputs"], e2e["ours_fp32"]["negative_outputs"])
-    assert max(diffs) < neg / 2, "fp8 moved the logprobs as much as a wrong softmax scale"
+def test_e2e_fp8_cache(e2e):
+    """kv_cache_dtype="fp8" through mla_ext (vLLM allocates uint8, passes k_scale, views the
+    cache as e4m3 for decode), fp32 model:
+
+    * equals, to fp32 rounding, the same engine with an fp32 cache whose rows were rounded
+      through e4m3 before being written (ours_fp32's second pass): tokens identical, logprobs
+      within FP32_LOGPROB_TOL. So the fp8 cache costs exactly its rounding, nothing else.
+    * against the unrounded cache, the rounding moves the first decoded token's logprob by
+      less than half of what the wrong softmax scale does (measured: ~0.05 vs ~0.4 mean).
+
+    fp32 rather than bf16 models: in bf16 the two decode kernels' different summation
+    orders flip bf16 roundings of the attention output, and a random model's near-tied
+    logits then turn those into different greedy tokens; fp32 keeps the comparison tight.
+    """
+    fp8, rows = e2e["ours_fp8"], e2e["ours_fp32"]["fp8_rows_outputs"]
+    assert e2e["ours_fp8"]["counters"]["decode"] >= (MAX_TOKENS - 1) * 2
+    for i, (a, b) in enumerate(zip(fp8["outputs"], rows)):
+        assert a["tokens"] == b["tokens"], f"prompt {i}: fp8 cache vs e4m3-rounded rows: tokens differ"
+    assert _max_logprob_diff(fp8["outputs"], rows) < FP32_LOGPROB_TOL
+
+    exact, wrong = e2e["ours_fp32"]["outputs"], e2e["ours_fp32"]["negative_outputs"]
+    mean_first = lambda x, y: sum(abs(p["logprobs"][1] - q["logprobs"][1]) for p, q in zip(x, y)) / len(x)  # noqa: E731
+    for a, b in zip(fp8["outputs"], exact):
+        assert a["tokens"][0] == b["tokens"][0] and abs(a["logprobs"][0] - b["logprobs"][0]) < FP32_LOGPROB_TOL
+    assert mean_first(fp8["outputs"], exact) < mean_first(wrong, e2e["stock_fp32"]["outputs"]) / 2

@@ -2,7 +2,7 @@
 
     python tests/vllm_child.py make-model DIR [--layers 2 --heads 4 --hidden 256 ...]
     python tests/vllm_child.py generate DIR --prompts P.json --out OUT.json [--dtype float32]
-        [--kv-cache-dtype auto|fp8] [--max-tokens 24] [--negative-scale F] [--profile]
+        [--kv-cache-dtype auto|fp8] [--max-tokens 24] [--negative-scale F] [--fp8-rows-pass] [--profile]
 
 `generate` runs vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so torch.profiler and
 the backend's counters see the model's ops) with attention_backend="CPU_MLA"; whether
@@ -13,6 +13,9 @@ mla_ext's backend counters and the backend class vLLM resolved for CPU_MLA.
 
 --negative-scale F generates a second time in the same engine with mla_ext's decode given
 softmax_scale * F ("negative_outputs"): a negative control, a wrong scale must show.
+--fp8-rows-pass generates a second time with every cache row rounded through e4m3 before
+it is written to the (bf16) cache ("fp8_rows_outputs"): what a kv_cache_dtype="fp8" run
+must reproduce.
 """
 from __future__ import annotations
 
@@ -106,6 +109,21 @@ def generate(args) -> dict:
         backend_mod.MlaExtImpl.forward_mqa = forward_mqa_wrong_scale
         result["negative_outputs"] = _tokens_and_logprobs(llm.generate(inputs, sp, use_tqdm=False))
         backend_mod.MlaExtImpl.forward_mqa = real_forward_mqa
+    if args.fp8_rows_pass:
+        # Same engine (bf16 cache), every cache row rounded through e4m3 as vLLM's fp8 cache
+        # stores it (x / k_scale, saturated) and scaled back: what an fp8 cache must equal.
+        import mla_ext.reference as ref
+
+        real_update = backend_mod.MlaExtImpl.do_kv_cache_update
+
+        def update_fp8_rounded(self, kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale):
+            s = k_scale.reshape(1).float()
+            rnd = lambda x: (ref.quantize_fp8(x, s).float() * s).to(x.dtype)  # noqa: E731
+            real_update(self, rnd(kv_c), rnd(k_pe), kv_cache, slot_mapping, kv_cache_dtype, k_scale)
+
+        backend_mod.MlaExtImpl.do_kv_cache_update = update_fp8_rounded
+        result["fp8_rows_outputs"] = _tokens_and_logprobs(llm.generate(inputs, sp, use_tqdm=False))
+        backend_mod.MlaExtImpl.do_kv_cache_update = real_update
     return result
 
 
@@ -134,6 +152,7 @@ def main() -> None:
     g.add_argument("--max-tokens", type=int, default=24)
     g.add_argument("--max-model-len", type=int, default=256)
     g.add_argument("--negative-scale", type=float, default=None)
+    g.add_argument("--fp8-rows-pass", action="store_true")
     g.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     if args.cmd == "make-model":
@@ -143,6 +162,11 @@ def main() -> None:
     result = generate(args)
     with open(args.out, "w") as f:
         json.dump(result, f)
+    # vLLM's in-process engine takes tens of seconds to shut down on a busy machine; the
+    # result is on disk, so leave at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
