@@ -14,7 +14,7 @@ Each backend runs in its own process (this script with --worker), with vLLM in-p
 (VLLM_ENABLE_V1_MULTIPROCESSING=0) driven through LLMEngine.add_request / step(): the
 batch's prompts (context tokens each) are prefilled, then every later step is a pure
 decode step of `batch` tokens, timed one by one (prefill excluded). tokens/s = batch /
-median step time. The attention share is the profiler's time in the decode kernel
+median step time (after --warmup untimed decode steps). The attention share is the profiler's time in the decode kernel
 (mla_ext::decode or _C::mla_decode_kvcache) and in the cache write (mla_ext::append_kv, or
 stock's index_put_ ops) over a few profiled steps' wall time. Backends alternate for
 --rounds rounds; medians over all timed steps of all rounds.
@@ -58,7 +58,7 @@ def worker(args) -> dict:
     rid = 0
     for ctx in args.contexts:
         for batch in args.batches:
-            sp = SamplingParams(temperature=0.0, max_tokens=args.steps + args.profile_steps + 2, ignore_eos=True,
+            sp = SamplingParams(temperature=0.0, max_tokens=args.warmup + args.steps + args.profile_steps + 2, ignore_eos=True,
                                 detokenize=False)
             for i in range(batch):
                 prompt = [(7 * rid + 13 * t) % 1000 + 2 for t in range(ctx)]
@@ -67,7 +67,8 @@ def worker(args) -> dict:
             t0 = time.perf_counter()
             engine.step()  # prefill (all prompts fit one step: chunked prefill is off for MLA on CPU)
             prefill_s = time.perf_counter() - t0
-            engine.step()  # first decode step (warm-up)
+            for _ in range(args.warmup):  # the first decode steps run 3-30x slower (allocations, oneDNN setup)
+                engine.step()
             times = []
             for _ in range(args.steps):
                 t0 = time.perf_counter()
@@ -121,6 +122,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--steps", type=int, default=12, help="timed decode steps per config and round")
     ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=4, help="decode steps run before timing, per config")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--heads", type=int, default=128)
     ap.add_argument("--hidden", type=int, default=512)
@@ -145,7 +147,7 @@ def main() -> None:
     vllm_child.make_model(str(model), layers=args.layers, heads=args.heads, hidden=args.hidden, vocab=1024,
                           intermediate=512, max_pos=max(args.contexts) + 512)
     common = [sys.executable, __file__, "--worker", "--model", str(model), "--dtype", args.dtype,
-              "--steps", str(args.steps), "--profile-steps", str(args.profile_steps),
+              "--steps", str(args.steps), "--profile-steps", str(args.profile_steps), "--warmup", str(args.warmup),
               "--contexts", *map(str, args.contexts), "--batches", *map(str, args.batches)]
     runs = {"stock": [], "mla_ext": []}
     load_before = os.getloadavg()
@@ -187,7 +189,8 @@ def main() -> None:
         "omp_threads": args.threads, "torch": torch.__version__, "vllm": vllm.__version__,
         "model": {"layers": args.layers, "heads": args.heads, "hidden": args.hidden, "kv_lora_rank": 512,
                   "qk_nope": 128, "qk_rope": 64, "v": 128, "vocab": 1024, "intermediate": 512, "dtype": args.dtype},
-        "method": "decode steps timed one by one after the prefill step; medians over all timed steps of all rounds",
+        "method": ("decode steps timed one by one after the prefill step and warm-up decode steps; "
+                   "medians over all timed steps of all rounds"), "warmup_steps": args.warmup,
         "steps_per_round": args.steps, "rounds": args.rounds,
         "quiet": False,
         "note": args.note or ("NOT a quiet machine: 2 shared cores, other agents ran builds during the run; "
