@@ -13,7 +13,7 @@ across the batch and the cache is not.
 Each backend runs in its own process (this script with --worker), with vLLM in-process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0) driven through LLMEngine.add_request / step(): the
 batch's prompts (context tokens each) are prefilled, then every later step is a pure
-decode step of `batch` tokens, timed one by one (prefill excluded). tokens/s = batch /
+decode step of `batch` tokens, timed one by one (prefill excluded; VLLM_CPU_KVCACHE_SPACE=1). tokens/s = batch /
 median step time (after --warmup untimed decode steps). The attention share is the profiler's time in the decode kernel
 (mla_ext::decode or _C::mla_decode_kvcache) and in the cache write (mla_ext::append_kv, or
 stock's index_put_ ops) over a few profiled steps' wall time. Backends alternate for
@@ -42,30 +42,36 @@ WRITE_OPS = ("mla_ext::append_kv", "aten::index_put_")
 
 def worker(args) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; 8 x 2.1k tokens x 2 layers need ~40 MB
     import torch
     from torch.profiler import ProfilerActivity, profile
     from vllm import LLM, SamplingParams
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     max_ctx = max(args.contexts)
+    max_len = max_ctx + args.warmup + args.steps + args.profile_steps + max(args.batches) + 8
     llm = LLM(args.model, skip_tokenizer_init=True, dtype=args.dtype, enforce_eager=True, attention_backend="CPU_MLA",
-              max_model_len=max_ctx + args.steps + 16, max_num_seqs=max(args.batches),
-              max_num_batched_tokens=max(args.batches) * (max_ctx + 16), seed=0, enable_prefix_caching=False)
+              max_model_len=max_len, max_num_batched_tokens=max_len, max_num_seqs=max(args.batches),
+              seed=0, enable_prefix_caching=False)
     engine = llm.llm_engine
     res = {"backend_path": AttentionBackendEnum.CPU_MLA.get_path(), "torch_threads": torch.get_num_threads(),
            "configs": []}
     rid = 0
     for ctx in args.contexts:
         for batch in args.batches:
-            sp = SamplingParams(temperature=0.0, max_tokens=args.warmup + args.steps + args.profile_steps + 2, ignore_eos=True,
-                                detokenize=False)
+            sp = SamplingParams(temperature=0.0, max_tokens=args.warmup + args.steps + args.profile_steps + batch + 4,
+                                ignore_eos=True, detokenize=False)
             for i in range(batch):
                 prompt = [(7 * rid + 13 * t) % 1000 + 2 for t in range(ctx)]
                 engine.add_request(f"r{rid}", {"prompt_token_ids": prompt}, sp)
                 rid += 1
+            # Prefill: one prompt per step (the token budget is max_model_len, and
+            # chunked prefill is off for MLA on CPU), which keeps the prefill's SDPA memory to
+            # one sequence's; until every request has its first token.
             t0 = time.perf_counter()
-            engine.step()  # prefill (all prompts fit one step: chunked prefill is off for MLA on CPU)
+            first = set()
+            while len(first) < batch:
+                first.update(o.request_id for o in engine.step() if o.outputs and o.outputs[0].token_ids)
             prefill_s = time.perf_counter() - t0
             for _ in range(args.warmup):  # the first decode steps run 3-30x slower (allocations, oneDNN setup)
                 engine.step()
@@ -90,6 +96,8 @@ def worker(args) -> dict:
                 "decode_kernel_share": us(DECODE_OPS) / 1e6 / prof_wall,
                 "cache_write_share": us(WRITE_OPS) / 1e6 / prof_wall,
                 "decode_kernel_calls": sum(ev[n].count for n in DECODE_OPS if n in ev),
+                "top_ops_ms_per_step": {e.key: round(e.self_cpu_time_total / 1e3 / args.profile_steps, 2) for e in
+                                        sorted(ev.values(), key=lambda e: -e.self_cpu_time_total)[:8]},
             })
             print(f"  ctx {ctx} batch {batch}: {res['configs'][-1]['tokens_per_s']:.1f} tok/s "
                   f"(decode kernel {100 * res['configs'][-1]['decode_kernel_share']:.0f}% of a step)", flush=True)
@@ -138,7 +146,8 @@ def main() -> None:
     if args.worker:
         with open(args.worker_out, "w") as f:
             json.dump(worker(args), f)
-        return
+        sys.stdout.flush()
+        os._exit(0)  # skip vLLM's slow in-process engine shutdown; the result is on disk
 
     import vllm_child  # tests/vllm_child.py: the seeded model
 
