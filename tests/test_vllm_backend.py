@@ -252,12 +252,14 @@ def test_cuda_hooks_match_reference(block_size, s_q, gen):
 # --------------------------------------------------------------------------- end to end
 
 
-def _child_env(opt_in: bool) -> dict:
+def _child_env(opt_in: bool, multiprocessing: bool = False) -> dict:
     env = dict(os.environ)
     env.pop(mla_vllm.CPU_OPT_IN_ENV, None)
     if opt_in:
         env[mla_vllm.CPU_OPT_IN_ENV] = "1"
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
+    if multiprocessing:  # collective_rpc with a function (tests/vllm_child.py --worker-info)
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     env["PYTHONPATH"] = str(HERE.parent) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -273,7 +275,7 @@ def _run_child(args, env, log: Path, timeout=600) -> None:
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
-    """The three vLLM runs, each in its own process, two at a time."""
+    """The four vLLM runs, each in its own process, two at a time."""
     d = tmp_path_factory.mktemp("vllm_e2e")
     model = d / "model"
     _run_child(["make-model", str(model)], _child_env(False), d / "make_model.log")
@@ -285,11 +287,13 @@ def e2e(tmp_path_factory):
         "ours_fp32": (common + ["--profile", "--negative-scale", str(NEGATIVE_SCALE), "--fp8-rows-pass"], True),
         "stock_fp32": (common + ["--profile"], False),
         "ours_fp8": (common + ["--kv-cache-dtype", "fp8"], True),
+        # vLLM's default: the engine core and its worker in processes of their own.
+        "ours_fp32_mp": (common + ["--worker-info"], True, True),
     }
 
     def one(name):
-        args, opt_in = runs[name]
-        _run_child(args + ["--out", str(d / f"{name}.json")], _child_env(opt_in), d / f"{name}.log")
+        args, *env_args = runs[name]
+        _run_child(args + ["--out", str(d / f"{name}.json")], _child_env(*env_args), d / f"{name}.log")
         return name, json.loads((d / f"{name}.json").read_text())
 
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -325,6 +329,20 @@ def test_e2e_which_ops_ran(e2e):
     assert ours["op_counts"]["mla_ext::append_kv"] >= steps + 2  # + the prefill's writes
     assert ours["counters"]["decode"] == ours["op_counts"]["mla_ext::decode"]
     assert ours["counters"]["append_kv"] == ours["op_counts"]["mla_ext::append_kv"]
+
+
+def test_e2e_default_multiprocessing_mode(e2e):
+    """vLLM's default: the model runs in a worker process of its own, which loads the plugin
+    itself; read from inside it (collective_rpc): every attention layer's impl is mla_ext's
+    and its decode / cache-write counters ran. (Outputs are not compared here: in this mode
+    vLLM batches the prompts' prefills as they arrive, and its own CPU_MLA run then gives
+    different tokens from the in-process run too.)"""
+    run = e2e["ours_fp32_mp"]
+    (info,) = run["worker_info"]
+    assert info["pid"] != run["pid"]
+    assert info["impls"] == ["MlaExtImpl"]
+    assert info["counters"]["decode"] >= (MAX_TOKENS - 1) * 2 and info["counters"]["append_kv"] > 0
+    assert run["counters"] == {"decode": 0, "append_kv": 0}  # nothing ran in the parent process
 
 
 def test_e2e_negative_control_wrong_scale(e2e):

@@ -2,7 +2,7 @@
 
     python tests/vllm_child.py make-model DIR [--layers 2 --heads 4 --hidden 256 ...]
     python tests/vllm_child.py generate DIR --prompts P.json --out OUT.json [--dtype float32]
-        [--kv-cache-dtype auto|fp8] [--max-tokens 24] [--negative-scale F] [--fp8-rows-pass] [--profile]
+        [--kv-cache-dtype auto|fp8] [--max-tokens 24] [--negative-scale F] [--fp8-rows-pass] [--worker-info] [--profile]
 
 `generate` runs vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so torch.profiler and
 the backend's counters see the model's ops) with attention_backend="CPU_MLA"; whether
@@ -92,8 +92,12 @@ def generate(args) -> dict:
     elapsed = time.perf_counter() - t0
     result = {"backend_path": backend_path, "op_counts": {k: op_counts.get(k, 0) for k in OPS},
               "counters": {k: backend_mod.counters[k] - counters_before[k] for k in backend_mod.counters},
-              "elapsed_s": elapsed, "torch": torch.__version__, "outputs": []}
+              "elapsed_s": elapsed, "torch": torch.__version__, "pid": os.getpid(), "outputs": []}
     result["outputs"] = _tokens_and_logprobs(outs)
+    if args.worker_info:
+        # Which attention impl the model's layers have and mla_ext's call counters, read
+        # inside vLLM's worker (its own process under the default multiprocessing).
+        result["worker_info"] = llm.collective_rpc(_attention_info)
     if args.negative_scale is not None:
         # Negative control, same engine: mla_ext's decode gets softmax_scale * factor.
         real_forward_mqa = backend_mod.MlaExtImpl.forward_mqa
@@ -127,6 +131,15 @@ def generate(args) -> dict:
     return result
 
 
+def _attention_info(worker) -> dict:
+    import sys as _sys
+
+    model = worker.model_runner.model
+    impls = sorted({type(m.impl).__name__ for m in model.modules() if hasattr(m, "impl")})
+    mod = _sys.modules.get("mla_ext.integrations._vllm_backend")
+    return {"pid": os.getpid(), "impls": impls, "counters": dict(mod.counters) if mod else None}
+
+
 def _tokens_and_logprobs(outs) -> list:
     res = []
     for o in outs:
@@ -153,6 +166,7 @@ def main() -> None:
     g.add_argument("--max-model-len", type=int, default=256)
     g.add_argument("--negative-scale", type=float, default=None)
     g.add_argument("--fp8-rows-pass", action="store_true")
+    g.add_argument("--worker-info", action="store_true")
     g.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     if args.cmd == "make-model":
