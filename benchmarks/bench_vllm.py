@@ -4,11 +4,12 @@
 
 Model: a seeded DeepSeek-V2-shaped model (tests/vllm_child.py make_model) with 128 heads
 (DeepSeek-V2/V3's head count, one node, no tensor parallelism), kv_lora_rank 512, rope 64,
-and a small hidden size (512), MLP (512) and vocabulary (1024), 2 layers, bf16: per decode
-step the weights are ~60 MB while attention reads batch x context x 576 cache values per
-layer and does 2 x 128 x 1088 FLOPs per cached token, so at context 2048 attention is most
-of the step, as it is for long contexts in the real models, where weights are shared
-across the batch and the cache is not.
+and a small hidden size (512), MLP (512) and vocabulary (1024), 2 layers, bf16: the weights
+are ~160 MB (mostly the 128 heads' projections) while attention reads batch x context x 576
+cache values per layer and does 2 x 128 x 1088 FLOPs per cached token, so at context 2048 and
+batch 8 attention is the largest part of a step (stock: 50 %; the rest is vLLM's per-step
+work common to both backends, see docs/performance.md), as in long-context serving of the
+real models, where the weights are shared by the batch and the cache is not.
 
 Each backend runs in its own process (this script with --worker), vLLM in-process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0) driven through LLMEngine.add_request / step(); both stay
