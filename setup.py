@@ -99,6 +99,20 @@ def transformers_spec() -> str:
         exec(f.read(), scope)
     return scope["TRANSFORMERS_SPEC"]
 
+class BuildExt(BuildExtension):
+    """MLA_EXT_PREBUILT=<path of a built mla_ext/_C*.so> installs that library instead of
+    compiling: the Makefile's vLLM venv reuses the .venv build when both venvs have the same
+    torch (same version, same ABI), which saves a full rebuild (minutes on 2 cores)."""
+
+    def build_extension(self, ext):
+        prebuilt = os.environ.get("MLA_EXT_PREBUILT")
+        if not prebuilt:
+            return super().build_extension(ext)
+        dest = self.get_ext_fullpath(ext.name)
+        if os.path.abspath(prebuilt) != os.path.abspath(dest):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.copyfile(prebuilt, dest)
+
 
 setup(
     name="mla_ext",
@@ -106,7 +120,10 @@ setup(
     description="Fast DeepSeek Multi-head Latent Attention (MLA) decode and paged latent-cache append for PyTorch",
     packages=find_packages(include=["mla_ext", "mla_ext.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildExt},
+    # vLLM runs every vllm.general_plugins entry point in each of its processes: registers the
+    # mla_ext MLA backend (inert unless selected; see mla_ext/integrations/vllm.py).
+    entry_points={"vllm.general_plugins": ["mla_ext = mla_ext.integrations.vllm:register"]},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     python_requires=">=3.10",
     # pip install 'mla_ext[hf]': a transformers release mla_ext.integrations.transformers supports.

@@ -80,6 +80,14 @@ if [ $BUILD_OK = 1 ]; then
     stage tests_rest 60 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -m "not emulated" \
       --junitxml="$WORK/junit_rest.xml" $others
   fi
+  # mla_ext as vLLM's MLA backend on CUDA (tests/test_vllm_backend.py -k cuda): only where a
+  # CUDA build of vLLM is installed (a bare device machine has none: skipped, logged).
+  if "$PY" -c "import vllm" >/dev/null 2>&1; then
+    stage tests_vllm 90 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+      tests/test_vllm_backend.py -k cuda
+  else
+    echo "== tests_vllm: skipped (vllm not installed)" >>"$OUT/tests.log"; echo "tests_vllm skipped 0" >>"$STAGES"
+  fi
 else
   echo "== tests: skipped (no GPU build)" >"$OUT/tests.log"; echo "tests skipped 0" >>"$STAGES"
 fi
