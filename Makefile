@@ -39,7 +39,7 @@ test: build cuda-tools
 # builds, then the mutation check (planted bugs that must all be caught). No GPU needed.
 # (`make test` runs the fast subset: plain build, forward order.)
 test-emulated: build cuda-tools
-	MLA_EXT_EMU_FULL=1 MAX_JOBS=$(MAX_JOBS) $(PY) -m pytest -q -m emulated tests
+	MLA_EXT_EMU_FULL=1 MAX_JOBS=$(MAX_JOBS) $(PY) -m pytest -q -n $(MAX_JOBS) -m emulated tests
 	MAX_JOBS=$(MAX_JOBS) $(PY) tests/cuda_emu/mutations.py
 
 # The warp-collective models against CuTe's mma / ldmatrix layouts (marker `emulated`, seconds).
