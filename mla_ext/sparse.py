@@ -76,6 +76,35 @@ def quantize_cache(cache: torch.Tensor, block_padding: int = 0) -> torch.Tensor:
     return out.unsqueeze(2)
 
 
+def append_kv(kv_c: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Quantise new tokens into a 656-byte fp8 cache, in place (plain torch, any device).
+
+    kv_c [T, 512] and k_pe [T, 64] (any float dtype; the rope part is stored as bf16),
+    cache float8_e4m3fn [num_blocks, block_size, (1,) 656] (padded block strides are fine),
+    slot_mapping [T] int32 / int64, slot = block_id * block_size + offset, < 0 skips the token.
+    The bytes written equal quantize_tokens(cat(kv_c, k_pe)), i.e. FlashMLA's quantiser.
+    """
+    c = cache.squeeze(2) if cache.dim() == 4 else cache
+    if c.dtype != torch.float8_e4m3fn or c.dim() != 3 or c.shape[-1] != TOKEN_BYTES or c.stride(-1) != 1:
+        raise ValueError(
+            f"sparse.append_kv: cache must be float8_e4m3fn [num_blocks, block_size, (1,) {TOKEN_BYTES}] with a "
+            f"contiguous last dim, got {cache.dtype} {tuple(cache.shape)}")
+    if kv_c.dim() != 2 or kv_c.shape[1] != LATENT_DIM or k_pe.shape != (kv_c.shape[0], ROPE_DIM):
+        raise ValueError(f"sparse.append_kv: kv_c must be [T, {LATENT_DIM}] and k_pe [T, {ROPE_DIM}], got "
+                         f"{tuple(kv_c.shape)} and {tuple(k_pe.shape)}")
+    if slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.shape != (kv_c.shape[0],):
+        raise ValueError(f"sparse.append_kv: slot_mapping must be int32 / int64 [T] = [{kv_c.shape[0]}], got "
+                         f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+    num_blocks, block_size, _ = c.shape
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    if slots.numel() and int(slots.max()) >= num_blocks * block_size:
+        raise ValueError(f"sparse.append_kv: slot {int(slots.max())} is outside the cache "
+                         f"({num_blocks * block_size} slots = {num_blocks} blocks x {block_size})")
+    tokens = quantize_tokens(torch.cat([kv_c, k_pe], dim=-1)[keep]).view(torch.uint8)
+    c.view(torch.uint8)[slots // block_size, slots % block_size] = tokens
+
+
 def dequantize_tokens(tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[..., 656] float8_e4m3fn tokens -> [..., 576] rows in `dtype` (value * its scale; rope as stored)."""
     if tokens.shape[-1] != TOKEN_BYTES:

@@ -155,3 +155,27 @@ def test_reference_fp8_cache_matches_dequantised_rows():
     out8, lse8 = sparse.sparse_decode(q, fp8, idx, 0.1)
     outr, lser = sparse.sparse_decode(q, rows, idx, 0.1)
     assert torch.equal(out8, outr) and torch.equal(lse8, lser)
+
+
+def test_append_kv_writes_quantised_tokens():
+    torch.manual_seed(3)
+    rows = torch.randn(10, 576, dtype=torch.bfloat16) * 5
+    cache = sparse.quantize_cache(torch.zeros(3, 4, 576), block_padding=1)
+    before = cache.view(torch.uint8).clone()
+    slots = torch.tensor([5, -1, 0, 11, 2, -7, 6, 7, 1, 9], dtype=torch.int64)
+    sparse.append_kv(rows[:, :512], rows[:, 512:], cache, slots)
+    flat = cache.squeeze(2).view(torch.uint8)
+    expect = sparse.quantize_tokens(rows).view(torch.uint8)
+    written = set()
+    for i, s in enumerate(slots.tolist()):
+        if s >= 0:
+            assert torch.equal(flat[s // 4, s % 4], expect[i])
+            written.add(s)
+    for s in set(range(12)) - written:
+        assert torch.equal(flat[s // 4, s % 4], before.squeeze(2)[s // 4, s % 4])
+    # the padding token after each block is untouched (all zero)
+    assert torch.all(cache.squeeze(2).as_strided((3, 656), (5 * 656, 1), 4 * 656).view(torch.uint8) == 0)
+    with pytest.raises(ValueError, match="slot 12 is outside the cache"):
+        sparse.append_kv(rows[:1, :512], rows[:1, 512:], cache, torch.tensor([12]))
+    with pytest.raises(ValueError, match="cache must be float8_e4m3fn"):
+        sparse.append_kv(rows[:1, :512], rows[:1, 512:], torch.zeros(3, 4, 576, dtype=torch.bfloat16), torch.tensor([0]))
