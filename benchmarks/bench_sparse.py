@@ -73,9 +73,12 @@ def main():
         rec = dict(b=b, s_q=s_q, h_q=h, topk=topk, cache_tokens=num_blocks * block, threads=args.threads,
                    op_ms=t_op * 1e3, torch_ms=t_ref * 1e3, op_gbps=gathered / t_op / 1e9,
                    torch_gbps=gathered / t_ref / 1e9)
+        flop = 2 * b * s_q * h * topk * (576 + 512)
+        rec.update(op_gflops=flop / t_op / 1e9, torch_gflops=flop / t_ref / 1e9)
         records.append(rec)
         print(f"b={b} s_q={s_q} h={h} topk={topk}: mla_ext {rec['op_ms']:.2f} ms ({rec['op_gbps']:.2f} GB/s), "
-              f"torch gather+matmul {rec['torch_ms']:.2f} ms ({rec['torch_gbps']:.2f} GB/s)")
+              f"torch gather+matmul {rec['torch_ms']:.2f} ms ({rec['torch_gbps']:.2f} GB/s); "
+              f"GFLOP/s {rec['op_gflops']:.1f} vs {rec['torch_gflops']:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(cpu=_cpu_model(), torch=torch.__version__, records=records), f, indent=1)

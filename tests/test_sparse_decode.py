@@ -223,3 +223,18 @@ def test_opcheck():
     utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.mla_ext.sparse_decode.default, (q.bfloat16(), cache, idx, 0.1), test_utils=utils)
     torch.library.opcheck(torch.ops.mla_ext.sparse_decode.default, args[:1] + (cache,) + args[2:], test_utils=utils)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "auto"])
+def test_both_builds_match_reference(isa, monkeypatch):
+    """The kernel body is compiled portable and for AVX2 + FMA; MLA_EXT_CPU_ISA=scalar picks
+    the portable one (read per call). Both must match the reference."""
+    monkeypatch.setenv("MLA_EXT_CPU_ISA", isa)
+    g = _gen(10)
+    cache = _make_cache(g, "fp8", 3, 16, 1)
+    q = torch.randn(2, 2, 24, 576, generator=g)
+    idx = _indices(g, 2, 2, 40, 48)
+    sink = torch.randn(24, generator=g)
+    out, lse = mla_ext.ops.sparse_decode(q, cache, idx, softmax_scale=0.07, attn_sink=sink)
+    ref_out, ref_lse = sparse.sparse_decode(q, cache, idx, 0.07, attn_sink=sink)
+    _compare(q, out, lse, ref_out, ref_lse)
