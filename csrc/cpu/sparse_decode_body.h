@@ -8,6 +8,7 @@ constexpr int kHeadGroup = 16;  // heads sharing one dequantised tile
 constexpr int kScaleOffset = kLatentDim;           // bytes: 4 float32 scales
 constexpr int kRopeOffset = kLatentDim + 16;        // bytes: 64 bf16 rope values
 constexpr int kQuantTile = 128;
+constexpr int kChunk = 32;  // output columns kept in registers by the P . V loop
 
 inline float nan_to_zero(float v) { return v != v ? 0.f : v; }
 
@@ -115,14 +116,23 @@ void run_item(const SparseDecodeParams& p, int64_t bi, int64_t j, int h0, int h1
       const float m_new = std::max(m[h], tile_max);
       const float alpha = std::exp(m[h] - m_new);  // 0 on the first tile (m = -inf)
       float* a = acc + static_cast<int64_t>(h) * kLatentDim;
-      if (alpha != 1.f)
-        for (int d = 0; d < kLatentDim; ++d) a[d] *= alpha;
+      float w[kTile];
       float sum = 0.f;
       for (int t = 0; t < n; ++t) {
-        const float w = std::exp(scores[t] - m_new);
-        sum += w;
-        const float* v = rows + t * kHeadDim;
-        for (int d = 0; d < kLatentDim; ++d) a[d] += w * v[d];
+        w[t] = std::exp(scores[t] - m_new);
+        sum += w[t];
+      }
+      // acc = acc * alpha + w . V, kChunk output columns at a time so that they stay in
+      // registers across the tile's tokens (one load of V per multiply-add).
+      for (int d0 = 0; d0 < kLatentDim; d0 += kChunk) {
+        float r[kChunk];
+        for (int k = 0; k < kChunk; ++k) r[k] = a[d0 + k] * alpha;
+        for (int t = 0; t < n; ++t) {
+          const float wt = w[t];
+          const float* v = rows + t * kHeadDim + d0;
+          for (int k = 0; k < kChunk; ++k) r[k] += wt * v[k];
+        }
+        for (int k = 0; k < kChunk; ++k) a[d0 + k] = r[k];
       }
       l[h] = l[h] * alpha + sum;
       m[h] = m_new;
