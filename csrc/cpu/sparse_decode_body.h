@@ -50,16 +50,6 @@ void load_token(const SparseSource& s, int32_t token, float* row) {
   }
 }
 
-inline float dot576(const float* a, const float* b) {
-  constexpr int kLanes = 16;
-  float part[kLanes] = {};
-  for (int d = 0; d < kHeadDim; d += kLanes)
-    for (int k = 0; k < kLanes; ++k) part[k] += a[d + k] * b[d + k];
-  float sum = 0.f;
-  for (int k = 0; k < kLanes; ++k) sum += part[k];
-  return sum;
-}
-
 // Walks the valid slots of (main, extra) for query (bi, j) in order, kTile at a time.
 struct SlotCursor {
   const SparseDecodeParams& p;
@@ -90,7 +80,7 @@ struct SlotCursor {
   }
 };
 
-void run_item(const SparseDecodeParams& p, int64_t bi, int64_t j, int h0, int h1, float* rows, float* acc) {
+void run_item(const SparseDecodeParams& p, int64_t bi, int64_t j, int h0, int h1, float* rows, float* kt, float* acc) {
   const int nh = h1 - h0;
   float m[kHeadGroup], l[kHeadGroup];
   for (int h = 0; h < nh; ++h) { m[h] = -std::numeric_limits<float>::infinity(); l[h] = 0.f; }
@@ -99,20 +89,38 @@ void run_item(const SparseDecodeParams& p, int64_t bi, int64_t j, int h0, int h1
   SlotCursor cursor{p, bi, j};
   const SparseSource* srcs[kTile];
   int32_t tokens[kTile];
-  float scores[kTile];
+  float sc[kHeadGroup][kTile];
   int64_t seen = 0;
   for (;;) {
     const int n = cursor.next(srcs, tokens);
     if (n == 0) break;
     seen += n;
     for (int t = 0; t < n; ++t) load_token(*srcs[t], tokens[t], rows + t * kHeadDim);
-    for (int h = 0; h < nh; ++h) {
-      const float* q = q_base + static_cast<int64_t>(h0 + h) * kHeadDim;
-      float tile_max = -std::numeric_limits<float>::infinity();
-      for (int t = 0; t < n; ++t) {
-        scores[t] = p.softmax_scale * dot576(q, rows + t * kHeadDim);
-        tile_max = std::max(tile_max, scores[t]);
+    // K^T of the tile, tokens contiguous (columns past n are 0), for the Q . K^T loop below.
+    for (int t = 0; t < kTile; ++t)
+      for (int d = 0; d < kHeadDim; ++d) kt[d * kTile + t] = t < n ? rows[t * kHeadDim + d] : 0.f;
+    // Scores of two heads at once: each K^T row is loaded once for both.
+    for (int hp = 0; hp < nh; hp += 2) {
+      const float* qa = q_base + static_cast<int64_t>(h0 + hp) * kHeadDim;
+      const float* qb = hp + 1 < nh ? qa + kHeadDim : qa;
+      float sa[kTile] = {}, sb[kTile] = {};
+      for (int d = 0; d < kHeadDim; ++d) {
+        const float xa = qa[d], xb = qb[d];
+        const float* kr = kt + d * kTile;
+        for (int t = 0; t < kTile; ++t) {
+          sa[t] += xa * kr[t];
+          sb[t] += xb * kr[t];
+        }
       }
+      for (int t = 0; t < kTile; ++t) {
+        sc[hp][t] = p.softmax_scale * sa[t];
+        if (hp + 1 < nh) sc[hp + 1][t] = p.softmax_scale * sb[t];
+      }
+    }
+    for (int h = 0; h < nh; ++h) {
+      const float* scores = sc[h];
+      float tile_max = -std::numeric_limits<float>::infinity();
+      for (int t = 0; t < n; ++t) tile_max = std::max(tile_max, scores[t]);
       const float m_new = std::max(m[h], tile_max);
       const float alpha = std::exp(m[h] - m_new);  // 0 on the first tile (m = -inf)
       float* a = acc + static_cast<int64_t>(h) * kLatentDim;
@@ -160,12 +168,13 @@ void run(const SparseDecodeParams& p) {
   const int64_t items = static_cast<int64_t>(p.batch) * p.seqlen_q * groups;
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> rows(static_cast<size_t>(kTile) * kHeadDim);
+    std::vector<float> kt(static_cast<size_t>(kTile) * kHeadDim);
     std::vector<float> acc(static_cast<size_t>(kHeadGroup) * kLatentDim);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t g = it % groups, bj = it / groups;
       const int h0 = static_cast<int>(g * kHeadGroup);
       const int h1 = std::min<int>(p.num_heads, h0 + kHeadGroup);
-      run_item(p, bj / p.seqlen_q, bj % p.seqlen_q, h0, h1, rows.data(), acc.data());
+      run_item(p, bj / p.seqlen_q, bj % p.seqlen_q, h0, h1, rows.data(), kt.data(), acc.data());
     }
   });
 }
