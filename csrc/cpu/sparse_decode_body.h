@@ -97,8 +97,9 @@ void run_item(const SparseDecodeParams& p, int64_t bi, int64_t j, int h0, int h1
     seen += n;
     for (int t = 0; t < n; ++t) load_token(*srcs[t], tokens[t], rows + t * kHeadDim);
     // K^T of the tile, tokens contiguous (columns past n are 0), for the Q . K^T loop below.
-    for (int t = 0; t < kTile; ++t)
-      for (int d = 0; d < kHeadDim; ++d) kt[d * kTile + t] = t < n ? rows[t * kHeadDim + d] : 0.f;
+    // (d outer: the 32 source lines of a step stay in L1 for the next 15 steps.)
+    for (int d = 0; d < kHeadDim; ++d)
+      for (int t = 0; t < kTile; ++t) kt[d * kTile + t] = t < n ? rows[t * kHeadDim + d] : 0.f;
     // Scores of two heads at once: each K^T row is loaded once for both.
     for (int hp = 0; hp < nh; hp += 2) {
       const float* qa = q_base + static_cast<int64_t>(h0 + hp) * kHeadDim;
