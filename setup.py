@@ -76,6 +76,7 @@ def cxx_std() -> str:
 def extension():
     cxx_flags = ["-O3", cxx_std(), "-fopenmp", "-DPy_LIMITED_API=0x030A0000"]
     srcs = sources("csrc/api/checks.cpp") + sources("csrc/api/registration.cpp") + sources("csrc/api/cpu_ops.cpp")
+    srcs += sources("csrc/api/sparse_ops.cpp")
     srcs += sources("csrc/cpu/**/*.cpp")
     common = dict(name="mla_ext._C", extra_link_args=["-fopenmp"], py_limited_api=True)
     if not want_cuda():

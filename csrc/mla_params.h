@@ -88,4 +88,29 @@ MLA_HOST_DEVICE int32_t visible_keys(int32_t seqlen, int32_t seqlen_q, int32_t j
   return n < 0 ? 0 : (n > seqlen ? seqlen : n);
 }
 
+// Sparse (top-k) decode, DeepSeek-V3.2's DSA (mla_ext/sparse.py has the math and the
+// 656-byte fp8 token layout). One source = a paged cache plus per-query token indices.
+struct SparseSource {
+  const uint8_t* cache;       // byte base of [NB, BS, token] tokens
+  int64_t block_stride;       // bytes; may exceed BS * token bytes (padded blocks)
+  int64_t token_stride;       // bytes
+  const int32_t* indices;     // [b, s_q, topk] contiguous; token = block * BS + offset, -1 = skip
+  const int32_t* topk_length; // [b] or nullptr; slots >= topk_length[b] are skipped
+  int32_t topk;
+  int32_t block_size;         // BS
+  DType dtype;                // kFloat8E4M3: 656-byte tokens; otherwise 576 values of this dtype
+};
+
+struct SparseDecodeParams {
+  const float* q;             // [b, s_q, h, D] contiguous fp32
+  float* out;                 // [b, s_q, h, DC] contiguous fp32
+  float* lse;                 // [b, s_q, h] natural log; +inf for a query with no valid slot
+  const float* attn_sink;     // [h] or nullptr: out *= 1 / (1 + exp(sink - lse))
+  SparseSource main;
+  SparseSource extra;         // used when has_extra
+  bool has_extra;
+  int32_t batch, seqlen_q, num_heads;
+  float softmax_scale;
+};
+
 }  // namespace mla

@@ -25,3 +25,13 @@ def _decode_out_fake(q_nope, q_pe, cache, block_table, cache_seqlens, softmax_sc
 @torch.library.register_fake("mla_ext::append_kv")
 def _append_kv_fake(kv_c, k_pe, cache, slot_mapping, scale=None):
     return None
+
+
+@torch.library.register_fake("mla_ext::sparse_decode")
+def _sparse_decode_fake(q, cache, indices, softmax_scale, topk_length=None, extra_cache=None, extra_indices=None,
+                        extra_topk_length=None, attn_sink=None):
+    torch._check(q.dim() == 4, lambda: "mla_ext.sparse_decode: q must be 4-D")
+    b, s_q, h = q.shape[:3]
+    out = q.new_empty((b, s_q, h, LATENT_DIM))
+    lse = q.new_empty((b, s_q, h), dtype=torch.float32)
+    return out, lse

@@ -39,9 +39,17 @@ the extra cache's page size and topk (FlashMLA's checks), plus q's and the cache
 and the device (mla_ext's). A mismatch raises ValueError naming the field. mla_ext's kernels
 schedule themselves, so the tensors it holds are placeholders (no host sync).
 
-Sparse decode (`indices`, `topk_length`, `extra_k_cache`, `extra_indices_in_kvcache`,
-`extra_topk_length`) and the 656-byte fp8 cache (`is_fp8_kvcache=True`) raise
-NotImplementedError for now.
+Sparse decode (DeepSeek-V3.2): with `indices` [b, s_q, topk] int32 the call goes to
+mla_ext.sparse_decode (math: mla_ext/sparse.py, FlashMLA's reference): block_table and
+cache_seqlens are ignored (may be None), causal must be False, `topk_length`,
+`extra_k_cache` / `extra_indices_in_kvcache` / `extra_topk_length` and `attn_sink` work as
+in FlashMLA. `is_fp8_kvcache=True` means the 656-byte fp8 token cache (float8_e4m3fn
+[num_blocks, page, 1, 656], mla_ext.sparse.quantize_cache writes it; padded block strides
+are fine); with `is_fp8_kvcache=False` a bf16 / fp16 / fp32 [..., 576] cache is read
+sparsely too (mla_ext's addition; FlashMLA's sparse decode is fp8 only). A query with no
+valid slot gets out = 0 and lse = +inf. `is_fp8_kvcache=True` without indices (FlashMLA's
+dense fp8 mode) raises NotImplementedError; the sparse keywords without indices raise
+ValueError.
 """
 import dataclasses
 import operator
@@ -199,23 +207,26 @@ def flash_mla_with_kvcache(
     first call, checked on later ones; num_splits must then be None), or, as FlashMLA's first
     API had it, a 2-D int32 tensor with num_splits a [b + 1] tensor (shape-checked only), or None.
 
-    Raises NotImplementedError for the sparse arguments and is_fp8_kvcache=True; ValueError for
+    With indices: sparse decode (module docstring). Raises NotImplementedError for
+    is_fp8_kvcache=True without indices; ValueError for sparse keywords without indices, for
     head_dim_v != 512, a k_cache with more than one KV head, a schedule that does not fit the
     call; every other check is mla_ext.decode's.
     """
-    sparse_given = [name for name, v in zip(
-        _SPARSE_ARGS, (indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length)
-    ) if v is not None]
-    if sparse_given:
-        raise NotImplementedError(
-            f"flash_mla_with_kvcache: sparse decode ({', '.join(sparse_given)}) is not implemented in mla_ext yet; "
-            "dense decode (block_table + cache_seqlens) is."
-        )
-    if is_fp8_kvcache:
-        raise NotImplementedError(
-            "flash_mla_with_kvcache: is_fp8_kvcache=True (FlashMLA's 656-byte fp8 token layout) is not implemented "
-            "in mla_ext yet; pass a bf16 / fp16 / fp32 k_cache with is_fp8_kvcache=False."
-        )
+    if indices is None:
+        sparse_given = [name for name, v in zip(
+            _SPARSE_ARGS[1:], (topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length)
+        ) if v is not None]
+        if sparse_given:
+            raise ValueError(
+                f"flash_mla_with_kvcache: {', '.join(sparse_given)} given without indices; they belong to sparse decode "
+                "(pass indices [b, s_q, topk] int32), and must be None for dense decode."
+            )
+        if is_fp8_kvcache:
+            raise NotImplementedError(
+                "flash_mla_with_kvcache: is_fp8_kvcache=True with dense decode (no indices) is not implemented in "
+                "mla_ext; the 656-byte fp8 cache is read by sparse decode (indices=...). For dense decode pass a "
+                "bf16 / fp16 / fp32 k_cache with is_fp8_kvcache=False."
+            )
     if int(head_dim_v) != LATENT_DIM:
         raise ValueError(f"flash_mla_with_kvcache: head_dim_v must be {LATENT_DIM} (MLA's latent width), got {head_dim_v}")
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[-1] != HEAD_DIM:
@@ -229,8 +240,10 @@ def flash_mla_with_kvcache(
         raise ValueError(
             f"flash_mla_with_kvcache: k_cache has {k_cache.shape[2]} KV heads; MLA (and mla_ext) uses num_heads_k = 1"
         )
-    if block_table is None or cache_seqlens is None:
+    if indices is None and (block_table is None or cache_seqlens is None):
         raise ValueError("flash_mla_with_kvcache: block_table and cache_seqlens are required for dense decode")
+    if indices is not None:
+        _check_sparse_call(k_cache, is_fp8_kvcache, causal, extra_k_cache, extra_indices_in_kvcache)
     b, s_q, h_q = q.shape[0], q.shape[1], q.shape[2]
     if attn_sink is not None:
         if not isinstance(attn_sink, torch.Tensor) or attn_sink.shape != (h_q,) or attn_sink.dtype != torch.float32:
@@ -251,7 +264,10 @@ def flash_mla_with_kvcache(
             )
         config = FlashMLASchedMeta.Config(
             b, s_q, h_q, k_cache.shape[1], k_cache.shape[2] if k_cache.dim() == 4 else 1,
-            bool(causal), bool(is_fp8_kvcache), None, None, None,
+            bool(causal), bool(is_fp8_kvcache),
+            indices.shape[-1] if indices is not None else None,
+            extra_k_cache.shape[1] if extra_k_cache is not None else None,
+            extra_indices_in_kvcache.shape[-1] if extra_indices_in_kvcache is not None else None,
             q.dtype, k_cache.dtype, q.device,
         )
         if meta.have_initialized:
@@ -277,6 +293,14 @@ def flash_mla_with_kvcache(
 
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** (-0.5)
+    if indices is not None:
+        out, lse = ops.sparse_decode(
+            q, k_cache, indices, softmax_scale=softmax_scale, topk_length=topk_length, extra_cache=extra_k_cache,
+            extra_indices=extra_indices_in_kvcache, extra_topk_length=extra_topk_length, attn_sink=attn_sink,
+        )  # lse [b, s_q, h_q], +inf where a query has no valid slot
+        lse = lse.transpose(1, 2).contiguous()
+        _fill_schedule(meta, config, q, b, s_q, h_q)
+        return out, lse
     out, lse = ops.decode(
         q, None, k_cache, block_table, cache_seqlens, softmax_scale=softmax_scale, causal=causal, return_lse=True
     )  # lse [b, s_q, h_q], -inf where a query sees no key
@@ -289,13 +313,35 @@ def flash_mla_with_kvcache(
     lse = lse.transpose(1, 2).contiguous()
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # FlashMLA: +inf for a query that sees no key
 
+    _fill_schedule(meta, config, q, b, s_q, h_q)
+    return out, lse
+
+
+def _fill_schedule(meta, config, q: torch.Tensor, b: int, s_q: int, h_q: int) -> None:
     if isinstance(meta, FlashMLASchedMeta) and not meta.have_initialized:
         meta.config = config
         parts = _num_parts(q.device, s_q * h_q // config.h_k, config.h_k)
         meta.tile_scheduler_metadata = torch.zeros(parts, TILE_SCHEDULER_METADATA_SIZE, dtype=torch.int32, device=q.device)
         meta.num_splits = torch.arange(b + 1, dtype=torch.int32, device=q.device)
         meta.have_initialized = True
-    return out, lse
+
+
+def _check_sparse_call(k_cache, is_fp8_kvcache, causal, extra_k_cache, extra_indices_in_kvcache) -> None:
+    """FlashMLA's rules for a sparse call (plus bf16 / fp16 / fp32 caches, which mla_ext adds)."""
+    if causal:
+        raise ValueError("flash_mla_with_kvcache: causal must be False with indices (sparse decode), as in FlashMLA")
+    if (extra_k_cache is None) != (extra_indices_in_kvcache is None):
+        raise ValueError("flash_mla_with_kvcache: extra_k_cache and extra_indices_in_kvcache go together")
+    for name, cache in (("k_cache", k_cache), ("extra_k_cache", extra_k_cache)):
+        if cache is None:
+            continue
+        fp8 = cache.dtype == torch.float8_e4m3fn
+        if bool(is_fp8_kvcache) != fp8:
+            raise ValueError(
+                f"flash_mla_with_kvcache: is_fp8_kvcache={bool(is_fp8_kvcache)} but {name} is {cache.dtype}; the "
+                "656-byte fp8 cache is float8_e4m3fn with is_fp8_kvcache=True, a bf16 / fp16 / fp32 cache "
+                "(mla_ext's addition; FlashMLA's sparse decode is fp8 only) goes with is_fp8_kvcache=False"
+            )
 
 
 _FIELD_WHAT = {

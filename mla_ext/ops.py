@@ -80,3 +80,34 @@ def cpu_decode_kernel(cache_dtype: torch.dtype) -> str:
     "avx512bf16", "avx2-bf16" (bf16 and fp8 caches), "avx2" (fp16 / fp32) or "scalar".
     Chosen per call from the CPU's features; MLA_EXT_CPU_ISA=scalar|avx2|avx512bf16 caps it."""
     return torch.ops.mla_ext.cpu_decode_kernel(cache_dtype)
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    softmax_scale: float,
+    topk_length: Optional[torch.Tensor] = None,
+    extra_cache: Optional[torch.Tensor] = None,
+    extra_indices: Optional[torch.Tensor] = None,
+    extra_topk_length: Optional[torch.Tensor] = None,
+    attn_sink: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sparse (top-k) MLA decode, DeepSeek-V3.2's DSA; math in mla_ext/sparse.py (FlashMLA's reference).
+
+    q                  [b, s_q, h_q, 576] bf16 / fp16 / fp32 (rope part last)
+    cache              float8_e4m3fn [num_blocks, block_size, (1,) 656] (V3.2's 656-byte tokens,
+                       mla_ext.sparse.quantize_cache) or bf16 / fp16 / fp32 [..., 576];
+                       the block stride may be padded, the last dim must be contiguous
+    indices            [b, s_q, topk] int32, token = block_id * block_size + offset, -1 = skip
+    topk_length        optional [b] int32 in [0, topk]: slots at or past it are skipped
+    extra_cache, extra_indices, extra_topk_length: an optional second source, same rules
+    attn_sink          optional [h_q] float32: out *= 1 / (1 + exp(sink - lse)), lse unchanged
+
+    Returns out [b, s_q, h_q, 512] in q's dtype and lse [b, s_q, h_q] float32 (natural log);
+    a query with no valid slot gets out = 0 and lse = +inf (FlashMLA's convention).
+    """
+    return torch.ops.mla_ext.sparse_decode(
+        q, cache, indices, float(softmax_scale), topk_length, extra_cache, extra_indices, extra_topk_length, attn_sink
+    )

@@ -265,20 +265,85 @@ def test_every_keyword_accepted_by_name():
     torch.testing.assert_close(lse.double(), ref_lse, atol=5e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["indices", "topk_length", "extra_k_cache", "extra_indices_in_kvcache", "extra_topk_length"])
-def test_sparse_keywords_not_implemented(name):
+@pytest.mark.parametrize("name", ["topk_length", "extra_k_cache", "extra_indices_in_kvcache", "extra_topk_length"])
+def test_sparse_keywords_need_indices(name):
     q, k_cache, bt, lens, _ = _make(2, 1, 4, 16, [20, 5], torch.float32, "cpu", 9)
     values = dict(
-        indices=torch.zeros(2, 1, 8, dtype=torch.int32), topk_length=torch.full((2,), 8, dtype=torch.int32),
-        extra_k_cache=k_cache, extra_indices_in_kvcache=torch.zeros(2, 1, 8, dtype=torch.int32),
+        topk_length=torch.full((2,), 8, dtype=torch.int32), extra_k_cache=k_cache,
+        extra_indices_in_kvcache=torch.zeros(2, 1, 8, dtype=torch.int32),
         extra_topk_length=torch.full((2,), 8, dtype=torch.int32),
     )
     meta, _ = get_mla_metadata()
-    with pytest.raises(NotImplementedError, match=f"sparse decode \\({name}\\)"):
+    with pytest.raises(ValueError, match=f"{name} given without indices"):
         flash_mla_with_kvcache(q, k_cache, bt, lens, 512, meta, None, **{name: values[name]})
-    with pytest.raises(NotImplementedError, match="is_fp8_kvcache"):
+    with pytest.raises(NotImplementedError, match="is_fp8_kvcache=True with dense decode"):
         flash_mla_with_kvcache(q, k_cache, bt, lens, 512, meta, None, is_fp8_kvcache=True)
     assert not meta.have_initialized
+
+
+# ----------------------------------------------------------------------------- sparse decode
+
+
+def _sparse_case(b, s_q, h_q, page, num_blocks, topk, fp8, seed):
+    from mla_ext import sparse
+
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(num_blocks, page, 1, 576, generator=g).to(torch.bfloat16)
+    k_cache = sparse.quantize_cache(rows, block_padding=1) if fp8 else rows
+    q = torch.randn(b, s_q, h_q, 576, generator=g).to(torch.bfloat16)
+    idx = torch.randint(0, num_blocks * page, (b, s_q, topk), generator=g, dtype=torch.int32)
+    idx = idx.masked_fill(torch.rand(b, s_q, topk, generator=g) < 0.25, -1)
+    return q, k_cache, idx
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_sparse_decode_through_flash_mla(fp8):
+    from mla_ext import sparse
+
+    b, s_q, h_q, topk = 2, 2, 16, 24
+    q, k_cache, idx = _sparse_case(b, s_q, h_q, 64, 3, topk, fp8, 21)
+    extra_q, extra_cache, extra_idx = _sparse_case(b, s_q, h_q, 16, 2, 8, fp8, 22)
+    topk_length = torch.tensor([topk, 0], dtype=torch.int32)
+    extra_len = torch.tensor([3, 8], dtype=torch.int32)
+    sink = torch.linspace(-2, 2, h_q)
+    meta, splits = get_mla_metadata()
+    kw = dict(is_fp8_kvcache=fp8, indices=idx, attn_sink=sink, extra_k_cache=extra_cache,
+              extra_indices_in_kvcache=extra_idx, topk_length=topk_length, extra_topk_length=extra_len)
+    o, lse = flash_mla_with_kvcache(q, k_cache, None, None, 512, meta, splits, **kw)
+    assert o.dtype == torch.bfloat16 and o.shape == (b, s_q, h_q, 512) and lse.shape == (b, h_q, s_q)
+    ref_o, ref_lse = sparse.sparse_decode(
+        q, k_cache, idx, 576 ** -0.5, topk_length=topk_length, extra_cache=extra_cache, extra_indices=extra_idx,
+        extra_topk_length=extra_len, attn_sink=sink)
+    torch.testing.assert_close(o, ref_o.to(torch.bfloat16), atol=2e-5, rtol=2 ** -7)
+    torch.testing.assert_close(lse.double(), ref_lse.transpose(1, 2), atol=2e-5, rtol=2e-5)
+    c = meta.config
+    assert (c.topk, c.extra_page_block_size, c.extra_topk, c.is_fp8_kvcache) == (topk, 16, 8, fp8)
+    o2, lse2 = flash_mla_with_kvcache(q, k_cache, None, None, 512, meta, None, **kw)  # same schedule: fine
+    assert torch.equal(o2, o) and torch.equal(lse2, lse)
+    kw["indices"] = idx[..., :10].contiguous()
+    kw["topk_length"] = None
+    with pytest.raises(ValueError, match=r"topk \(indices.shape\[-1\]\): 24 -> 10"):
+        flash_mla_with_kvcache(q, k_cache, None, None, 512, meta, None, **kw)
+
+
+def test_sparse_decode_flash_mla_rules():
+    q, k_cache, idx = _sparse_case(1, 1, 4, 16, 2, 8, True, 23)
+    meta, _ = get_mla_metadata()
+    with pytest.raises(ValueError, match="causal must be False"):
+        flash_mla_with_kvcache(q, k_cache, None, None, 512, meta, None, causal=True, is_fp8_kvcache=True, indices=idx)
+    with pytest.raises(ValueError, match="is_fp8_kvcache=False but k_cache is torch.float8_e4m3fn"):
+        flash_mla_with_kvcache(q, k_cache, None, None, 512, meta, None, indices=idx)
+    with pytest.raises(ValueError, match="extra_k_cache and extra_indices_in_kvcache go together"):
+        flash_mla_with_kvcache(q, k_cache, None, None, 512, meta, None, is_fp8_kvcache=True, indices=idx,
+                               extra_k_cache=k_cache)
+    with pytest.raises(ValueError, match=r"indices\[0, 0, 0\] = 32 is outside the cache"):
+        flash_mla_with_kvcache(q, k_cache, None, None, 512, meta, None, is_fp8_kvcache=True,
+                               indices=torch.full_like(idx, 32))
+    assert not meta.have_initialized
+    # a query whose every slot is skipped: out 0, lse +inf
+    o, lse = flash_mla_with_kvcache(q, k_cache, None, None, 512, meta, None, is_fp8_kvcache=True,
+                                    indices=torch.full_like(idx, -1))
+    assert torch.all(o == 0) and torch.all(lse == INF)
 
 
 # ----------------------------------------------------------------------------- attention sink (dense)
