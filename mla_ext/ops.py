@@ -107,7 +107,13 @@ def sparse_decode(
 
     Returns out [b, s_q, h_q, 512] in q's dtype and lse [b, s_q, h_q] float32 (natural log);
     a query with no valid slot gets out = 0 and lse = +inf (FlashMLA's convention).
+
+    CPU only for now: the CUDA kernel is not written yet (a CUDA tensor raises at once).
     """
+    if q.device.type != "cpu" or cache.device.type != "cpu":
+        raise NotImplementedError(
+            f"mla_ext.sparse_decode: CPU tensors only for now (q on {q.device}, cache on {cache.device}); "
+            "the CUDA sparse kernel is not written yet")
     return torch.ops.mla_ext.sparse_decode(
         q, cache, indices, float(softmax_scale), topk_length, extra_cache, extra_indices, extra_topk_length, attn_sink
     )
