@@ -133,6 +133,11 @@ def vllm_rows(entries: list) -> List[dict]:
     for e in entries:
         if not isinstance(e, dict):
             continue
+        # benchmarks/bench_vllm.py: one entry per (context, batch), one dict per backend in it.
+        nested = [k for k in ("stock", "mla_ext") if isinstance(e.get(k), dict)]
+        if nested and e.get("batch") is not None:
+            rows += vllm_rows([{**e[k], "backend": k, "batch": e["batch"], "context": e.get("context")} for k in nested])
+            continue
         batch = e.get("batch", e.get("b"))
         rate = next((e[k] for k in ("decode_tokens_per_s", "tokens_per_s", "tok_s") if e.get(k) is not None), None)
         backend = e.get("backend", e.get("impl"))
@@ -168,6 +173,9 @@ def load_run(path: str) -> Optional[Run]:
             run.is_gpu = True
             run.machine = str(data.get("device") or dev.get("gpu"))
             run.slug = "gpu-" + slugify(run.machine)
+        elif data.get("cpu_model"):  # bench_vllm.py names the CPU at the top level
+            run.machine = str(data["cpu_model"]) + (f", {data['cpus']} CPUs" if data.get("cpus") else "")
+            run.slug = "cpu-" + slugify(str(data["cpu_model"]))
         else:
             run.machine = str(data.get("machine", "unknown machine"))
             run.slug = slugify(run.machine) or "unknown"
@@ -228,6 +236,11 @@ def by_machine(runs: List[Run], kind: Tuple[str, ...]) -> Dict[str, Run]:
     for r in runs:
         if r.kind in kind:
             groups.setdefault(r.slug, []).append(r)
+    if kind == ("vllm",):
+        # A repeat of one (context, batch) point must not hide the full sweep: the record with
+        # the most points, the newest of those.
+        return {slug: newest([r for r in rs if len(r.points) == max(len(x.points) for x in rs)])
+                for slug, rs in sorted(groups.items())}
     return {slug: newest(rs) for slug, rs in sorted(groups.items())}
 
 

@@ -144,3 +144,25 @@ def test_sweep_only_machine_gets_a_roofline(tmp_path):
                                        "scaling-L-cpu-test-cpu-f6-m1.png"]
     for n in ("roofline-cpu-test-cpu-f6-m1.png", "scaling-L-cpu-test-cpu-f6-m1.png"):
         assert_png(out / n)
+
+
+def bench_vllm_record(points):
+    """benchmarks/bench_vllm.py's format: one entry per (context, batch), a dict per backend."""
+    res = [{"context": ctx, "batch": bt, "stock": {"tokens_per_s": 10.0 * bt}, "mla_ext": {"tokens_per_s": 18.0 * bt},
+            "speedup": 1.8} for ctx, bt in points]
+    return {"benchmark": "bench_vllm", "date": "2026-12-02T01:00:00+00:00", "commit": "1234567",
+            "cpu_model": "Test Xeon", "cpus": 2, "results": res}
+
+
+def test_bench_vllm_records_plotted_fullest_first(tmp_path):
+    """The real bench_vllm.py layout is read; a later repeat of one point does not hide the sweep."""
+    res, out = tmp_path / "results", tmp_path / "img"
+    write(res, "vllm-full.json", bench_vllm_record([(512, 1), (512, 8), (2048, 1), (2048, 8)]))
+    repeat = bench_vllm_record([(2048, 8)])
+    repeat["date"] = "2026-12-02T03:00:00+00:00"
+    write(res, "vllm-repeat.json", repeat)
+    p = run_plot(res, out)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert_png(out / "vllm-tokens-cpu-test-xeon.png")
+    index = (out / "index.md").read_text()
+    assert "vllm-full.json" in index and "vllm-repeat.json" not in index
