@@ -8,7 +8,10 @@ median ms, and GB/s of the bytes the indices name (valid slots x 656 bytes per q
 A development measurement, not a test: numbers depend on the machine and its load.
 """
 import argparse
+import datetime
 import json
+import os
+import subprocess
 import platform
 import statistics
 import time
@@ -57,6 +60,7 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json")
+    ap.add_argument("--note", default="", help="recorded in the JSON: say whether the machine was quiet")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -81,7 +85,11 @@ def main():
               f"GFLOP/s {rec['op_gflops']:.1f} vs {rec['torch_gflops']:.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(cpu=_cpu_model(), torch=torch.__version__, records=records), f, indent=1)
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+            json.dump(dict(cpu=_cpu_model(), torch=torch.__version__, commit=commit,
+                           date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                           loadavg=os.getloadavg(), note=args.note, records=records), f, indent=1)
 
 
 if __name__ == "__main__":
