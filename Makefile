@@ -142,7 +142,10 @@ vllm-venv: vllm-deps
 	@[ "$$(cat $(VLLM_VENV)/.built 2>/dev/null)" = "$(CURDIR)" ] || rm -f $(VLLM_VENV)/.built
 	@$(MAKE) --no-print-directory $(VLLM_VENV)/.built
 
+# The import smoke check first: the tests skip where vllm cannot be imported, and a broken
+# venv must fail here, not pass with every test skipped.
 test-vllm: vllm-venv
+	$(VLLM_PY) -c "import vllm, mla_ext.integrations.vllm as m; m.check_vllm_version(); import mla_ext.integrations._vllm_backend; print('vllm', vllm.__version__, 'OK')"
 	$(VLLM_PY) -m pytest -q tests/test_vllm_backend.py
 
 bench-vllm: vllm-venv

@@ -240,6 +240,13 @@ def flash_mla_with_kvcache(
         raise ValueError(
             f"flash_mla_with_kvcache: k_cache has {k_cache.shape[2]} KV heads; MLA (and mla_ext) uses num_heads_k = 1"
         )
+    if is_fp8_kvcache:
+        # vLLM's FlashMLA sparse backend passes the 656-byte cache as raw bytes (a uint8 view):
+        # FlashMLA accepts that, so the drop-in does too.
+        if isinstance(k_cache, torch.Tensor) and k_cache.dtype in (torch.uint8, torch.int8):
+            k_cache = k_cache.view(torch.float8_e4m3fn)
+        if isinstance(extra_k_cache, torch.Tensor) and extra_k_cache.dtype in (torch.uint8, torch.int8):
+            extra_k_cache = extra_k_cache.view(torch.float8_e4m3fn)
     if indices is None and (block_table is None or cache_seqlens is None):
         raise ValueError("flash_mla_with_kvcache: block_table and cache_seqlens are required for dense decode")
     if indices is not None:

@@ -320,6 +320,10 @@ def test_sparse_decode_through_flash_mla(fp8):
     assert (c.topk, c.extra_page_block_size, c.extra_topk, c.is_fp8_kvcache) == (topk, 16, 8, fp8)
     o2, lse2 = flash_mla_with_kvcache(q, k_cache, None, None, 512, meta, None, **kw)  # same schedule: fine
     assert torch.equal(o2, o) and torch.equal(lse2, lse)
+    if fp8:  # vLLM's FlashMLA sparse backend hands the cache over as raw bytes (a uint8 view)
+        kw_bytes = dict(kw, extra_k_cache=extra_cache.view(torch.uint8))
+        o3, lse3 = flash_mla_with_kvcache(q, k_cache.view(torch.uint8), None, None, 512, meta, None, **kw_bytes)
+        assert torch.equal(o3, o) and torch.equal(lse3, lse)
     kw["indices"] = idx[..., :10].contiguous()
     kw["topk_length"] = None
     with pytest.raises(ValueError, match=r"topk \(indices.shape\[-1\]\): 24 -> 10"):

@@ -58,7 +58,8 @@ NEGATIVE_SCALE = 1.5  # softmax_scale * 1.5: a plausible bug (e.g. 1/sqrt(192) v
 
 @pytest.fixture
 def clean_registry():
-    saved = {m: m.is_overridden() and m.get_path() for m in (AttentionBackendEnum.CUSTOM, AttentionBackendEnum.CPU_MLA)}
+    saved = {m: m.is_overridden() and m.get_path()
+             for m in (AttentionBackendEnum.CUSTOM, AttentionBackendEnum.CPU_MLA, AttentionBackendEnum.AMX_MLA)}
     yield
     from vllm.v1.attention.backends.registry import register_backend
 
@@ -78,9 +79,12 @@ def test_plugin_entry_point_is_installed():
 def test_register_without_opt_in_leaves_cpu_mla_alone(clean_registry, monkeypatch):
     monkeypatch.delenv(mla_vllm.CPU_OPT_IN_ENV, raising=False)
     AttentionBackendEnum.CPU_MLA.clear_override()
+    AttentionBackendEnum.AMX_MLA.clear_override()
+    amx_path = AttentionBackendEnum.AMX_MLA.get_path()
     mla_vllm.register()
     mla_vllm.register()  # vLLM may run plugins more than once per process
     assert AttentionBackendEnum.CPU_MLA.get_path() == "vllm.v1.attention.backends.mla.cpu_mla.CPUMLABackend"
+    assert AttentionBackendEnum.AMX_MLA.get_path() == amx_path
     assert AttentionBackendEnum.CUSTOM.get_path() == mla_vllm.BACKEND_PATH
     assert AttentionBackendEnum.CUSTOM.get_class() is mla_vllm.MlaExtBackend
 
@@ -89,6 +93,8 @@ def test_register_with_opt_in_takes_cpu_mla(clean_registry, monkeypatch):
     monkeypatch.setenv(mla_vllm.CPU_OPT_IN_ENV, "1")
     mla_vllm.register()
     assert AttentionBackendEnum.CPU_MLA.get_class() is mla_vllm.MlaExtBackend
+    # vLLM picks AMX_MLA by itself on AMX CPUs: the opt-in serves it too, never silently stock.
+    assert AttentionBackendEnum.AMX_MLA.get_class() is mla_vllm.MlaExtBackend
     assert mla_vllm.MlaExtBackend.get_name() == "CPU_MLA"  # its enum member on CPU
 
 

@@ -75,17 +75,28 @@ def register() -> None:
     """The `vllm.general_plugins` entry point (runs in every vLLM process, possibly twice).
 
     Always: registers mla_ext as AttentionBackendEnum.CUSTOM (inert until selected).
-    With MLA_EXT_VLLM_CPU=1: also overrides CPU_MLA with mla_ext (after checking the vLLM
-    version: an opt-in on an unsupported release raises here, naming the supported ones).
+    With MLA_EXT_VLLM_CPU=1: also serves vLLM's two CPU MLA backends, CPU_MLA and AMX_MLA
+    (vLLM picks AMX_MLA by itself on AMX CPUs, so overriding CPU_MLA alone would leave the
+    opt-in silently unused there), after checking the vLLM version: an opt-in on an
+    unsupported release raises here, naming the supported ones.
     Never raises without the opt-in, so installing mla_ext cannot break stock vLLM.
     """
+    if not cpu_opt_in():
+        try:
+            from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+            register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+        except (ImportError, AttributeError) as e:  # another vLLM layout: stock vLLM must still start
+            _log.warning("mla_ext: not registered as a vLLM backend on this vLLM (%s)", e)
+        return
+    check_vllm_version()
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
-    if cpu_opt_in():
-        check_vllm_version()
-        register_backend(AttentionBackendEnum.CPU_MLA, BACKEND_PATH)
-        _log.info("mla_ext: %s=1, CPU_MLA is served by %s", CPU_OPT_IN_ENV, BACKEND_PATH)
+    served = [name for name in ("CPU_MLA", "AMX_MLA") if hasattr(AttentionBackendEnum, name)]
+    for name in served:
+        register_backend(getattr(AttentionBackendEnum, name), BACKEND_PATH)
+    _log.info("mla_ext: %s=1, %s served by %s", CPU_OPT_IN_ENV, " and ".join(served), BACKEND_PATH)
 
 
 def __getattr__(name: str):
