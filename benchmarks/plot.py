@@ -244,6 +244,15 @@ def by_machine(runs: List[Run], kind: Tuple[str, ...]) -> Dict[str, Run]:
     return {slug: newest(rs) for slug, rs in sorted(groups.items())}
 
 
+def save(fig, run: "Run", out: str, kind: str) -> str:
+    """Footer (machine, commit, date, record), layout, PNG out/<kind>-<machine>.png."""
+    fig.tight_layout(rect=(0, footer(fig, run), 1, 1))
+    path = os.path.join(out, f"{kind}-{run.slug}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def caption(run: Run) -> str:
     threads = f", {run.threads} threads" if run.threads else ""
     commit = f"{run.provenance} {run.commit}, " if run.commit else ""
@@ -366,11 +375,7 @@ def roofline(run: Run, out: str) -> str:
                  + f"\n{shapes}", fontsize=9)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout(rect=(0, footer(fig, run), 1, 1))
-    path = os.path.join(out, f"roofline-{run.slug}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, run, out, "roofline")
 
 
 def scaling_L(run: Run, out: str) -> str:
@@ -403,11 +408,7 @@ def scaling_L(run: Run, out: str) -> str:
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
-    fig.tight_layout(rect=(0, footer(fig, run), 1, 1))
-    path = os.path.join(out, f"scaling-L-{run.slug}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, run, out, "scaling-L")
 
 
 def vllm_tokens(run: Run, out: str) -> str:
@@ -431,11 +432,7 @@ def vllm_tokens(run: Run, out: str) -> str:
     ax.set_title(f"vLLM decode throughput, stock vs mla_ext: {run.machine}", fontsize=9)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
-    fig.tight_layout(rect=(0, footer(fig, run), 1, 1))
-    path = os.path.join(out, f"vllm-tokens-{run.slug}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, run, out, "vllm-tokens")
 
 
 # --------------------------------------------------------------------------- main
