@@ -234,6 +234,13 @@ def main() -> None:
             env["MLA_EXT_VLLM_CPU"] = "1"
         clients[name] = Client(name, argv + ["--attention-backend", backend], env)
     info = {name: c.read() for name, c in clients.items()}
+    for name, got in info.items():  # never time stock vLLM under mla_ext's name (or the reverse)
+        ours = got["backend_path"].startswith("mla_ext.")
+        if ours != BACKENDS[name][1]:
+            raise SystemExit(
+                f"bench_vllm: worker {name!r} runs {got['backend_path']} for {BACKENDS[name][0]}; expected "
+                f"{'mla_ext' if BACKENDS[name][1] else 'stock vLLM'}. Is mla_ext installed in this venv "
+                f"(`make vllm-venv`; vLLM logs 'Failed to load plugin mla_ext' otherwise)?")
 
     table = []
     for ctx in args.contexts:
