@@ -6,6 +6,7 @@
 #include <string>
 
 #include "../cpu/cpu_kernels.h"
+#include "../cpu/sparse_kernels.h"
 #include "checks.h"
 
 namespace mla::api {
@@ -41,8 +42,13 @@ SparseSource check_source(const std::string& which, const at::Tensor& cache, con
                     ", got ", cache.size(-1));
   at::Tensor c = cache.dim() == 4 ? cache.select(2, 0) : cache;
   TORCH_CHECK_VALUE(c.size(1) >= 1, kOp, ": ", cname, "'s block_size must be >= 1");
-  TORCH_CHECK_VALUE(c.numel() == 0 || (c.stride(2) == 1 && c.stride(1) >= width && c.stride(0) >= 0), kOp, ": ",
-                    cname, " must have a contiguous last dim and non-overlapping tokens, got strides ", cache.strides());
+  // A dim of size 1 may carry any stride (torch does not normalise them): with block_size 1
+  // the token stride is never used, with one block the block stride neither.
+  const bool one_token_per_block = c.size(1) == 1, one_block = c.size(0) == 1;
+  TORCH_CHECK_VALUE(c.numel() == 0 || (c.stride(2) == 1 && (one_token_per_block || c.stride(1) >= width) &&
+                                       (one_block || c.stride(0) >= 0)),
+                    kOp, ": ", cname, " must have a contiguous last dim and non-overlapping tokens, got strides ",
+                    cache.strides());
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt, kOp, ": ", iname, " must be int32, got ", indices.scalar_type());
   TORCH_CHECK_VALUE(indices.dim() == 3 && indices.size(0) == b && indices.size(1) == s_q, kOp, ": ", iname,
                     " must be [b, s_q, topk] = [", b, ", ", s_q, ", topk], got ", indices.sizes());
@@ -51,6 +57,8 @@ SparseSource check_source(const std::string& which, const at::Tensor& cache, con
   keep.cache3d = c;
   keep.indices = indices.contiguous();
   const int64_t topk = indices.size(2);
+  TORCH_CHECK_VALUE(topk < (int64_t{1} << 31), kOp, ": ", iname, ".shape[-1] (topk) = ", topk,
+                    " does not fit int32");
   const int64_t num_tokens = c.size(0) * c.size(1);
   TORCH_CHECK_VALUE(num_tokens < (int64_t{1} << 31), kOp, ": ", cname, " holds ", num_tokens,
                     " tokens; int32 indices address at most 2^31 - 1");
@@ -84,7 +92,7 @@ SparseSource check_source(const std::string& which, const at::Tensor& cache, con
   const int64_t esize = c.element_size();
   s.cache = c.numel() ? static_cast<const uint8_t*>(c.data_ptr()) : nullptr;
   s.block_stride = c.stride(0) * esize;
-  s.token_stride = c.stride(1) * esize;
+  s.token_stride = one_token_per_block ? width * esize : c.stride(1) * esize;
   s.indices = idx;
   s.topk_length = l;
   s.topk = static_cast<int32_t>(topk);
@@ -140,9 +148,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_cpu(
   p.seqlen_q = static_cast<int32_t>(s_q);
   p.num_heads = static_cast<int32_t>(h);
   p.softmax_scale = static_cast<float>(softmax_scale);
-  if (b * s_q * h > 0) cpu::sparse_decode(p);
+  if (b * s_q * h > 0) cpu::sparse_decode(p, to_dtype(qt));
   at::Tensor out = qt == at::kFloat ? out32 : out32.to(qt);
   return {out, lse};
+}
+
+// Which CPU sparse kernel a call with these dtypes runs on this machine (MLA_EXT_CPU_ISA
+// is read per call). The fp8 cache is named by float8_e4m3fn (656-byte tokens).
+std::string cpu_sparse_decode_kernel(c10::ScalarType q_dtype, c10::ScalarType cache_dtype,
+                                     std::optional<c10::ScalarType> extra_cache_dtype) {
+  const DType extra = extra_cache_dtype.has_value() ? to_dtype(*extra_cache_dtype) : DType::kFloat32;
+  return cpu::sparse_decode_kernel_name(to_dtype(q_dtype), to_dtype(cache_dtype), extra_cache_dtype.has_value(), extra);
 }
 
 }  // namespace
@@ -153,6 +169,8 @@ TORCH_LIBRARY_FRAGMENT(mla_ext, m) {
       "sparse_decode(Tensor q, Tensor cache, Tensor indices, float softmax_scale, Tensor? topk_length=None, "
       "Tensor? extra_cache=None, Tensor? extra_indices=None, Tensor? extra_topk_length=None, "
       "Tensor? attn_sink=None) -> (Tensor out, Tensor lse)");
+  m.def("cpu_sparse_decode_kernel(ScalarType q_dtype, ScalarType cache_dtype, ScalarType? extra_cache_dtype=None) -> str",
+        &mla::api::cpu_sparse_decode_kernel);
 }
 
 TORCH_LIBRARY_IMPL(mla_ext, CPU, m) { m.impl("sparse_decode", &mla::api::sparse_decode_cpu); }

@@ -40,8 +40,7 @@ void load_plain_token(const uint8_t* tok, float* row) {
 }
 
 void load_token(const SparseSource& s, int32_t token, float* row) {
-  const int64_t block = token / s.block_size, offset = token % s.block_size;
-  const uint8_t* tok = s.cache + block * s.block_stride + offset * s.token_stride;
+  const uint8_t* tok = sparse_token_ptr(s, token);
   switch (s.dtype) {
     case DType::kFloat8E4M3: load_fp8_token(tok, row); break;
     case DType::kBFloat16: load_plain_token<c10::BFloat16>(tok, row); break;
@@ -50,51 +49,19 @@ void load_token(const SparseSource& s, int32_t token, float* row) {
   }
 }
 
-// Walks the valid slots of (main, extra) for query (bi, j) in order, kTile at a time.
-struct SlotCursor {
-  const SparseDecodeParams& p;
-  int64_t bi, j;
-  int source = 0;  // 0 main, 1 extra, 2 done
-  int32_t slot = 0;
-
-  int32_t limit(const SparseSource& s) const {
-    return s.topk_length ? std::min(s.topk_length[bi], s.topk) : s.topk;
-  }
-  // Fills up to kTile (source, token) pairs; returns how many.
-  int next(const SparseSource** srcs, int32_t* tokens) {
-    int n = 0;
-    while (n < kTile && source < 2) {
-      if (source == 1 && !p.has_extra) { source = 2; break; }
-      const SparseSource& s = source == 0 ? p.main : p.extra;
-      const int32_t* idx = s.indices + (bi * p.seqlen_q + j) * static_cast<int64_t>(s.topk);
-      const int32_t end = limit(s);
-      while (n < kTile && slot < end) {
-        const int32_t t = idx[slot++];
-        if (t == -1) continue;
-        srcs[n] = &s;
-        tokens[n++] = t;
-      }
-      if (slot >= end) { ++source; slot = 0; }
-    }
-    return n;
-  }
-};
-
 void run_item(const SparseDecodeParams& p, int64_t bi, int64_t j, int h0, int h1, float* rows, float* kt, float* acc) {
   const int nh = h1 - h0;
   float m[kHeadGroup], l[kHeadGroup];
   for (int h = 0; h < nh; ++h) { m[h] = -std::numeric_limits<float>::infinity(); l[h] = 0.f; }
   std::fill(acc, acc + static_cast<int64_t>(nh) * kLatentDim, 0.f);
   const float* q_base = p.q + ((bi * p.seqlen_q + j) * p.num_heads) * static_cast<int64_t>(kHeadDim);
-  SlotCursor cursor{p, bi, j};
+  SparseSlotCursor cursor{p, bi, j};
   const SparseSource* srcs[kTile];
   int32_t tokens[kTile];
   float sc[kHeadGroup][kTile];
-  int64_t seen = 0;
   for (;;) {
-    const int n = cursor.next(srcs, tokens);
+    const int n = cursor.next(kTile, srcs, tokens);
     if (n == 0) break;
-    seen += n;
     for (int t = 0; t < n; ++t) load_token(*srcs[t], tokens[t], rows + t * kHeadDim);
     // K^T of the tile, tokens contiguous (columns past n are 0), for the Q . K^T loop below.
     // (d outer: the 32 source lines of a step stay in L1 for the next 15 steps.)
@@ -123,6 +90,7 @@ void run_item(const SparseDecodeParams& p, int64_t bi, int64_t j, int h0, int h1
       float tile_max = -std::numeric_limits<float>::infinity();
       for (int t = 0; t < n; ++t) tile_max = std::max(tile_max, scores[t]);
       const float m_new = std::max(m[h], tile_max);
+      if (m_new == -std::numeric_limits<float>::infinity()) continue;  // every score so far -inf: stay empty
       const float alpha = std::exp(m[h] - m_new);  // 0 on the first tile (m = -inf)
       float* a = acc + static_cast<int64_t>(h) * kLatentDim;
       float w[kTile];
@@ -150,7 +118,7 @@ void run_item(const SparseDecodeParams& p, int64_t bi, int64_t j, int h0, int h1
   const int64_t row0 = (bi * p.seqlen_q + j) * p.num_heads + h0;
   for (int h = 0; h < nh; ++h) {
     float* o = p.out + (row0 + h) * kLatentDim;
-    if (seen == 0) {
+    if (m[h] == -std::numeric_limits<float>::infinity()) {  // no valid slot, or every valid score -inf
       std::fill(o, o + kLatentDim, 0.f);
       p.lse[row0 + h] = std::numeric_limits<float>::infinity();
       continue;
