@@ -25,15 +25,17 @@ void sparse_decode(const SparseDecodeParams& p, DType q_dtype);
 bool sparse_decode_avx512bf16_built();
 void sparse_decode_avx512bf16(const SparseDecodeParams& p);
 
-// Quantises rows [T, 576] into a 656-byte fp8 cache (mla_ext/sparse.py's layout and
-// quantiser, bit for bit): slot = block * block_size + offset, slot < 0 skips the row.
+// Quantises new tokens into a 656-byte fp8 cache (mla_ext/sparse.py's layout and quantiser,
+// bit for bit; sparse_append.cpp): slot = block * block_size + offset, slot < 0 skips.
 struct SparseAppendParams {
-  const void* rows;          // [T, 576], row stride rows_stride elements, last dim contiguous
-  int64_t rows_stride;
-  DType rows_dtype;          // kFloat32 / kBFloat16 / kFloat16
+  const void* kv_c;          // [T, 512], row stride kv_c_row_stride elements, last dim contiguous
+  const void* k_pe;          // [T, 64],  row stride k_pe_row_stride elements, last dim contiguous
+  int64_t kv_c_row_stride;
+  int64_t k_pe_row_stride;
+  DType input_dtype;         // of kv_c and k_pe: kFloat32 / kBFloat16 / kFloat16
   const void* slot_mapping;  // [T] int32 or int64 (slot_is_int64)
   bool slot_is_int64;
-  uint8_t* cache;            // byte base of [NB, BS, 656]
+  uint8_t* cache;            // byte base of [NB, BS, 656] tokens
   int64_t block_stride;      // bytes (may exceed BS * 656: padded blocks)
   int64_t token_stride;      // bytes
   int64_t num_tokens;        // T
