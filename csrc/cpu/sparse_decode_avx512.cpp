@@ -382,11 +382,16 @@ void run_item(const SparseDecodeParams& p, const Transpose16& tr, int64_t bi, in
   std::fill(sc.acc, sc.acc + static_cast<int64_t>(nh) * kLatentDim, 0.f);
   const float s2scale = p.softmax_scale * kLog2e;
   SparseSlotCursor cursor{p, bi, j};
-  const SparseSource* srcs[kTile];
-  int32_t tokens[kTile];
-  for (;;) {
-    const int n = cursor.next(kTile, srcs, tokens);
-    if (n == 0) break;
+  // Two slot buffers: the next tile's tokens are prefetched while this one is computed.
+  const SparseSource* srcs_buf[2][kTile];
+  int32_t tokens_buf[2][kTile];
+  int cur = 0;
+  int n = cursor.next(kTile, srcs_buf[0], tokens_buf[0]);
+  for (; n > 0; cur ^= 1) {
+    const SparseSource* const* srcs = srcs_buf[cur];
+    const int32_t* tokens = tokens_buf[cur];
+    const int n_next = cursor.next(kTile, srcs_buf[cur ^ 1], tokens_buf[cur ^ 1]);
+    for (int t = 0; t < n_next; ++t) sparse_prefetch_token(*srcs_buf[cur ^ 1][t], tokens_buf[cur ^ 1][t]);
     for (int t = 0; t < n; ++t) {
       const uint8_t* tok = sparse_token_ptr(*srcs[t], tokens[t]);
       uint16_t* row = sc.rows + t * kHeadDim;
@@ -403,6 +408,7 @@ void run_item(const SparseDecodeParams& p, const Transpose16& tr, int64_t bi, in
     else scores<1>(sc.q, nh, sc.kt, s2scale, sc.s);
     for (int h = 0; h < nh; ++h) softmax_head(sc.s + h * kTile, n, sc.m[h], sc.l[h], sc.corr[h]);
     pv(sc.s, sc.corr, sc.v, n, nh, sc.acc);
+    n = n_next;
   }
   for (int h = 0; h < nh; ++h) {
     float* o = p.out + (row0 + h) * kLatentDim;
