@@ -93,6 +93,7 @@ if os.path.exists("/proc/cpuinfo"):
         _CPU_FLAGS = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
 HAS_AVX2 = {"avx2", "fma", "f16c"} <= _CPU_FLAGS
 HAS_AVX512BF16 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= _CPU_FLAGS
+HAS_AMX = HAS_AVX512BF16 and {"amx_bf16", "amx_tile"} <= _CPU_FLAGS
 BF16_EXACT = (torch.float8_e4m3fn, torch.bfloat16)
 
 
@@ -101,7 +102,7 @@ def expected_kernel(q_dtype, cache_dtype, extra_dtype=None):
     cap = os.environ.get("MLA_EXT_CPU_ISA", "auto")
     if (cap not in ("scalar", "avx2") and HAS_AVX512BF16 and q_dtype == torch.bfloat16 and cache_dtype in BF16_EXACT
             and (extra_dtype is None or extra_dtype in BF16_EXACT)):
-        return "avx512bf16"
+        return "amx" if cap != "avx512bf16" and HAS_AMX else "avx512bf16"
     return "avx2" if cap != "scalar" and HAS_AVX2 else "scalar"
 
 
@@ -252,16 +253,17 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mla_ext.sparse_decode.default, args[:1] + (cache,) + args[2:], test_utils=utils)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512bf16"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512bf16", "amx"])
 @pytest.mark.parametrize("qdt", [torch.bfloat16, torch.float32])
 def test_every_kernel_build_matches_reference(isa, qdt, monkeypatch):
-    """Each build (portable, AVX2 + FMA, AVX-512 BF16), forced by MLA_EXT_CPU_ISA (read per
-    call), on the same inputs: its name is the one expected, and it matches the reference.
-    fp32 q never takes the AVX-512 BF16 build (q would not be exact in bf16)."""
-    if isa == "avx2" and not HAS_AVX2 or isa == "avx512bf16" and not HAS_AVX512BF16:
+    """Each build (portable, AVX2 + FMA, AVX-512 BF16, AMX), forced by MLA_EXT_CPU_ISA (read
+    per call), on the same inputs: its name is the one expected, and it matches the
+    reference. fp32 q never takes the bf16 builds (q would not be exact in bf16)."""
+    if (isa == "avx2" and not HAS_AVX2 or isa == "avx512bf16" and not HAS_AVX512BF16
+            or isa == "amx" and not HAS_AMX):
         pytest.skip(f"this CPU lacks {isa}")
     monkeypatch.setenv("MLA_EXT_CPU_ISA", isa)
-    want = isa if isa != "avx512bf16" or qdt == torch.bfloat16 else "avx2"
+    want = isa if isa in ("scalar", "avx2") or qdt == torch.bfloat16 else "avx2"
     assert mla_ext.cpu_sparse_decode_kernel(qdt, torch.float8_e4m3fn, torch.bfloat16) == want
     g = _gen(10)
     cache = _make_cache(g, "fp8", 5, 16, 1)
@@ -279,22 +281,24 @@ def test_every_kernel_build_matches_reference(isa, qdt, monkeypatch):
     _compare(q, out, lse, ref_out, ref_lse)
 
 
-def test_builds_agree_with_each_other(monkeypatch):
-    """The AVX-512 BF16 build and the portable one on the same bf16 inputs: both accumulate
-    in fp32 over exact inputs, so they differ by fp32 rounding only (before the bf16 output
-    rounding, which may then differ by one bf16 ulp: 2^-7 relative)."""
-    if not HAS_AVX512BF16:
-        pytest.skip("this CPU lacks AVX-512 BF16")
+@pytest.mark.parametrize("isa", ["avx512bf16", "amx"])
+def test_builds_agree_with_each_other(isa, monkeypatch):
+    """The AVX-512 BF16 / AMX builds and the portable one on the same bf16 inputs: all
+    accumulate in fp32 over exact inputs, so they differ by fp32 rounding only (before the
+    bf16 output rounding, which may then differ by one bf16 ulp: 2^-7 relative)."""
+    if not (HAS_AMX if isa == "amx" else HAS_AVX512BF16):
+        pytest.skip(f"this CPU lacks {isa}")
     g = _gen(11)
     cache = _make_cache(g, "fp8", 8, 32, 0)
     q = torch.randn(3, 1, 33, 576, generator=g).to(torch.bfloat16)
     idx = _indices(g, 3, 1, 200, 256)
     outs = {}
-    for isa in ("scalar", "avx512bf16"):
-        monkeypatch.setenv("MLA_EXT_CPU_ISA", isa)
-        outs[isa] = mla_ext.ops.sparse_decode(q, cache, idx, softmax_scale=0.05)
-    torch.testing.assert_close(outs["avx512bf16"][1], outs["scalar"][1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outs["avx512bf16"][0], outs["scalar"][0], atol=1e-5, rtol=2 ** -7)
+    for build in ("scalar", isa):
+        monkeypatch.setenv("MLA_EXT_CPU_ISA", build)
+        assert mla_ext.cpu_sparse_decode_kernel(q.dtype, cache.dtype) == build
+        outs[build] = mla_ext.ops.sparse_decode(q, cache, idx, softmax_scale=0.05)
+    torch.testing.assert_close(outs[isa][1], outs["scalar"][1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[isa][0], outs["scalar"][0], atol=1e-5, rtol=2 ** -7)
 
 
 @pytest.mark.parametrize("isa", ["scalar", "auto"])

@@ -38,16 +38,17 @@ namespace sparse_avx2 {
 
 namespace {
 
-enum class SparseIsa { kScalar = 0, kAvx2 = 1, kAvx512Bf16 = 2 };
+enum class SparseIsa { kScalar = 0, kAvx2 = 1, kAvx512Bf16 = 2, kAmx = 3 };
 
 // MLA_EXT_CPU_ISA caps the choice, as for the dense kernels; unknown values are the
-// dense driver's to reject, levels above avx512bf16 (e.g. amx) cap nothing here.
+// dense driver's to reject (here they cap nothing).
 SparseIsa requested_cap() {
   const char* env = std::getenv("MLA_EXT_CPU_ISA");
-  if (env == nullptr) return SparseIsa::kAvx512Bf16;
+  if (env == nullptr) return SparseIsa::kAmx;
   if (std::strcmp(env, "scalar") == 0) return SparseIsa::kScalar;
   if (std::strcmp(env, "avx2") == 0) return SparseIsa::kAvx2;
-  return SparseIsa::kAvx512Bf16;
+  if (std::strcmp(env, "avx512bf16") == 0) return SparseIsa::kAvx512Bf16;
+  return SparseIsa::kAmx;
 }
 
 // bf16 holds every value such a cache yields exactly: fp8 code x power-of-two scale
@@ -59,7 +60,7 @@ SparseIsa pick(DType q, DType cache, bool has_extra, DType extra) {
   const CpuFeatures& f = cpu_features();
   if (cap >= SparseIsa::kAvx512Bf16 && f.avx512_bf16 && sparse_decode_avx512bf16_built() && q == DType::kBFloat16 &&
       bf16_exact(cache) && (!has_extra || bf16_exact(extra)))
-    return SparseIsa::kAvx512Bf16;
+    return cap >= SparseIsa::kAmx && sparse_decode_amx_usable() ? SparseIsa::kAmx : SparseIsa::kAvx512Bf16;
   if (cap >= SparseIsa::kAvx2 && f.avx2_fma_f16c) return SparseIsa::kAvx2;
   return SparseIsa::kScalar;
 }
@@ -68,6 +69,7 @@ SparseIsa pick(DType q, DType cache, bool has_extra, DType extra) {
 
 const char* sparse_decode_kernel_name(DType q, DType cache, bool has_extra, DType extra) {
   switch (pick(q, cache, has_extra, extra)) {
+    case SparseIsa::kAmx: return "amx";
     case SparseIsa::kAvx512Bf16: return "avx512bf16";
     case SparseIsa::kAvx2: return "avx2";
     default: return "scalar";
@@ -76,6 +78,7 @@ const char* sparse_decode_kernel_name(DType q, DType cache, bool has_extra, DTyp
 
 void sparse_decode(const SparseDecodeParams& p, DType q_dtype) {
   switch (pick(q_dtype, p.main.dtype, p.has_extra, p.extra.dtype)) {
+    case SparseIsa::kAmx: sparse_decode_amx(p); break;
     case SparseIsa::kAvx512Bf16: sparse_decode_avx512bf16(p); break;
     case SparseIsa::kAvx2: sparse_avx2::run(p); break;
     default: sparse_portable::run(p); break;

@@ -15,6 +15,9 @@
 //      accumulators, times softmax_scale * log2(e);
 //   4. online softmax in base 2 with a vectorised exp2, P in fp32;
 //   5. acc = corr * acc + P . V in fp32 FMA, 4 heads x 64 columns of accumulators.
+// The AMX build (sparse_decode_amx) is the same with step 3 on AMX tiles: tdpbf16ps of
+// 16 heads x 32 dims of q with 16 pairs x 16 tokens of kt (the same bf16 products, fp32
+// accumulation; P . V stays fp32 FMA, so nothing is rounded that the AVX-512 build keeps).
 // A row whose every valid score is -inf (or that has no valid slot) is empty: out 0, lse +inf.
 #include "sparse_kernels.h"
 
@@ -29,11 +32,22 @@
 
 #include "sparse_slots.h"
 
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #if defined(__x86_64__) && defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 10)
 #define MLA_HAVE_SPARSE_AVX512 1
 #include <immintrin.h>
 #pragma GCC push_options
+#if __GNUC__ >= 11 || defined(__clang__)
+#define MLA_HAVE_SPARSE_AMX 1
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")
+#else
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+#endif
 // GCC 12's own AVX-512 headers trip these (a known false positive on _mm512_undefined_*).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -271,6 +285,56 @@ void scores(const uint32_t* q, int nh, const uint32_t* kt, float s2scale, float*
   }
 }
 
+// ------------------------------------------------------------------ AMX scores
+
+#ifdef MLA_HAVE_SPARSE_AMX
+// Tiles: 0 / 1 = scores of 16 heads x tokens 0-15 / 16-31 (fp32), 2 = 16 heads x 16 pairs
+// of q (bf16), 3 / 4 = 16 pairs of dims x tokens 0-15 / 16-31: rows of kt, which already is
+// the pair ("VNNI") layout tdpbf16ps wants for its B operand.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 5; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// s[i][0 .. 16 halves) = s2scale * (q_i . k_t), 16 heads at a time (rows of q past nh are
+// read but their scores land in rows of s nobody reads: both are sized for 64 heads).
+void scores_amx(const uint32_t* q, int nh, const uint32_t* kt, int halves, float s2scale, float* s) {
+  const __m512 sc = _mm512_set1_ps(s2scale);
+  for (int h = 0; h < nh; h += 16) {
+    _tile_zero(0);
+    _tile_zero(1);
+    const uint32_t* qh = q + h * kPairs;
+    for (int d = 0; d < kPairs; d += 16) {
+      _tile_loadd(2, qh + d, kPairs * sizeof(uint32_t));
+      _tile_loadd(3, kt + d * kTile, kTile * sizeof(uint32_t));
+      _tile_dpbf16ps(0, 2, 3);
+      if (halves == 2) {
+        _tile_loadd(4, kt + d * kTile + 16, kTile * sizeof(uint32_t));
+        _tile_dpbf16ps(1, 2, 4);
+      }
+    }
+    float* sh = s + h * kTile;
+    _tile_stored(0, sh, kTile * sizeof(float));
+    if (halves == 2) _tile_stored(1, sh + 16, kTile * sizeof(float));
+    const int rows = std::min(16, nh - h);
+    for (int i = 0; i < rows; ++i)
+      for (int w = 0; w < halves; ++w) _mm512_store_ps(sh + i * kTile + 16 * w, _mm512_mul_ps(_mm512_load_ps(sh + i * kTile + 16 * w), sc));
+  }
+}
+#endif
+
 // ------------------------------------------------------------------ online softmax
 
 // 2^x for 16 lanes: x = n + f, n = round(x), |f| <= 1/2; 2^f by its Taylor series to the
@@ -365,6 +429,7 @@ void pv(const float* p, const float* corr, const float* v, int n, int nh, float*
 
 // ------------------------------------------------------------------ one work item
 
+template <bool kAmx>
 void run_item(const SparseDecodeParams& p, const Transpose16& tr, int64_t bi, int64_t j, int h0, int h1,
               const Scratch& sc) {
   const int nh = h1 - h0;
@@ -404,6 +469,10 @@ void run_item(const SparseDecodeParams& p, const Transpose16& tr, int64_t bi, in
     std::fill(sc.rows + static_cast<int64_t>(n) * kHeadDim, sc.rows + static_cast<int64_t>(16 * halves) * kHeadDim,
               uint16_t(0));
     transpose_tile(tr, sc.rows, halves, sc.kt);
+#ifdef MLA_HAVE_SPARSE_AMX
+    if constexpr (kAmx) scores_amx(sc.q, nh, sc.kt, halves, s2scale, sc.s);
+    else
+#endif
     if (halves == 2) scores<2>(sc.q, nh, sc.kt, s2scale, sc.s);
     else scores<1>(sc.q, nh, sc.kt, s2scale, sc.s);
     for (int h = 0; h < nh; ++h) softmax_head(sc.s + h * kTile, n, sc.m[h], sc.l[h], sc.corr[h]);
@@ -427,11 +496,8 @@ void run_item(const SparseDecodeParams& p, const Transpose16& tr, int64_t bi, in
   }
 }
 
-}  // namespace
-
-bool sparse_decode_avx512bf16_built() { return true; }
-
-void sparse_decode_avx512bf16(const SparseDecodeParams& p) {
+template <bool kAmx>
+void run_all(const SparseDecodeParams& p) {
   // Head groups: at most 64 heads (the scratch), and enough groups that every thread has an
   // item when there are few queries; groups of a multiple of 8 heads (the score block).
   const int64_t queries = static_cast<int64_t>(p.batch) * p.seqlen_q;
@@ -445,14 +511,49 @@ void sparse_decode_avx512bf16(const SparseDecodeParams& p) {
   at::parallel_for(0, queries * groups, 1, [&](int64_t begin, int64_t end) {
     const Scratch sc = Scratch::at(tls_workspace.get(Scratch::bytes()));
     const Transpose16 tr;
+#ifdef MLA_HAVE_SPARSE_AMX
+    if constexpr (kAmx) amx_configure();
+#endif
     for (int64_t it = begin; it < end; ++it) {
       const int64_t g = it % groups, bj = it / groups;
       const int h0 = static_cast<int>(g * group);
       const int h1 = static_cast<int>(std::min<int64_t>(h, h0 + group));
-      run_item(p, tr, bj / p.seqlen_q, bj % p.seqlen_q, h0, h1, sc);
+      run_item<kAmx>(p, tr, bj / p.seqlen_q, bj % p.seqlen_q, h0, h1, sc);
     }
+#ifdef MLA_HAVE_SPARSE_AMX
+    if constexpr (kAmx) _tile_release();
+#endif
   });
 }
+
+}  // namespace
+
+bool sparse_decode_avx512bf16_built() { return true; }
+
+void sparse_decode_avx512bf16(const SparseDecodeParams& p) { run_all<false>(p); }
+
+// AMX: cpuid AMX-BF16 + AMX-TILE, the OS enables the tile state (XCR0 bits 17 and 18), and
+// Linux grants this process the tile data (arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)).
+bool sparse_decode_amx_usable() {
+#if defined(MLA_HAVE_SPARSE_AMX) && defined(__linux__)
+  static const bool usable = [] {
+    if (__get_cpuid_max(0, nullptr) < 7) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    if (!(d & (1u << 22)) || !(d & (1u << 24))) return false;
+    uint32_t xcr0_lo = 0, xcr0_hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0_lo & (3u << 17)) != (3u << 17)) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+
+void sparse_decode_amx(const SparseDecodeParams& p) { run_all<true>(p); }
 
 }  // namespace mla::cpu
 
@@ -464,6 +565,8 @@ void sparse_decode_avx512bf16(const SparseDecodeParams& p) {
 namespace mla::cpu {
 bool sparse_decode_avx512bf16_built() { return false; }
 void sparse_decode_avx512bf16(const SparseDecodeParams&) {}
+bool sparse_decode_amx_usable() { return false; }
+void sparse_decode_amx(const SparseDecodeParams&) {}
 }  // namespace mla::cpu
 
 #endif

@@ -6,13 +6,14 @@
 namespace mla::cpu {
 
 // The sparse kernel builds, best first. Which one runs depends on the CPU (cpuid), the
-// dtypes and MLA_EXT_CPU_ISA (auto | scalar | avx2 | avx512bf16 caps the choice, as for
+// dtypes and MLA_EXT_CPU_ISA (auto | scalar | avx2 | avx512bf16 | amx caps the choice, as for
 // the dense kernels):
+//   amx:        the avx512bf16 kernel with its scores on AMX tiles (+ AMX-BF16 / AMX-TILE);
 //   avx512bf16: bf16 q over 656-byte fp8 / bf16 caches (every value it reads is exact in
 //               bf16), AVX-512 F/BW/VL/DQ + AVX512_BF16;
 //   avx2:       the portable body compiled for AVX2 + FMA (any dtype);
 //   scalar:     the portable body.
-// Name of the build a call with these dtypes runs now ("avx512bf16", "avx2" or "scalar");
+// Name of the build a call with these dtypes runs now ("amx", "avx512bf16", "avx2" or "scalar");
 // has_extra = false ignores extra_cache_dtype.
 const char* sparse_decode_kernel_name(DType q_dtype, DType cache_dtype, bool has_extra, DType extra_cache_dtype);
 
@@ -24,6 +25,9 @@ void sparse_decode(const SparseDecodeParams& p, DType q_dtype);
 // build it (then the caller falls back).
 bool sparse_decode_avx512bf16_built();
 void sparse_decode_avx512bf16(const SparseDecodeParams& p);
+// The same with the scores on AMX tiles (needs AMX-BF16 + AMX-TILE and the OS's leave).
+bool sparse_decode_amx_usable();
+void sparse_decode_amx(const SparseDecodeParams& p);
 
 // Quantises new tokens into a 656-byte fp8 cache (mla_ext/sparse.py's layout and quantiser,
 // bit for bit; sparse_append.cpp): slot = block * block_size + offset, slot < 0 skips.
