@@ -139,6 +139,7 @@ def sparse_append_kv(kv_c: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tensor
 def cpu_sparse_decode_kernel(q_dtype: torch.dtype, cache_dtype: torch.dtype,
                              extra_cache_dtype: Optional[torch.dtype] = None) -> str:
     """Name of the CPU sparse decode kernel a call with these dtypes runs on this machine:
-    "avx512bf16" (bf16 q over float8_e4m3fn 656-byte / bf16 caches, on AVX-512 BF16 CPUs),
-    "avx2" or "scalar". Chosen per call; MLA_EXT_CPU_ISA=scalar|avx2|avx512bf16 caps it."""
+    "amx" / "avx512bf16" (bf16 q over float8_e4m3fn 656-byte / bf16 caches, on CPUs with
+    AMX-BF16 / AVX-512 BF16), "avx2" or "scalar". Chosen per call;
+    MLA_EXT_CPU_ISA=scalar|avx2|avx512bf16|amx caps it."""
     return torch.ops.mla_ext.cpu_sparse_decode_kernel(q_dtype, cache_dtype, extra_cache_dtype)

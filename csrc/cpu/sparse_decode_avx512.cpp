@@ -15,9 +15,10 @@
 //      accumulators, times softmax_scale * log2(e);
 //   4. online softmax in base 2 with a vectorised exp2, P in fp32;
 //   5. acc = corr * acc + P . V in fp32 FMA, 4 heads x 64 columns of accumulators.
-// The AMX build (sparse_decode_amx) is the same with step 3 on AMX tiles: tdpbf16ps of
+// The AMX build (sparse_decode_amx) runs steps 3 and 5 on AMX tiles: scores = tdpbf16ps of
 // 16 heads x 32 dims of q with 16 pairs x 16 tokens of kt (the same bf16 products, fp32
-// accumulation; P . V stays fp32 FMA, so nothing is rounded that the AVX-512 build keeps).
+// accumulation); P . V = tdpbf16ps of P split into two bf16 parts (p_hi + p_lo = P to
+// 2^-18) with V as token pairs (exact in bf16), fp32 accumulation.
 // A row whose every valid score is -inf (or that has no valid slot) is empty: out 0, lse +inf.
 #include "sparse_kernels.h"
 
@@ -99,6 +100,9 @@ struct Scratch {
   float* m;        // [group] running max (base 2)
   float* l;        // [group] running sum
   float* corr;     // [group] this tile's rescale of acc
+  uint32_t* vt;    // [16][512]     AMX: V as pairs of tokens, pair k of column c at vt[k * 512 + c]
+  uint16_t* p_hi;  // [group][kTile] AMX: P as bf16, and the bf16 of what that rounding left out
+  uint16_t* p_lo;
 
   static size_t bytes() { return layout(nullptr).second; }
   static Scratch at(void* base) { return layout(static_cast<char*>(base)).first; }
@@ -121,6 +125,9 @@ struct Scratch {
     sc.m = reinterpret_cast<float*>(take(sizeof(float) * kMaxGroup));
     sc.l = reinterpret_cast<float*>(take(sizeof(float) * kMaxGroup));
     sc.corr = reinterpret_cast<float*>(take(sizeof(float) * kMaxGroup));
+    sc.vt = reinterpret_cast<uint32_t*>(take(sizeof(uint32_t) * (kTile / 2) * kLatentDim));
+    sc.p_hi = reinterpret_cast<uint16_t*>(take(sizeof(uint16_t) * kMaxGroup * kTile));
+    sc.p_lo = reinterpret_cast<uint16_t*>(take(sizeof(uint16_t) * kMaxGroup * kTile));
     return {sc, o};
   }
 };
@@ -301,7 +308,7 @@ struct alignas(64) TileConfig {
 
 inline void amx_configure() {
   TileConfig cfg;
-  for (int t = 0; t < 5; ++t) {
+  for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
@@ -331,6 +338,64 @@ void scores_amx(const uint32_t* q, int nh, const uint32_t* kt, int halves, float
     const int rows = std::min(16, nh - h);
     for (int i = 0; i < rows; ++i)
       for (int w = 0; w < halves; ++w) _mm512_store_ps(sh + i * kTile + 16 * w, _mm512_mul_ps(_mm512_load_ps(sh + i * kTile + 16 * w), sc));
+  }
+}
+
+// vt[k][c] = (v[2k][c], v[2k + 1][c]) for the 16 token pairs of a tile: the B operand of
+// tdpbf16ps for P . V (rows are the tile's bf16 rows, all 32 of them valid or zero).
+void pair_tokens(const uint16_t* rows, uint32_t* vt) {
+  alignas(64) uint16_t lo_idx[32], hi_idx[32];
+  for (int j = 0; j < 32; ++j) {
+    lo_idx[j] = static_cast<uint16_t>((j & 1 ? 32 : 0) + j / 2);       // columns 0-15 of both rows
+    hi_idx[j] = static_cast<uint16_t>((j & 1 ? 32 : 0) + 16 + j / 2);  // columns 16-31
+  }
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  for (int k = 0; k < kTile / 2; ++k) {
+    const uint16_t* a = rows + (2 * k) * kHeadDim;
+    const uint16_t* b = a + kHeadDim;
+    uint32_t* dst = vt + k * kLatentDim;
+    for (int c = 0; c < kLatentDim; c += 32) {
+      const __m512i x = _mm512_load_si512(a + c), y = _mm512_load_si512(b + c);
+      _mm512_store_si512(dst + c, _mm512_permutex2var_epi16(x, lo, y));
+      _mm512_store_si512(dst + c + 16, _mm512_permutex2var_epi16(x, hi, y));
+    }
+  }
+}
+
+// P (fp32, s) as p_hi + p_lo, both bf16: p_hi = bf16(P), p_lo = bf16(P - p_hi); their sum
+// is P to 2^-18 relative (fp32 would be 2^-24), so P . V on bf16 tiles stays near fp32.
+void split_p(const float* s, int nh, uint16_t* p_hi, uint16_t* p_lo) {
+  for (int h = 0; h < nh; ++h)
+    for (int w = 0; w < 2; ++w) {
+      const __m512 x = _mm512_load_ps(s + h * kTile + 16 * w);
+      const __m256i hi = (__m256i)_mm512_cvtneps_pbh(x);
+      const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+      const __m256i rest = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, back));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(p_hi + h * kTile + 16 * w), hi);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(p_lo + h * kTile + 16 * w), rest);
+    }
+}
+
+// acc = corr * acc + P . V on tiles: 5 = 16 heads x 16 columns of acc (fp32), 6 / 7 = 16
+// heads x 16 token pairs of p_hi / p_lo, 3 = 16 token pairs x 16 columns of vt.
+void pv_amx(const uint16_t* p_hi, const uint16_t* p_lo, const float* corr, const uint32_t* vt, int nh, float* acc) {
+  for (int h = 0; h < nh; ++h) {
+    if (corr[h] == 1.f) continue;
+    const __m512 c = _mm512_set1_ps(corr[h]);
+    float* a = acc + h * kLatentDim;
+    for (int d = 0; d < kLatentDim; d += 16) _mm512_store_ps(a + d, _mm512_mul_ps(_mm512_load_ps(a + d), c));
+  }
+  for (int h = 0; h < nh; h += 16) {
+    _tile_loadd(6, p_hi + h * kTile, kTile * sizeof(uint16_t));
+    _tile_loadd(7, p_lo + h * kTile, kTile * sizeof(uint16_t));
+    float* a = acc + h * kLatentDim;
+    for (int c = 0; c < kLatentDim; c += 16) {
+      _tile_loadd(5, a + c, kLatentDim * sizeof(float));
+      _tile_loadd(3, vt + c, kLatentDim * sizeof(uint32_t));
+      _tile_dpbf16ps(5, 6, 3);
+      _tile_dpbf16ps(5, 7, 3);
+      _tile_stored(5, a + c, kLatentDim * sizeof(float));
+    }
   }
 }
 #endif
@@ -466,8 +531,9 @@ void run_item(const SparseDecodeParams& p, const Transpose16& tr, int64_t bi, in
     }
     const int halves = n > 16 ? 2 : 1;
     // Rows past n of the last half: zero, so that their (masked) scores are finite.
-    std::fill(sc.rows + static_cast<int64_t>(n) * kHeadDim, sc.rows + static_cast<int64_t>(16 * halves) * kHeadDim,
-              uint16_t(0));
+    // (AMX: all 32, they are also V's token pairs, and 0 x inf would be NaN.)
+    std::fill(sc.rows + static_cast<int64_t>(n) * kHeadDim,
+              sc.rows + static_cast<int64_t>(kAmx ? kTile : 16 * halves) * kHeadDim, uint16_t(0));
     transpose_tile(tr, sc.rows, halves, sc.kt);
 #ifdef MLA_HAVE_SPARSE_AMX
     if constexpr (kAmx) scores_amx(sc.q, nh, sc.kt, halves, s2scale, sc.s);
@@ -476,7 +542,14 @@ void run_item(const SparseDecodeParams& p, const Transpose16& tr, int64_t bi, in
     if (halves == 2) scores<2>(sc.q, nh, sc.kt, s2scale, sc.s);
     else scores<1>(sc.q, nh, sc.kt, s2scale, sc.s);
     for (int h = 0; h < nh; ++h) softmax_head(sc.s + h * kTile, n, sc.m[h], sc.l[h], sc.corr[h]);
-    pv(sc.s, sc.corr, sc.v, n, nh, sc.acc);
+#ifdef MLA_HAVE_SPARSE_AMX
+    if constexpr (kAmx) {
+      pair_tokens(sc.rows, sc.vt);
+      split_p(sc.s, nh, sc.p_hi, sc.p_lo);
+      pv_amx(sc.p_hi, sc.p_lo, sc.corr, sc.vt, nh, sc.acc);
+    } else
+#endif
+      pv(sc.s, sc.corr, sc.v, n, nh, sc.acc);
     n = n_next;
   }
   for (int h = 0; h < nh; ++h) {
