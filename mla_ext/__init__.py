@@ -4,6 +4,7 @@
     mla_ext.decode(q_nope, q_pe, cache, block_table, cache_seqlens,
                    softmax_scale=...)                             # absorbed decode attention
     mla_ext.sparse_decode(q, cache, indices, softmax_scale=...)   # DeepSeek-V3.2 top-k decode
+    mla_ext.sparse_append_kv(kv_c, k_pe, cache, slot_mapping)    # its 656-byte fp8 cache
 
 See README.md and docs/ for the layouts and the math.
 """
@@ -13,11 +14,14 @@ from .absorb import absorb_query, expand_output, mla_softmax_scale, split_kv_b_p
 from .cache import OutOfBlocksError, PagedLatentCache, StepMetadata
 from .fp8 import fp8_scale_for
 from .ops import append_kv, cpu_decode_kernel, decode, set_index_checks, sparse_decode
+from .ops import cpu_sparse_decode_kernel, sparse_append_kv
 
 __all__ = [
     "append_kv",
     "decode",
     "sparse_decode",
+    "sparse_append_kv",
+    "cpu_sparse_decode_kernel",
     "set_index_checks",
     "cpu_decode_kernel",
     "fp8_scale_for",

@@ -35,3 +35,8 @@ def _sparse_decode_fake(q, cache, indices, softmax_scale, topk_length=None, extr
     out = q.new_empty((b, s_q, h, LATENT_DIM))
     lse = q.new_empty((b, s_q, h), dtype=torch.float32)
     return out, lse
+
+
+@torch.library.register_fake("mla_ext::sparse_append_kv")
+def _sparse_append_kv_fake(kv_c, k_pe, cache, slot_mapping):
+    return None

@@ -117,3 +117,29 @@ def sparse_decode(
     return torch.ops.mla_ext.sparse_decode(
         q, cache, indices, float(softmax_scale), topk_length, extra_cache, extra_indices, extra_topk_length, attn_sink
     )
+
+
+def sparse_append_kv(kv_c: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Quantise new tokens into a 656-byte fp8 sparse cache (DeepSeek-V3.2's layout), in place.
+
+    kv_c          [T, 512] float32 / bfloat16 / float16 (rows may be strided, last dim contiguous)
+    k_pe          [T, 64]  same dtype; stored as bf16
+    cache         float8_e4m3fn (or its uint8 view) [num_blocks, block_size, (1,) 656];
+                  padded block strides are fine (mla_ext.sparse.quantize_cache(..., block_padding=p))
+    slot_mapping  [T] int32 / int64, slot = block_id * block_size + offset; < 0 skips the token;
+                  a slot past the cache raises (named); each slot at most once per call
+
+    The bytes written equal mla_ext.sparse.quantize_tokens(cat(kv_c, k_pe)) bit for bit
+    (per 128 latent values: scale = the smallest power of two >= max(amax / 448, 1e-4),
+    codes = e4m3fn(x / scale); FlashMLA's quantiser, see mla_ext/sparse.py). CPU tensors.
+    """
+    torch.ops.mla_ext.sparse_append_kv(kv_c, k_pe, cache, slot_mapping)
+
+
+def cpu_sparse_decode_kernel(q_dtype: torch.dtype, cache_dtype: torch.dtype,
+                             extra_cache_dtype: Optional[torch.dtype] = None) -> str:
+    """Name of the CPU sparse decode kernel a call with these dtypes runs on this machine:
+    "amx" / "avx512bf16" (bf16 q over float8_e4m3fn 656-byte / bf16 caches, on CPUs with
+    AMX-BF16 / AVX-512 BF16), "avx2" or "scalar". Chosen per call;
+    MLA_EXT_CPU_ISA=scalar|avx2|avx512bf16|amx caps it."""
+    return torch.ops.mla_ext.cpu_sparse_decode_kernel(q_dtype, cache_dtype, extra_cache_dtype)

@@ -42,10 +42,23 @@ ROPE_OFFSET = LATENT_DIM + 4 * NUM_TILES  # byte offset of the bf16 rope values
 
 
 def fp8_scales(latent: torch.Tensor) -> torch.Tensor:
-    """The 4 power-of-two scales of each token: [..., 512] -> [..., 4] float32."""
+    """The 4 power-of-two scales of each token: [..., 512] -> [..., 4] float32.
+
+    scale = the smallest power of two >= max(amax / 448, 1e-4), amax / 448 rounded once in
+    fp32. Taken exactly from the float's exponent (frexp), not as 2^ceil(torch.log2(r)) the
+    way FlashMLA's tests/quant.py writes it: the two agree except where r lies within an ulp
+    or two above a power of two, where log2's rounding gives the power below. r = amax / 448
+    with amax a bf16 or fp16 value never lands there (amax = M 2^E with M < 2^11, and
+    M / 7 is either a power of two or at least 1/1792 away from one), so on bf16 / fp16
+    inputs this is FlashMLA's quantiser bit for bit; mla_ext.sparse_append_kv (native)
+    computes exactly this.
+    """
     amax = latent.float().abs().reshape(*latent.shape[:-1], NUM_TILES, TILE).amax(dim=-1)
     ratio = (amax / FP8_MAX).clamp_min(SCALE_FLOOR)
-    return torch.pow(2.0, torch.ceil(torch.log2(ratio))).float()
+    mantissa, exponent = torch.frexp(ratio)  # ratio = mantissa * 2^exponent, mantissa in [0.5, 1)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    scale = torch.ldexp(torch.ones_like(ratio), exponent)
+    return torch.where(torch.isfinite(ratio), scale, ratio).float()  # inf and NaN pass through
 
 
 def quantize_tokens(rows: torch.Tensor) -> torch.Tensor:

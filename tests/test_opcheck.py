@@ -123,3 +123,16 @@ def test_compile_decode_step(device, gen, backend):
     assert bool(torch.isfinite(out_c).all())
     assert_bitwise_equal(out_c, out_e, "compiled out, step 2")
     assert_bitwise_equal(lse_c, lse_e, "compiled lse, step 2")
+
+
+@pytest.mark.parametrize("dtype,slot_dtype,four_d", [(BF16, torch.int64, False), (FP32, torch.int32, True)])
+def test_opcheck_sparse_append(gen, dtype, slot_dtype, four_d):
+    # A uint8 view of the 656-byte cache: opcheck's schema test does arithmetic on every
+    # input, which torch lacks for float8_e4m3fn (the op takes both dtypes).
+    cache = torch.zeros(3, 4, 656, dtype=torch.uint8)
+    if four_d:
+        cache = cache.unsqueeze(2)
+    kv_c = randn((5, LATENT), gen, dtype)
+    k_pe = randn((5, ROPE), gen, dtype)
+    slots = torch.tensor([5, -1, 11, 0, 7], dtype=slot_dtype)
+    torch.library.opcheck(torch.ops.mla_ext.sparse_append_kv.default, (kv_c, k_pe, cache, slots))

@@ -5,6 +5,7 @@ scale and bf16 are exact in fp32; q is cast to fp32 exactly) and accumulates in 
 at most a few hundred slots, so an fp32 output is within ~1e-5 of the float64 one (we
 allow 2e-5 abs + rel on values of order 1); a bf16 output adds one bf16 rounding (2^-8 rel).
 """
+import os
 import zlib
 
 import pytest
@@ -78,7 +79,31 @@ CASES = [
     ("bf16", 2, 2, 17, 16, 4, 1, 50, torch.float32),
     ("bf16", 2, 1, 128, 64, 2, 0, 64, torch.bfloat16),
     ("fp32", 1, 3, 5, 4, 9, 2, 9, torch.float16),
+    # bf16 q over fp8 / bf16 caches: the AVX-512 BF16 kernel where the CPU has it. Head
+    # counts off its 8-head score block, several 32-slot tiles and a last tile of <= 16,
+    # two head groups (h > 64).
+    ("fp8", 2, 2, 7, 16, 8, 1, 45, torch.bfloat16),
+    ("fp8", 1, 1, 128, 64, 4, 1, 300, torch.bfloat16),
+    ("bf16", 1, 2, 20, 4, 12, 3, 40, torch.bfloat16),
 ]
+
+_CPU_FLAGS = set()
+if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+        _CPU_FLAGS = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+HAS_AVX2 = {"avx2", "fma", "f16c"} <= _CPU_FLAGS
+HAS_AVX512BF16 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= _CPU_FLAGS
+HAS_AMX = HAS_AVX512BF16 and {"amx_bf16", "amx_tile"} <= _CPU_FLAGS
+BF16_EXACT = (torch.float8_e4m3fn, torch.bfloat16)
+
+
+def expected_kernel(q_dtype, cache_dtype, extra_dtype=None):
+    """The sparse kernel build a call should run, from /proc/cpuinfo and MLA_EXT_CPU_ISA."""
+    cap = os.environ.get("MLA_EXT_CPU_ISA", "auto")
+    if (cap not in ("scalar", "avx2") and HAS_AVX512BF16 and q_dtype == torch.bfloat16 and cache_dtype in BF16_EXACT
+            and (extra_dtype is None or extra_dtype in BF16_EXACT)):
+        return "amx" if cap != "avx512bf16" and HAS_AMX else "avx512bf16"
+    return "avx2" if cap != "scalar" and HAS_AVX2 else "scalar"
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x) for x in c))
@@ -108,6 +133,9 @@ def test_matches_reference(case, extras):
         kw["attn_sink"] = torch.randn(h, generator=g) * 2
         kw["attn_sink"][0] = float("-inf")  # sink of -inf: factor 1
     scale = 576 ** -0.5
+    extra_dtype = kw["extra_cache"].dtype if "extra_cache" in kw else None
+    if _CPU_FLAGS:
+        assert mla_ext.cpu_sparse_decode_kernel(qdt, cache.dtype, extra_dtype) == expected_kernel(qdt, cache.dtype, extra_dtype)
     out, lse = mla_ext.ops.sparse_decode(q, cache, idx, softmax_scale=scale, **kw)
     assert out.dtype == qdt and out.shape == (b, s_q, h, 512) and lse.shape == (b, s_q, h)
     ref_out, ref_lse = sparse.sparse_decode(
@@ -225,16 +253,86 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mla_ext.sparse_decode.default, args[:1] + (cache,) + args[2:], test_utils=utils)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "auto"])
-def test_both_builds_match_reference(isa, monkeypatch):
-    """The kernel body is compiled portable and for AVX2 + FMA; MLA_EXT_CPU_ISA=scalar picks
-    the portable one (read per call). Both must match the reference."""
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512bf16", "amx"])
+@pytest.mark.parametrize("qdt", [torch.bfloat16, torch.float32])
+def test_every_kernel_build_matches_reference(isa, qdt, monkeypatch):
+    """Each build (portable, AVX2 + FMA, AVX-512 BF16, AMX), forced by MLA_EXT_CPU_ISA (read
+    per call), on the same inputs: its name is the one expected, and it matches the
+    reference. fp32 q never takes the bf16 builds (q would not be exact in bf16)."""
+    if (isa == "avx2" and not HAS_AVX2 or isa == "avx512bf16" and not HAS_AVX512BF16
+            or isa == "amx" and not HAS_AMX):
+        pytest.skip(f"this CPU lacks {isa}")
     monkeypatch.setenv("MLA_EXT_CPU_ISA", isa)
+    want = isa if isa in ("scalar", "avx2") or qdt == torch.bfloat16 else "avx2"
+    assert mla_ext.cpu_sparse_decode_kernel(qdt, torch.float8_e4m3fn, torch.bfloat16) == want
     g = _gen(10)
-    cache = _make_cache(g, "fp8", 3, 16, 1)
-    q = torch.randn(2, 2, 24, 576, generator=g)
-    idx = _indices(g, 2, 2, 40, 48)
+    cache = _make_cache(g, "fp8", 5, 16, 1)
+    extra = _make_cache(g, "bf16", 2, 8, 1)
+    q = torch.randn(2, 2, 24, 576, generator=g).to(qdt)
+    idx = _indices(g, 2, 2, 70, 80)
+    eidx = _indices(g, 2, 2, 9, 16)
+    topk_length = torch.tensor([70, 37], dtype=torch.int32)
+    _poison(cache, _used(idx, topk_length))
+    _poison(extra, _used(eidx, None))
     sink = torch.randn(24, generator=g)
-    out, lse = mla_ext.ops.sparse_decode(q, cache, idx, softmax_scale=0.07, attn_sink=sink)
-    ref_out, ref_lse = sparse.sparse_decode(q, cache, idx, 0.07, attn_sink=sink)
+    kw = dict(topk_length=topk_length, extra_cache=extra, extra_indices=eidx, attn_sink=sink)
+    out, lse = mla_ext.ops.sparse_decode(q, cache, idx, softmax_scale=0.07, **kw)
+    ref_out, ref_lse = sparse.sparse_decode(q, cache, idx, 0.07, **kw)
     _compare(q, out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("isa", ["avx512bf16", "amx"])
+def test_builds_agree_with_each_other(isa, monkeypatch):
+    """The AVX-512 BF16 / AMX builds and the portable one on the same bf16 inputs: all
+    accumulate in fp32 over exact inputs, so they differ by fp32 rounding only (before the
+    bf16 output rounding, which may then differ by one bf16 ulp: 2^-7 relative)."""
+    if not (HAS_AMX if isa == "amx" else HAS_AVX512BF16):
+        pytest.skip(f"this CPU lacks {isa}")
+    g = _gen(11)
+    cache = _make_cache(g, "fp8", 8, 32, 0)
+    q = torch.randn(3, 1, 33, 576, generator=g).to(torch.bfloat16)
+    idx = _indices(g, 3, 1, 200, 256)
+    outs = {}
+    for build in ("scalar", isa):
+        monkeypatch.setenv("MLA_EXT_CPU_ISA", build)
+        assert mla_ext.cpu_sparse_decode_kernel(q.dtype, cache.dtype) == build
+        outs[build] = mla_ext.ops.sparse_decode(q, cache, idx, softmax_scale=0.05)
+    torch.testing.assert_close(outs[isa][1], outs["scalar"][1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[isa][0], outs["scalar"][0], atol=1e-5, rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "auto"])
+@pytest.mark.parametrize("kind", ["fp8", "bf16"])
+def test_all_minus_inf_scores_are_an_empty_row(isa, kind, monkeypatch):
+    """A query whose every valid score is -inf has lse = -inf in the reference: an empty row
+    (out 0, lse +inf), not NaN. A -inf in the rope part of a token (q's rope 1 there) gives
+    that token score -inf while its V stays finite."""
+    monkeypatch.setenv("MLA_EXT_CPU_ISA", isa)
+    g = _gen(12)
+    cache = _make_cache(g, kind, 2, 8, 1)
+    c = cache.squeeze(2)
+    for t in range(8):  # tokens 0..7: score -inf
+        rope = c[t // 8, t % 8].view(torch.uint8)[-128:].view(torch.bfloat16) if kind == "fp8" else c[t // 8, t % 8, 512:]
+        rope[0] = float("-inf")
+    q = torch.randn(2, 1, 9, 576, generator=g).to(torch.bfloat16)
+    q[..., 512] = 1.0
+    idx = torch.tensor([[[0, 3, -1, 7]], [[2, 9, 12, 5]]], dtype=torch.int32)  # row 0: only -inf tokens
+    out, lse = mla_ext.ops.sparse_decode(q, cache, idx, softmax_scale=0.1)
+    ref_out, ref_lse = sparse.sparse_decode(q, cache, idx, 0.1)
+    assert torch.all(ref_lse[0] == float("inf")) and torch.isfinite(ref_lse[1]).all()
+    assert not torch.isnan(out).any()
+    _compare(q, out, lse, ref_out, ref_lse)
+
+
+def test_block_size_one_any_token_stride():
+    """With block_size 1 the token stride is never used: torch may give that size-1 dim any
+    stride, and the call must not be refused for it."""
+    g = _gen(13)
+    packed = _make_cache(g, "fp8", 12, 1, 0).squeeze(2)  # [12, 1, 656]
+    odd = torch.empty_strided((12, 1, 656), (656, 1, 1), dtype=torch.float8_e4m3fn)
+    odd.view(torch.uint8).copy_(packed.view(torch.uint8))
+    q = torch.randn(1, 2, 4, 576, generator=g).to(torch.bfloat16)
+    idx = _indices(g, 1, 2, 10, 12)
+    a = mla_ext.ops.sparse_decode(q, packed, idx, softmax_scale=0.1)
+    b = mla_ext.ops.sparse_decode(q, odd, idx, softmax_scale=0.1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

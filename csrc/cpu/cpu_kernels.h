@@ -21,10 +21,6 @@ void decode(const DecodeParams& params);
 // caps the instruction set).
 const char* decode_kernel_name(DType dtype);
 
-// Sparse (top-k) decode over the slots named by per-query indices (SparseDecodeParams);
-// writes out / lse (+inf where a query has no valid slot). Portable C++.
-void sparse_decode(const SparseDecodeParams& params);
-// "avx2" or "scalar": the build of the sparse kernel a call runs now.
-const char* sparse_decode_kernel_name();
+// Sparse (top-k) decode: sparse_kernels.h.
 
 }  // namespace mla::cpu
