@@ -1,0 +1,75 @@
+// Runs csrc/cuda/sm90/gemm_probe.cuh in the emulator (tests/test_cuda_emulated_sm90.py drives it).
+//
+//   sm90_gemm_probe N B_MN K ORDER SEED < A bits (64 x K uint16) then B bits (N x K or K x N uint16)
+//   -> C (64 x N float32, raw) on stdout; emulator errors exit 86 with "mla_emu error: ..." on stderr.
+// ORDER: 0 forward, 1 reverse, 2 random. Every tensor is its own allocation of its exact size.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "emu_runtime.h"
+#include "sm90/gemm_probe.cuh"
+
+namespace {
+
+using mla::sm90::TensorMap;
+
+TensorMap map_2d(const void* base, uint64_t inner, uint64_t outer, uint32_t box_inner, uint32_t box_outer) {
+  TensorMap m;
+  m.base = base;
+  m.dims[0] = inner;
+  m.dims[1] = outer;
+  m.outer_stride_bytes = inner * 2;
+  m.box[0] = box_inner;
+  m.box[1] = box_outer;
+  m.elem_bytes = 2;
+  m.swizzle_bytes = 128;
+  return m;
+}
+
+template <int N, bool B_MN>
+int run(int k, const uint16_t* a, const uint16_t* b, float* c) {
+  namespace p = mla::sm90::probe;
+  const TensorMap map_a = map_2d(a, k, 64, p::kKChunk, 64);
+  const TensorMap map_b = B_MN ? map_2d(b, N, k, 64, p::kKChunk) : map_2d(b, k, N, p::kKChunk, N);
+  auto kernel = p::gemm_probe_kernel<N, B_MN>;
+  const int smem = p::Smem<N>::kBytes;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return 3;
+  if (MLA_LAUNCH(kernel, 1, p::kThreads, smem, nullptr, map_a, map_b, c, k / p::kKChunk) != cudaSuccess) return 3;
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 6) {
+    std::fprintf(stderr, "usage: sm90_gemm_probe N B_MN K ORDER SEED < A B\n");
+    return 2;
+  }
+  const int n = std::atoi(argv[1]), b_mn = std::atoi(argv[2]), k = std::atoi(argv[3]);
+  mla_emu::config().order = static_cast<mla_emu::Order>(std::atoi(argv[4]));
+  mla_emu::config().seed = std::strtoull(argv[5], nullptr, 10);
+  if (k <= 0 || k % 64 != 0) return 2;
+  // Exact-size allocations (ASan sees a read past either tensor).
+  uint16_t* a = static_cast<uint16_t*>(std::aligned_alloc(64, 64 * k * 2));
+  uint16_t* b = static_cast<uint16_t*>(std::aligned_alloc(64, static_cast<size_t>(n) * k * 2));
+  float* c = static_cast<float*>(std::aligned_alloc(64, 64 * n * 4));
+  if (std::fread(a, 2, 64 * k, stdin) != static_cast<size_t>(64 * k) ||
+      std::fread(b, 2, static_cast<size_t>(n) * k, stdin) != static_cast<size_t>(n) * k) {
+    std::fprintf(stderr, "sm90_gemm_probe: short input\n");
+    return 2;
+  }
+  std::memset(c, 0xff, 64 * n * 4);
+  int rc = 2;
+  if (n == 64 && !b_mn) rc = run<64, false>(k, a, b, c);
+  if (n == 64 && b_mn) rc = run<64, true>(k, a, b, c);
+  if (n == 256 && !b_mn) rc = run<256, false>(k, a, b, c);
+  if (n == 256 && b_mn) rc = run<256, true>(k, a, b, c);
+  if (rc != 0) return rc;
+  std::fwrite(c, 4, 64 * n, stdout);
+  std::free(a);
+  std::free(b);
+  std::free(c);
+  return 0;
+}

@@ -1,0 +1,37 @@
+"""Drives the Hopper probes of the SIMT emulator (emu_sm90.cpp): the end-to-end TMA + mbarrier +
+wgmma GEMM (csrc/cuda/sm90/gemm_probe.cuh through sm90_gemm_probe.cpp) and the single-wgmma
+descriptor probe (sm90_wgmma_probe.cpp). Builds through runner.build, so objects are cached by
+content and a mutated copy of csrc rebuilds only what its change reaches."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cuda_emu import runner
+
+ORDERS = {"forward": 0, "reverse": 1, "random": 2}
+
+
+def bf16_bits(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def run_gemm(a: torch.Tensor, b: torch.Tensor, b_mn: bool, *, order="forward", seed=1, flavor="plain",
+             exe: Path | None = None) -> torch.Tensor:
+    """C [64, N] fp32 = a [64, K] @ (b [K, N] if b_mn else b [N, K]^T), through the emulated kernel."""
+    exe = exe or runner.build(flavor, program="sm90_gemm_probe")
+    k = a.shape[1]
+    n = b.shape[1] if b_mn else b.shape[0]
+    assert a.shape == (64, k) and b.shape == ((k, n) if b_mn else (n, k))
+    data = bf16_bits(a).tobytes() + bf16_bits(b).tobytes()
+    env = dict(os.environ, **runner.SAN_ENV)
+    r = subprocess.run([str(exe), str(n), str(int(b_mn)), str(k), str(ORDERS[order]), str(seed)], input=data,
+                       capture_output=True, env=env)
+    if r.returncode != 0:
+        raise runner.EmulatorError(f"emulated sm90 gemm ({flavor}) exited {r.returncode}:\n"
+                                   f"{r.stderr.decode(errors='replace')[-6000:]}")
+    return torch.from_numpy(np.frombuffer(r.stdout, dtype=np.float32).copy()).reshape(64, n)
