@@ -193,6 +193,9 @@ bool land_all(Mbarrier& b) {
   if (b.in_flight.empty()) return false;
   std::vector<BulkCopy> copies;
   copies.swap(b.in_flight);
+  // The copies land in whichever thread polls; for TSan they follow their issue (released at
+  // issue_copy) like the async proxy's writes would.
+  TSAN_ACQUIRE(&b.tsan_sync);
   for (BulkCopy& c : copies) {
     land(c);
     b.tx -= copy_bytes(c);
@@ -208,6 +211,7 @@ void issue_copy(BulkCopy c, void* bar, const char* op) {
   TSAN_WRITE(c.dst, copy_bytes(c));
   std::memset(c.dst, 0xff, copy_bytes(c));  // poisoned (NaN) until the copy lands
   b.in_flight.push_back(c);
+  TSAN_RELEASE(&b.tsan_sync);
   note_progress();
 }
 
@@ -470,6 +474,9 @@ void mbarrier_init(void* bar, uint32_t arrivals) {
 uint64_t mbarrier_arrive(void* bar) {
   Mbarrier& b = bar_at(bar, "mbarrier.arrive");
   const uint64_t token = b.phase;
+  if (b.pending == 0)  // only possible while bytes are outstanding: an arrival of the next phase
+    error("mbarrier.arrive on " + bar_state(smem_address(bar), b) +
+          ": more arrivals than its count before the phase completed");
   TSAN_RELEASE(&b.tsan_sync);
   --b.pending;
   maybe_complete(b);

@@ -35,3 +35,22 @@ def run_gemm(a: torch.Tensor, b: torch.Tensor, b_mn: bool, *, order="forward", s
         raise runner.EmulatorError(f"emulated sm90 gemm ({flavor}) exited {r.returncode}:\n"
                                    f"{r.stderr.decode(errors='replace')[-6000:]}")
     return torch.from_numpy(np.frombuffer(r.stdout, dtype=np.float32).copy()).reshape(64, n)
+
+
+def run_wgmma(n: int, trans_a: int, trans_b: int, accumulate: bool, desc_a: int, desc_b: int, fields_a, fields_b,
+              smem: np.ndarray, acc: np.ndarray, *, flavor="plain", exe: Path | None = None):
+    """One wgmma m64nNk16 bf16 (SS) through ptx_sm90.cuh in the emulator (sm90_wgmma_probe.cpp).
+    fields_*: (start, lbo, sbo, layout_type) that make_smem_desc rebuilds; smem: uint8 image of the
+    shared window; acc: float32 [128, n / 2] accumulators in. Returns (built_a, built_b, acc out)."""
+    exe = exe or runner.build(flavor, program="sm90_wgmma_probe")
+    acc = np.ascontiguousarray(acc, dtype=np.float32)
+    assert acc.shape == (128, n // 2)
+    words = [n, trans_a, trans_b, int(accumulate), desc_a, desc_b, *fields_a, *fields_b, smem.size]
+    text = " ".join(map(str, words)) + " " + " ".join(map(str, smem.tolist())) + " " + \
+        " ".join(map(str, acc.view(np.uint32).ravel().tolist()))
+    r = subprocess.run([str(exe)], input=text, capture_output=True, text=True, env=dict(os.environ, **runner.SAN_ENV))
+    if r.returncode != 0:
+        raise runner.EmulatorError(f"emulated wgmma exited {r.returncode}: {r.stderr.strip()[-600:]}")
+    vals = [int(x) for x in r.stdout.split()]
+    out = np.array(vals[2:], dtype=np.uint64).astype(np.uint32).view(np.float32).reshape(128, n // 2)
+    return vals[0], vals[1], out
