@@ -18,6 +18,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,6 +77,53 @@ def test_gemm_probe_sees_every_operand_element(probe, gen):
         assert {r for r, _ in changed} == {i}, f"A[{i},{j}] changed rows {sorted({r for r, _ in changed})}"
         delta = a2[i, j].double() - a[i, j].double()  # +1 after bf16 rounding
         torch.testing.assert_close(c[i].double() - base[i].double(), delta * b[j].double(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="session")
+def sync_probe():
+    built = {}
+
+    def get(flavor):
+        if flavor not in built:
+            built[flavor] = runner.build(flavor, program="sm90_sync_probe")
+        return built[flavor]
+
+    return get
+
+
+@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+def test_bulk_copy_ring(flavor, order, sync_probe):
+    """cp.async.bulk rows through a 2-stage full / empty mbarrier ring (8 chunks: both parities of
+    both stages) arrive intact (sm90_sync_probe.cpp bulk_ring: 1 per byte equal to the input)."""
+    out = sm90_runner.run_sync_scenario("bulk_ring", order=order, flavor=flavor, exe=sync_probe(flavor))
+    assert out.size == 8 * 32 * 256 and out.all(), f"{int((out == 0).sum())} bytes differ"
+
+
+@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+def test_named_barrier_pingpong(flavor, order, sync_probe):
+    """Two warpgroups hand a buffer back and forth 4 times with bar.arrive / bar.sync: 4 x (1 + 2)."""
+    out = sm90_runner.run_sync_scenario("named_pingpong", order=order, flavor=flavor, exe=sync_probe(flavor))
+    assert out.tolist() == [12] * 128
+
+
+def test_accumulator_read_before_wait_is_poisoned(sync_probe):
+    """A wgmma's accumulators read between issue and wait_group are NaN; after the wait, C + A B."""
+    out = sm90_runner.run_sync_scenario("acc_before_wait", exe=sync_probe("plain")).view(np.float32).reshape(128, 2)
+    assert np.isnan(out[:, 0]).all() and (out[:, 1] == 1.0).all()
+
+
+@pytest.mark.parametrize("scenario,message", [
+    ("never_arrives", "deadlock in block (0,0,0): no thread can make progress; threads 0-63 poll "
+                      "mbarrier.try_wait.parity 0 on mbarrier 0x0 (phase 0, pending arrivals 1 of 2"),
+    ("named_count", "threads 0-63 poll bar.sync 3, 96 (64 arrived); threads 64-127 have exited"),
+    ("setmaxnreg_split", "reached setmaxnreg while other threads of its warpgroup wait in setmaxnreg at another"),
+    ("mbar_clobbered", "was overwritten by a plain store since its init"),
+])
+def test_sync_misuse_is_reported(scenario, message, sync_probe):
+    """Each misuse ends in the emulator error that names it (a GPU would hang or misbehave)."""
+    with pytest.raises(runner.EmulatorError) as e:
+        sm90_runner.run_sync_scenario(scenario, exe=sync_probe("plain"))
+    assert "mla_emu error" in str(e.value) and message in str(e.value), str(e.value)[-800:]
 
 
 def _nvcc():

@@ -1,5 +1,6 @@
 """Warp collectives of the tensor-core kernel against an oracle we did not write: CuTe's atom
-layouts (issue 10, item 4).
+layouts (issue 10, item 4), and the Hopper wgmma model against CuTe's GMMA layouts (issue 11; see
+"Hopper wgmma" below: descriptors, swizzled shared-memory atoms, the 64xN accumulator layout).
 
 tests/cute_layouts/cute_tables.json holds, printed by tests/cute_layouts/cute_layout_tables.cpp
 from CUTLASS 4.2's own traits (MMA_Traits<SM80_16x8x16_F32BF16BF16F32_TN> and <..F32F16F16F32_TN>,

@@ -54,3 +54,13 @@ def run_wgmma(n: int, trans_a: int, trans_b: int, accumulate: bool, desc_a: int,
     vals = [int(x) for x in r.stdout.split()]
     out = np.array(vals[2:], dtype=np.uint64).astype(np.uint32).view(np.float32).reshape(128, n // 2)
     return vals[0], vals[1], out
+
+
+def run_sync_scenario(name: str, *, order="forward", seed=1, flavor="plain", exe: Path | None = None) -> np.ndarray:
+    """A scenario of sm90_sync_probe.cpp; its output words, or EmulatorError."""
+    exe = exe or runner.build(flavor, program="sm90_sync_probe")
+    r = subprocess.run([str(exe), name, str(ORDERS[order]), str(seed)], capture_output=True, text=True,
+                       env=dict(os.environ, **runner.SAN_ENV))
+    if r.returncode != 0:
+        raise runner.EmulatorError(f"sm90 scenario {name} ({flavor}) exited {r.returncode}:\n{r.stderr[-3000:]}")
+    return np.array([int(x) for x in r.stdout.split()], dtype=np.uint64).astype(np.uint32)
