@@ -590,18 +590,18 @@ class GmmaCase:
         self.a, self.b, self.ka, self.kb, self.n = TABLES[a_key], TABLES[b_key], ka, kb, n
         self.trans_a, self.trans_b = int(self.a["major"] == "MN"), int(self.b["major"] == "MN")
 
-    def run(self, A, B, C, offsets_b=None):
+    def run(self, A, B, C, offsets_b=None, kind="bf16"):
         """D = A B^T + C through the emulator; A [64, 16], B [n, 16], C [64, n] float."""
         from cuda_emu import sm90_runner
         smem = np.zeros(SMEM_BYTES, dtype=np.uint8)
-        place(smem, self.a, self.ka, to_bits("bf16", A), A_BASE)
-        place(smem, offsets_b or self.b, self.kb, to_bits("bf16", B), B_BASE)
+        place(smem, self.a, self.ka, to_bits(kind, A), A_BASE)
+        place(smem, offsets_b or self.b, self.kb, to_bits(kind, B), B_BASE)
         da, fa = cute_desc(self.a, self.ka, A_BASE)
         db, fb = cute_desc(self.b, self.kb, B_BASE)
         coords = acc_coords(self.n)
         acc = np.array([[C[m, nn] for (m, nn) in t] for t in coords], dtype=np.float32)
         built_a, built_b, out = sm90_runner.run_wgmma(self.n, self.trans_a, self.trans_b, True, da, db, fa, fb,
-                                                      smem, acc)
+                                                      smem, acc, kind=kind)
         D = np.zeros((64, self.n))
         for t, row in enumerate(coords):
             for v, (m, nn) in enumerate(row):
@@ -639,8 +639,9 @@ def test_wgmma_reads_cute_gmma_layout_as_a(key):
         assert built == want_desc
 
 
+@pytest.mark.parametrize("kind", ["bf16", "fp16"])
 @pytest.mark.parametrize("n", [8, 64, 128])
-def test_wgmma_accumulators_follow_cute_clayout(n):
+def test_wgmma_accumulators_follow_cute_clayout(n, kind):
     """Random A, B, C (small integers: every sum exact): D = A B^T + C through CuTe's accumulator
     layout (64x8, 64x64 tables; 64x128 from the 64x256 layout) and its SW128 K-major operands."""
     rng = np.random.default_rng(n)
@@ -648,7 +649,7 @@ def test_wgmma_accumulators_follow_cute_clayout(n):
     B = rng.integers(-8, 9, (n, 16)) * 0.25
     C = rng.integers(-64, 65, (64, n)).astype(np.float64)
     b_key = "gmma_smem_k_sw128" if n <= 64 else "gmma_smem_mn_sw128"
-    D, _, _ = GmmaCase("gmma_smem_k_sw128", 1, b_key, 1, n).run(A, B, C)
+    D, _, _ = GmmaCase("gmma_smem_k_sw128", 1, b_key, 1, n).run(A, B, C, kind=kind)
     assert np.array_equal(D, A @ B.T + C), np.argwhere(D != A @ B.T + C)[:4].tolist()
 
 

@@ -3,6 +3,7 @@
 // not instrumented but annotating the kernel's memory traffic by hand.
 #include "emu_sm90.h"
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <deque>
@@ -92,14 +93,14 @@ const char* wg_name(WgKind k) {
 
 struct WgArgs {
   float* acc = nullptr;
-  int n = 0, trans_a = 0, trans_b = 0, value = 0;
+  int kind = 0, n = 0, trans_a = 0, trans_b = 0, value = 0;
   uint64_t desc_a = 0, desc_b = 0;
   bool scale_d = true, increase = false;
 };
 
 struct WgOp {
   uint64_t desc_a = 0, desc_b = 0;
-  int n = 0, trans_a = 0, trans_b = 0;
+  int kind = 0, n = 0, trans_a = 0, trans_b = 0;
   bool scale_d = true;
   float* acc[kWg];
   bool chained[kWg];
@@ -304,6 +305,15 @@ double bf16_to_double(uint16_t x) {
   return v;
 }
 
+double fp16_to_double(uint16_t x) {
+  const int sign = x >> 15, exp = (x >> 10) & 31, man = x & 1023;
+  double v;
+  if (exp == 31) v = man ? NAN : INFINITY;
+  else if (exp == 0) v = std::ldexp(static_cast<double>(man), -24);  // subnormal
+  else v = std::ldexp(static_cast<double>(man + 1024), exp - 25);
+  return sign ? -v : v;
+}
+
 // Accumulator value i of thread t (0..127) of a 64 x n tile: PTX "wgmma .m64nNk16 D fragment".
 inline void acc_coord(int t, int i, int& row, int& col) {
   const int warp = t / 32, lane = t % 32;
@@ -318,6 +328,7 @@ void run_op(WgOp& op) {
     error(std::string("the shared-memory ") + (a != op.a_issue ? "A" : "B") +
           " operand of a wgmma.mma_async changed between its issue and the wait_group that completes it");
   const int per = op.n / 2;
+  auto to_double = op.kind == 0 ? bf16_to_double : fp16_to_double;
   for (int t = 0; t < kWg; ++t) {
     float* acc = op.acc[t];
     TSAN_WRITE(acc, per * sizeof(float));
@@ -326,7 +337,7 @@ void run_op(WgOp& op) {
       acc_coord(t, i, row, col);
       double sum = 0;  // exact products, one final rounding (like the mma.sync model)
       if (op.scale_d) sum = op.chained[t] ? acc[i] : op.c[static_cast<size_t>(t) * per + i];
-      for (int k = 0; k < 16; ++k) sum += bf16_to_double(a[row * 16 + k]) * bf16_to_double(b[col * 16 + k]);
+      for (int k = 0; k < 16; ++k) sum += to_double(a[row * 16 + k]) * to_double(b[col * 16 + k]);
       acc[i] = static_cast<float>(sum);
     }
   }
@@ -362,7 +373,7 @@ void execute(Warpgroup& g, WgKind kind) {
       const WgArgs& a0 = g.args[0];
       for (int t = 0; t < kWg; ++t) {
         const WgArgs& a = g.args[t];
-        if (a.n != a0.n || a.desc_a != a0.desc_a || a.desc_b != a0.desc_b || a.scale_d != a0.scale_d ||
+        if (a.kind != a0.kind || a.n != a0.n || a.desc_a != a0.desc_a || a.desc_b != a0.desc_b || a.scale_d != a0.scale_d ||
             a.trans_a != a0.trans_a || a.trans_b != a0.trans_b)
           error("wgmma.mma_async with different descriptors, shape or scale-d within one warpgroup (thread " +
                 std::to_string(t) + " vs 0)");
@@ -374,6 +385,7 @@ void execute(Warpgroup& g, WgKind kind) {
       WgOp op;
       op.desc_a = a0.desc_a;
       op.desc_b = a0.desc_b;
+      op.kind = a0.kind;
       op.n = a0.n;
       op.trans_a = a0.trans_a;
       op.trans_b = a0.trans_b;
@@ -585,8 +597,10 @@ void wgmma_wait_group(int pending) {
   wg_arrive(WgKind::kWait, __builtin_return_address(0), a);
 }
 
-void wgmma_bf16_ss(float* acc, int n, uint64_t desc_a, uint64_t desc_b, bool scale_d, int trans_a, int trans_b) {
+void wgmma_ss(int kind, float* acc, int n, uint64_t desc_a, uint64_t desc_b, bool scale_d, int trans_a,
+              int trans_b) {
   WgArgs a;
+  a.kind = kind;
   a.acc = acc;
   a.n = n;
   a.desc_a = desc_a;

@@ -83,8 +83,8 @@ void wgmma_fence();
 void wgmma_commit_group();
 void wgmma_wait_group(int pending);
 // D[64 x n] (+)= A[64 x 16] B[16 x n]: this thread's n / 2 accumulators at acc (PTX fragment order).
-// trans_a / trans_b: 0 K-major, 1 MN-major (the instruction's imm-trans-a / imm-trans-b).
-void wgmma_bf16_ss(float* acc, int n, uint64_t desc_a, uint64_t desc_b, bool scale_d, int trans_a, int trans_b);
+// kind: 0 bf16, 1 fp16 inputs. trans_a / trans_b: 0 K-major, 1 MN-major (imm-trans-a / -b).
+void wgmma_ss(int kind, float* acc, int n, uint64_t desc_a, uint64_t desc_b, bool scale_d, int trans_a, int trans_b);
 
 }  // namespace sm90
 }  // namespace mla_emu

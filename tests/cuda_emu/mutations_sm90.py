@@ -70,7 +70,7 @@ MUTATIONS = [
       "    fence_mbarrier_init();\n  }\n  __syncthreads();\n", "    fence_mbarrier_init();\n  }\n",
       [(64, False, "tsan", "forward"), (64, False, "plain", "reverse")]),
     M("MN-major B given to wgmma as K-major (trans-b 0)", PROBE,
-      "wgmma_bf16_ss<N, 0, B_MN ? 1 : 0>", "wgmma_bf16_ss<N, 0, 0>",
+      "wgmma_ss<T, N, 0, B_MN ? 1 : 0>", "wgmma_ss<T, N, 0, 0>",
       [(64, True, "plain", "forward")]),
 ]
 

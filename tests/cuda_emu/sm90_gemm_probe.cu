@@ -5,8 +5,9 @@
 #include "sm90/gemm_probe.cuh"
 
 namespace mla::sm90::probe {
-template __global__ void gemm_probe_kernel<64, false>(const __grid_constant__ TensorMap, const __grid_constant__ TensorMap, float*, int);
-template __global__ void gemm_probe_kernel<64, true>(const __grid_constant__ TensorMap, const __grid_constant__ TensorMap, float*, int);
-template __global__ void gemm_probe_kernel<256, false>(const __grid_constant__ TensorMap, const __grid_constant__ TensorMap, float*, int);
-template __global__ void gemm_probe_kernel<256, true>(const __grid_constant__ TensorMap, const __grid_constant__ TensorMap, float*, int);
+template __global__ void gemm_probe_kernel<__nv_bfloat16, 64, false>(const __grid_constant__ TensorMap, const __grid_constant__ TensorMap, float*, int);
+template __global__ void gemm_probe_kernel<__nv_bfloat16, 64, true>(const __grid_constant__ TensorMap, const __grid_constant__ TensorMap, float*, int);
+template __global__ void gemm_probe_kernel<__nv_bfloat16, 256, false>(const __grid_constant__ TensorMap, const __grid_constant__ TensorMap, float*, int);
+template __global__ void gemm_probe_kernel<__nv_bfloat16, 256, true>(const __grid_constant__ TensorMap, const __grid_constant__ TensorMap, float*, int);
+template __global__ void gemm_probe_kernel<__half, 64, true>(const __grid_constant__ TensorMap, const __grid_constant__ TensorMap, float*, int);
 }  // namespace mla::sm90::probe

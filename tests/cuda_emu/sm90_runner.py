@@ -16,20 +16,25 @@ from cuda_emu import runner
 ORDERS = {"forward": 0, "reverse": 1, "random": 2}
 
 
-def bf16_bits(t: torch.Tensor) -> np.ndarray:
-    return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+def bits16(t: torch.Tensor) -> np.ndarray:
+    """bf16 / fp16 tensor -> its uint16 bit patterns."""
+    assert t.dtype in (torch.bfloat16, torch.float16)
+    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
 def run_gemm(a: torch.Tensor, b: torch.Tensor, b_mn: bool, *, order="forward", seed=1, flavor="plain",
              exe: Path | None = None) -> torch.Tensor:
-    """C [64, N] fp32 = a [64, K] @ (b [K, N] if b_mn else b [N, K]^T), through the emulated kernel."""
+    """C [64, N] fp32 = a [64, K] @ (b [K, N] if b_mn else b [N, K]^T), through the emulated kernel;
+    a and b both bf16 or both fp16 (fp16: N = 64 with b_mn only)."""
     exe = exe or runner.build(flavor, program="sm90_gemm_probe")
     k = a.shape[1]
     n = b.shape[1] if b_mn else b.shape[0]
     assert a.shape == (64, k) and b.shape == ((k, n) if b_mn else (n, k))
-    data = bf16_bits(a).tobytes() + bf16_bits(b).tobytes()
+    assert a.dtype == b.dtype
+    data = bits16(a).tobytes() + bits16(b).tobytes()
     env = dict(os.environ, **runner.SAN_ENV)
-    r = subprocess.run([str(exe), str(n), str(int(b_mn)), str(k), str(ORDERS[order]), str(seed)], input=data,
+    r = subprocess.run([str(exe), str(n), str(int(b_mn)), str(k), str(ORDERS[order]), str(seed),
+                        str(int(a.dtype == torch.float16))], input=data,
                        capture_output=True, env=env)
     if r.returncode != 0:
         raise runner.EmulatorError(f"emulated sm90 gemm ({flavor}) exited {r.returncode}:\n"
@@ -38,14 +43,14 @@ def run_gemm(a: torch.Tensor, b: torch.Tensor, b_mn: bool, *, order="forward", s
 
 
 def run_wgmma(n: int, trans_a: int, trans_b: int, accumulate: bool, desc_a: int, desc_b: int, fields_a, fields_b,
-              smem: np.ndarray, acc: np.ndarray, *, flavor="plain", exe: Path | None = None):
-    """One wgmma m64nNk16 bf16 (SS) through ptx_sm90.cuh in the emulator (sm90_wgmma_probe.cpp).
+              smem: np.ndarray, acc: np.ndarray, *, kind="bf16", flavor="plain", exe: Path | None = None):
+    """One wgmma m64nNk16 bf16 / fp16 (SS) through ptx_sm90.cuh in the emulator (sm90_wgmma_probe.cpp).
     fields_*: (start, lbo, sbo, layout_type) that make_smem_desc rebuilds; smem: uint8 image of the
     shared window; acc: float32 [128, n / 2] accumulators in. Returns (built_a, built_b, acc out)."""
     exe = exe or runner.build(flavor, program="sm90_wgmma_probe")
     acc = np.ascontiguousarray(acc, dtype=np.float32)
     assert acc.shape == (128, n // 2)
-    words = [n, trans_a, trans_b, int(accumulate), desc_a, desc_b, *fields_a, *fields_b, smem.size]
+    words = [{"bf16": 0, "fp16": 1}[kind], n, trans_a, trans_b, int(accumulate), desc_a, desc_b, *fields_a, *fields_b, smem.size]
     text = " ".join(map(str, words)) + " " + " ".join(map(str, smem.tolist())) + " " + \
         " ".join(map(str, acc.view(np.uint32).ravel().tolist()))
     r = subprocess.run([str(exe)], input=text, capture_output=True, text=True, env=dict(os.environ, **runner.SAN_ENV))

@@ -92,7 +92,7 @@ __global__ void acc_before_wait_kernel(uint32_t* out) {
   const uint64_t da = s9::make_smem_desc(smem, 1024, 128, s9::Swizzle::kNone);
   const uint64_t db = s9::make_smem_desc(smem + 2048, 128, 128, s9::Swizzle::kNone);
   s9::wgmma_fence();
-  s9::wgmma_bf16_ss<8>(acc, da, db, true);
+  s9::wgmma_ss<__nv_bfloat16, 8>(acc, da, db, true);
   s9::wgmma_commit_group();
   float early;
   std::memcpy(&early, &acc[0], 4);  // too early: the wgmma is still in flight

@@ -4,7 +4,7 @@
 // the accumulators back through CuTe's accumulator layout.
 //
 // stdin, whitespace-separated decimal numbers:
-//   N TRANS_A TRANS_B ACCUMULATE DESC_A DESC_B
+//   KIND (0 bf16, 1 fp16) N TRANS_A TRANS_B ACCUMULATE DESC_A DESC_B
 //   START_A LBO_A SBO_A LAYOUT_A START_B LBO_B SBO_B LAYOUT_B   (rebuilt with make_smem_desc)
 //   SMEM_BYTES, then that many bytes, then 128 x N/2 accumulator float bits (thread-major)
 // stdout: the two descriptors make_smem_desc built, then 128 x N/2 result float bits.
@@ -19,14 +19,14 @@
 namespace {
 
 struct Probe {
-  int n = 0, trans_a = 0, trans_b = 0, accumulate = 1;
+  int kind = 0, n = 0, trans_a = 0, trans_b = 0, accumulate = 1;
   uint64_t desc_a = 0, desc_b = 0, built_a = 0, built_b = 0;
   uint32_t start[2], lbo[2], sbo[2], layout[2];
   std::vector<unsigned char> smem;
   std::vector<uint32_t> acc;  // [128][n / 2]
 };
 
-template <int N, int TA, int TB>
+template <typename T, int N, int TA, int TB>
 __global__ void wgmma_probe_kernel(Probe* p) {
   namespace s9 = mla::sm90;
   unsigned char* smem = mla::cuda::dynamic_smem();
@@ -40,25 +40,30 @@ __global__ void wgmma_probe_kernel(Probe* p) {
   float acc[N / 2];
   std::memcpy(acc, &p->acc[static_cast<size_t>(threadIdx.x) * (N / 2)], sizeof acc);
   s9::wgmma_fence();
-  s9::wgmma_bf16_ss<N, TA, TB>(acc, p->desc_a, p->desc_b, p->accumulate != 0);
+  s9::wgmma_ss<T, N, TA, TB>(acc, p->desc_a, p->desc_b, p->accumulate != 0);
   s9::wgmma_commit_group();
   s9::wgmma_wait_group<0>();
   std::memcpy(&p->acc[static_cast<size_t>(threadIdx.x) * (N / 2)], acc, sizeof acc);
 }
 
-template <int N, int TA, int TB>
+template <typename T, int N, int TA, int TB>
 cudaError_t launch(Probe* p) {
-  auto kernel = wgmma_probe_kernel<N, TA, TB>;
+  auto kernel = wgmma_probe_kernel<T, N, TA, TB>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p->smem.size()));
   return MLA_LAUNCH(kernel, 1, 128, p->smem.size(), nullptr, p);
 }
 
+template <typename T, int N>
+cudaError_t launch_t(Probe* p) {
+  if (p->trans_a == 0 && p->trans_b == 0) return launch<T, N, 0, 0>(p);
+  if (p->trans_a == 0 && p->trans_b == 1) return launch<T, N, 0, 1>(p);
+  if (p->trans_a == 1 && p->trans_b == 0) return launch<T, N, 1, 0>(p);
+  return launch<T, N, 1, 1>(p);
+}
+
 template <int N>
 cudaError_t launch_n(Probe* p) {
-  if (p->trans_a == 0 && p->trans_b == 0) return launch<N, 0, 0>(p);
-  if (p->trans_a == 0 && p->trans_b == 1) return launch<N, 0, 1>(p);
-  if (p->trans_a == 1 && p->trans_b == 0) return launch<N, 1, 0>(p);
-  return launch<N, 1, 1>(p);
+  return p->kind == 0 ? launch_t<__nv_bfloat16, N>(p) : launch_t<__half, N>(p);
 }
 
 }  // namespace
@@ -66,7 +71,7 @@ cudaError_t launch_n(Probe* p) {
 int main() {
   static Probe p;
   size_t bytes = 0;
-  std::cin >> p.n >> p.trans_a >> p.trans_b >> p.accumulate >> p.desc_a >> p.desc_b;
+  std::cin >> p.kind >> p.n >> p.trans_a >> p.trans_b >> p.accumulate >> p.desc_a >> p.desc_b;
   for (int i = 0; i < 2; ++i) std::cin >> p.start[i] >> p.lbo[i] >> p.sbo[i] >> p.layout[i];
   std::cin >> bytes;
   p.smem.resize(bytes);

@@ -3,9 +3,9 @@
 // box copies of A and B into a STAGES-deep ring of 128-byte-swizzled tiles, full / empty
 // mbarriers with expect_tx); warpgroup 0 consumes each stage with four wgmma m64nNk16 k-steps.
 //
-//   C[64 x N] (fp32) = A[64 x K] (bf16, K contiguous) * B, where B is
-//     B_MN = false: [N x K] bf16, K contiguous (K-major, like the K cache in S = Q K^T)
-//     B_MN = true:  [K x N] bf16, N contiguous (MN-major, like V in O = P V)
+//   C[64 x N] (fp32) = A[64 x K] (T = bf16 or fp16, K contiguous) * B, where B is
+//     B_MN = false: [N x K] T, K contiguous (K-major, like the K cache in S = Q K^T)
+//     B_MN = true:  [K x N] T, N contiguous (MN-major, like V in O = P V)
 //
 // Shared-memory tiles (all 1024-aligned, 128-byte swizzle on the shared address bits):
 //   A stage: 64 rows x 128 B (64 k), K-major: row r at 128 r, 8-row groups 1024 B apart (SBO).
@@ -32,7 +32,7 @@ struct Smem {
   static constexpr uint32_t kBytes = kBarOffset + 2 * kStages * 8;
 };
 
-template <int N, bool B_MN>
+template <typename T, int N, bool B_MN>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_probe_kernel(const __grid_constant__ TensorMap map_a, const __grid_constant__ TensorMap map_b,
                       float* __restrict__ c, int k_chunks) {
@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // k-step ks: 32 bytes further along a K-major row; 16 rows (2 SBO groups) down an MN-major tile.
       const uint64_t da = desc_advance(desc_a, ks * 32);
       const uint64_t db = B_MN ? desc_advance(desc_b, ks * 2048) : desc_advance(desc_b, ks * 32);
-      wgmma_bf16_ss<N, 0, B_MN ? 1 : 0>(acc, da, db, true);
+      wgmma_ss<T, N, 0, B_MN ? 1 : 0>(acc, da, db, true);
     }
     wgmma_commit_group();
     wgmma_wait_group<0>();

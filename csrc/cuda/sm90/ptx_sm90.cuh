@@ -5,6 +5,7 @@
 // unchanged on the CPU with the emulator's checks.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "../common.cuh"
 
@@ -16,7 +17,7 @@
 #else
 #include <cuda.h>  // CUtensorMap (a type only: the map is encoded on the host, cuTensorMapEncodeTiled)
 
-#include "wgmma_bf16_gen.cuh"
+#include "wgmma_gen.cuh"
 #endif
 
 namespace mla::sm90 {
@@ -92,17 +93,18 @@ __device__ __forceinline__ void wgmma_fence_operand(float (&d)[K]) {
 #endif
 }
 
-// D[64 x N] = A[64 x 16] B[16 x N] (+ D when accumulate): bf16 inputs from shared memory,
-// fp32 accumulators in the PTX fragment order (thread t of the warpgroup, value i: row
-// 16 (t / 32) + (t % 32) / 4 + 8 ((i % 4) / 2), column 8 (i / 4) + 2 (t % 4) + i % 2).
+// D[64 x N] = A[64 x 16] B[16 x N] (+ D when accumulate): T (__nv_bfloat16 or __half) inputs
+// from shared memory, fp32 accumulators in the PTX fragment order (thread t of the warpgroup,
+// value i: row 16 (t / 32) + (t % 32) / 4 + 8 ((i % 4) / 2), column 8 (i / 4) + 2 (t % 4) + i % 2).
 // TransA / TransB: 0 K-major, 1 MN-major.
-template <int N, int TransA = 0, int TransB = 0>
-__device__ __forceinline__ void wgmma_bf16_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+template <typename T, int N, int TransA = 0, int TransB = 0>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
   static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma m64nNk16: N a multiple of 8 in [8, 256]");
+  static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "bf16 or fp16 inputs");
 #if defined(MLA_CUDA_EMULATION)
-  ::mla_emu::sm90::wgmma_bf16_ss(d, N, desc_a, desc_b, accumulate, TransA, TransB);
+  ::mla_emu::sm90::wgmma_ss(std::is_same<T, __half>::value ? 1 : 0, d, N, desc_a, desc_b, accumulate, TransA, TransB);
 #else
-  WgmmaBf16Ss<N, TransA, TransB>::run(d, desc_a, desc_b, accumulate ? 1 : 0);
+  WgmmaSs<T, N, TransA, TransB>::run(d, desc_a, desc_b, accumulate ? 1 : 0);
 #endif
 }
 
