@@ -10,21 +10,19 @@
 
 #include "emu_runtime.h"
 #include "sm90/gemm_probe.cuh"
+#include "sm90/tensor_map.cuh"
 
 namespace {
 
 using mla::sm90::TensorMap;
 
+// The host helper the kernels will use (csrc/cuda/sm90/tensor_map.cuh), 128-byte swizzle.
 TensorMap map_2d(const void* base, uint64_t inner, uint64_t outer, uint32_t box_inner, uint32_t box_outer) {
   TensorMap m;
-  m.base = base;
-  m.dims[0] = inner;
-  m.dims[1] = outer;
-  m.outer_stride_bytes = inner * 2;
-  m.box[0] = box_inner;
-  m.box[1] = box_outer;
-  m.elem_bytes = 2;
-  m.swizzle_bytes = 128;
+  if (mla::sm90::make_tensor_map_2d(&m, base, inner, outer, inner * 2, box_inner, box_outer, 128) != cudaSuccess) {
+    std::fprintf(stderr, "sm90_gemm_probe: make_tensor_map_2d rejected the map\n");
+    std::exit(2);
+  }
   return m;
 }
 
