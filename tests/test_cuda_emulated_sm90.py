@@ -6,8 +6,9 @@ SIMT emulator's sm_90 model (tests/cuda_emu/emu_sm90.cpp, docs/cuda-emulation.md
   wgmma m64nNk16 from shared-memory descriptors, K-major and MN-major B) against a float64 matmul.
   `make test` runs the plain build in forward thread order; MLA_EXT_EMU_FULL=1 adds reverse and
   random orders and the ASan+UBSan and TSan builds.
-- test_gemm_probe_compiles_for_sm90a: the same source through plain nvcc for sm_90a: no spills,
-  and the SASS holds the Hopper instructions the wrappers mean (HGMMA, UTMALDG, SYNCS, USETMAXREG).
+- test_gemm_probe_compiles_for_sm90a: the same source (plus two wgmma_rs kernels) through plain nvcc
+  for sm_90a: no spills, and the SASS holds the Hopper instructions the wrappers mean (HGMMA with A
+  from shared memory and from registers, UTMALDG, SYNCS, USETMAXREG, WARPGROUP).
 - The descriptor / accumulator semantics themselves are checked against CuTe's GMMA layouts in
   tests/test_cute_layouts.py; tests/cuda_emu/mutations_sm90.py plants bugs that must be caught.
 """
@@ -120,6 +121,7 @@ def test_accumulator_read_before_wait_is_poisoned(sync_probe):
     ("named_count", "threads 0-63 poll bar.sync 3, 96 (64 arrived); threads 64-127 have exited"),
     ("setmaxnreg_split", "reached setmaxnreg while other threads of its warpgroup wait in setmaxnreg at another"),
     ("mbar_clobbered", "was overwritten by a plain store since its init"),
+    ("rs_regs_changed", "the register A operand of a wgmma.mma_async changed between its issue and the wait_group"),
 ])
 def test_sync_misuse_is_reported(scenario, message, sync_probe):
     """Each misuse ends in the emulator error that names it (a GPU would hang or misbehave)."""
@@ -152,7 +154,7 @@ def test_gemm_probe_compiles_for_sm90a():
         os.replace(str(obj) + ".tmp", obj)
     text = log.read_text()
     kernels = re.findall(r"Compiling entry function '([^']+)'", text)
-    assert len(kernels) == 5, text[-2000:]
+    assert len(kernels) == 7, text[-2000:]  # 5 GEMM probe kernels, 2 wgmma_rs compile kernels
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     assert spills and all(s == ("0", "0") for s in spills), spills
     regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
@@ -167,6 +169,9 @@ def test_gemm_probe_compiles_for_sm90a():
                      ("USETMAXREG.TRY_ALLOC", 5), ("USETMAXREG.DEALLOC", 5), ("WARPGROUP.ARRIVE", 5),
                      ("WARPGROUP.DEPBAR.LE", 5)]:
         assert sass.count(op) >= want, f"{op}: {sass.count(op)} in the SASS, want >= {want}"
+    # A from registers (wgmma_rs): the A operand is a register, not a gdesc.
+    for pattern in (r"HGMMA\.64x64x16\.F32\.BF16 R\d+, R\d+", r"HGMMA\.64x256x16\.F32 R\d+, R\d+"):
+        assert re.search(pattern, sass), f"no {pattern} in the SASS"
 
 
 def test_generated_wgmma_header_is_current():

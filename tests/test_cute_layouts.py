@@ -512,6 +512,8 @@ def test_tables_are_consistent():
         for step in t[key]["ksteps"]:
             offs = [o for row in step["offsets"] for o in row]
             assert len(set(offs)) == len(offs) and all(o % 2 == 0 for o in offs), key
+    assert sorted(tuple(v) for row in t["gmma_rs_a_64x16"]["A"] for v in row) == \
+        [(m, k) for m in range(64) for k in range(16)]
     for n in (8, 64):
         coords = sorted(tuple(v) for row in t[f"gmma_acc_64x{n}"]["C"] for v in row)
         assert coords == [(m, j) for m in range(64) for j in range(n)]
@@ -650,6 +652,36 @@ def test_wgmma_accumulators_follow_cute_clayout(n, kind):
     C = rng.integers(-64, 65, (64, n)).astype(np.float64)
     b_key = "gmma_smem_k_sw128" if n <= 64 else "gmma_smem_mn_sw128"
     D, _, _ = GmmaCase("gmma_smem_k_sw128", 1, b_key, 1, n).run(A, B, C, kind=kind)
+    assert np.array_equal(D, A @ B.T + C), np.argwhere(D != A @ B.T + C)[:4].tolist()
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp16"])
+@pytest.mark.parametrize("b_key,n", [("gmma_smem_k_sw128", 64), ("gmma_smem_mn_sw128", 128)])
+def test_wgmma_rs_a_registers_follow_cute_alayout(b_key, n, kind):
+    """wgmma with A from registers (wgmma_rs): each thread's four registers hold A as CuTe's
+    SM90_64xNx16_F32BF16BF16_RS ALayout says (value v in register v / 2, low half when v is even)."""
+    from cuda_emu import sm90_runner
+    rng = np.random.default_rng(n + len(kind))
+    A = rng.integers(-8, 9, (64, 16)) * 0.5
+    B = rng.integers(-8, 9, (n, 16)) * 0.25
+    C = rng.integers(-64, 65, (64, n)).astype(np.float64)
+    bits = to_bits(kind, A)
+    regs = np.zeros((128, 4), dtype=np.uint32)
+    for t, vals in enumerate(TABLES["gmma_rs_a_64x16"]["A"]):
+        for v, (m, k) in enumerate(vals):
+            regs[t, v // 2] |= np.uint32(bits[m, k]) << np.uint32(16 * (v % 2))
+    smem = np.zeros(SMEM_BYTES, dtype=np.uint8)
+    entry = TABLES[b_key]
+    place(smem, entry, 1, to_bits(kind, B), B_BASE)
+    db, fb = cute_desc(entry, 1, B_BASE)
+    coords = acc_coords(n)
+    acc = np.array([[C[m, nn] for (m, nn) in t] for t in coords], dtype=np.float32)
+    _, _, out = sm90_runner.run_wgmma(n, 2, int(entry["major"] == "MN"), True, 0, db, (0, 0, 0, 0), fb, smem, acc,
+                                      kind=kind, a_regs=regs)
+    D = np.zeros((64, n))
+    for t, row in enumerate(coords):
+        for v, (m, nn) in enumerate(row):
+            D[m, nn] = out[t, v]
     assert np.array_equal(D, A @ B.T + C), np.argwhere(D != A @ B.T + C)[:4].tolist()
 
 

@@ -93,6 +93,7 @@ const char* wg_name(WgKind k) {
 
 struct WgArgs {
   float* acc = nullptr;
+  const uint32_t* a_regs = nullptr;  // wgmma with A from registers (RS), else nullptr
   int kind = 0, n = 0, trans_a = 0, trans_b = 0, value = 0;
   uint64_t desc_a = 0, desc_b = 0;
   bool scale_d = true, increase = false;
@@ -103,6 +104,7 @@ struct WgOp {
   int kind = 0, n = 0, trans_a = 0, trans_b = 0;
   bool scale_d = true;
   float* acc[kWg];
+  const uint32_t* a_regs[kWg];  // RS: each thread's A registers (a_regs[0] == nullptr: SS)
   bool chained[kWg];
   std::vector<float> c;                  // [kWg][n / 2]: accumulators captured at issue
   std::vector<uint16_t> a_issue, b_issue;  // operands as they were at issue
@@ -321,11 +323,32 @@ inline void acc_coord(int t, int i, int& row, int& col) {
   col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
 }
 
+// The A [64 x 16] of an RS wgmma from the threads' registers (PTX "wgmma .m64nNk16 A fragment":
+// the mma.m16n8k16 A layout per warp, warp w on rows 16 w..16 w + 15).
+std::vector<uint16_t> gather_a_regs(const uint32_t* const (&regs)[kWg]) {
+  std::vector<uint16_t> m(64 * 16);
+  for (int t = 0; t < kWg; ++t) {
+    const int warp = t / 32, lane = t % 32;
+    TSAN_READ(regs[t], 16);
+    for (int i = 0; i < 4; ++i)
+      for (int h = 0; h < 2; ++h) {
+        const int row = 16 * warp + lane / 4 + 8 * (i % 2), col = 2 * (lane % 4) + 8 * (i / 2) + h;
+        m[row * 16 + col] = static_cast<uint16_t>(regs[t][i] >> (16 * h));
+      }
+  }
+  return m;
+}
+
+std::vector<uint16_t> read_a(const WgOp& op) {
+  return op.a_regs[0] != nullptr ? gather_a_regs(op.a_regs) : read_operand(op.desc_a, 64, op.trans_a != 0, "A");
+}
+
 void run_op(WgOp& op) {
-  const std::vector<uint16_t> a = read_operand(op.desc_a, 64, op.trans_a != 0, "A");
+  const std::vector<uint16_t> a = read_a(op);
   const std::vector<uint16_t> b = read_operand(op.desc_b, op.n, op.trans_b != 0, "B");
   if (a != op.a_issue || b != op.b_issue)
-    error(std::string("the shared-memory ") + (a != op.a_issue ? "A" : "B") +
+    error(std::string("the ") + (a != op.a_issue ? (op.a_regs[0] ? "register" : "shared-memory") : "shared-memory") +
+          (a != op.a_issue ? " A" : " B") +
           " operand of a wgmma.mma_async changed between its issue and the wait_group that completes it");
   const int per = op.n / 2;
   auto to_double = op.kind == 0 ? bf16_to_double : fp16_to_double;
@@ -373,7 +396,7 @@ void execute(Warpgroup& g, WgKind kind) {
       const WgArgs& a0 = g.args[0];
       for (int t = 0; t < kWg; ++t) {
         const WgArgs& a = g.args[t];
-        if (a.kind != a0.kind || a.n != a0.n || a.desc_a != a0.desc_a || a.desc_b != a0.desc_b || a.scale_d != a0.scale_d ||
+        if ((a.a_regs == nullptr) != (a0.a_regs == nullptr) || a.kind != a0.kind || a.n != a0.n || a.desc_a != a0.desc_a || a.desc_b != a0.desc_b || a.scale_d != a0.scale_d ||
             a.trans_a != a0.trans_a || a.trans_b != a0.trans_b)
           error("wgmma.mma_async with different descriptors, shape or scale-d within one warpgroup (thread " +
                 std::to_string(t) + " vs 0)");
@@ -390,7 +413,8 @@ void execute(Warpgroup& g, WgKind kind) {
       op.trans_a = a0.trans_a;
       op.trans_b = a0.trans_b;
       op.scale_d = a0.scale_d;
-      op.a_issue = read_operand(op.desc_a, 64, op.trans_a != 0, "A");
+      for (int t = 0; t < kWg; ++t) op.a_regs[t] = g.args[t].a_regs;
+      op.a_issue = read_a(op);
       op.b_issue = read_operand(op.desc_b, op.n, op.trans_b != 0, "B");
       const int per = op.n / 2;
       op.c.assign(static_cast<size_t>(kWg) * per, 0.f);
@@ -595,6 +619,18 @@ void wgmma_wait_group(int pending) {
   WgArgs a;
   a.value = pending;
   wg_arrive(WgKind::kWait, __builtin_return_address(0), a);
+}
+
+void wgmma_rs(int kind, float* acc, int n, const uint32_t* a_regs, uint64_t desc_b, bool scale_d, int trans_b) {
+  WgArgs a;
+  a.kind = kind;
+  a.acc = acc;
+  a.n = n;
+  a.a_regs = a_regs;
+  a.desc_b = desc_b;
+  a.scale_d = scale_d;
+  a.trans_b = trans_b;
+  wg_arrive(WgKind::kMma, __builtin_return_address(0), a);
 }
 
 void wgmma_ss(int kind, float* acc, int n, uint64_t desc_a, uint64_t desc_b, bool scale_d, int trans_a,

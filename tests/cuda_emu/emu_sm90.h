@@ -85,6 +85,8 @@ void wgmma_wait_group(int pending);
 // D[64 x n] (+)= A[64 x 16] B[16 x n]: this thread's n / 2 accumulators at acc (PTX fragment order).
 // kind: 0 bf16, 1 fp16 inputs. trans_a / trans_b: 0 K-major, 1 MN-major (imm-trans-a / -b).
 void wgmma_ss(int kind, float* acc, int n, uint64_t desc_a, uint64_t desc_b, bool scale_d, int trans_a, int trans_b);
+// A from registers: this thread's four 32-bit registers of the m64k16 A fragment (K-major).
+void wgmma_rs(int kind, float* acc, int n, const uint32_t* a_regs, uint64_t desc_b, bool scale_d, int trans_b);
 
 }  // namespace sm90
 }  // namespace mla_emu

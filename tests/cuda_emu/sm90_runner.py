@@ -43,16 +43,20 @@ def run_gemm(a: torch.Tensor, b: torch.Tensor, b_mn: bool, *, order="forward", s
 
 
 def run_wgmma(n: int, trans_a: int, trans_b: int, accumulate: bool, desc_a: int, desc_b: int, fields_a, fields_b,
-              smem: np.ndarray, acc: np.ndarray, *, kind="bf16", flavor="plain", exe: Path | None = None):
+              smem: np.ndarray, acc: np.ndarray, *, kind="bf16", a_regs: np.ndarray | None = None, flavor="plain",
+              exe: Path | None = None):
     """One wgmma m64nNk16 bf16 / fp16 (SS) through ptx_sm90.cuh in the emulator (sm90_wgmma_probe.cpp).
     fields_*: (start, lbo, sbo, layout_type) that make_smem_desc rebuilds; smem: uint8 image of the
-    shared window; acc: float32 [128, n / 2] accumulators in. Returns (built_a, built_b, acc out)."""
+    shared window; acc: float32 [128, n / 2] accumulators in; a_regs: uint32 [128, 4], A from
+    registers (wgmma_rs, with trans_a=2). Returns (built_a, built_b, acc out)."""
     exe = exe or runner.build(flavor, program="sm90_wgmma_probe")
     acc = np.ascontiguousarray(acc, dtype=np.float32)
     assert acc.shape == (128, n // 2)
     words = [{"bf16": 0, "fp16": 1}[kind], n, trans_a, trans_b, int(accumulate), desc_a, desc_b, *fields_a, *fields_b, smem.size]
     text = " ".join(map(str, words)) + " " + " ".join(map(str, smem.tolist())) + " " + \
         " ".join(map(str, acc.view(np.uint32).ravel().tolist()))
+    if trans_a == 2:
+        text += " " + " ".join(map(str, np.asarray(a_regs, dtype=np.uint32).ravel().tolist()))
     r = subprocess.run([str(exe)], input=text, capture_output=True, text=True, env=dict(os.environ, **runner.SAN_ENV))
     if r.returncode != 0:
         raise runner.EmulatorError(f"emulated wgmma exited {r.returncode}: {r.stderr.strip()[-600:]}")

@@ -14,6 +14,7 @@
 //   named_count     (bad) bar.sync with a count larger than the threads that arrive: deadlock
 //   setmaxnreg_split (bad) half a warpgroup asks for 232 registers, half for 240
 //   mbar_clobbered  (bad) a plain store overwrites a live mbarrier
+//   rs_regs_changed (bad) a thread changes its A registers while their wgmma_rs is in flight
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -128,6 +129,19 @@ __global__ void mbar_clobbered_kernel(int /*MLA_LAUNCH needs an argument*/) {
   }
 }
 
+__global__ void rs_regs_changed_kernel(int /*MLA_LAUNCH needs an argument*/) {
+  unsigned char* smem = mla::cuda::dynamic_smem();  // B 8 x 16, K-major, no swizzle: zeros
+  for (int i = threadIdx.x; i < 256; i += 128) smem[i] = 0;
+  __syncthreads();
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  uint32_t a[4] = {1u, 2u, 3u, 4u};
+  s9::wgmma_fence();
+  s9::wgmma_rs<__nv_bfloat16, 8>(acc, a, s9::make_smem_desc(smem, 128, 128, s9::Swizzle::kNone), true);
+  s9::wgmma_commit_group();
+  if (threadIdx.x == 5) a[2] = 7u;  // the wgmma still reads these registers
+  s9::wgmma_wait_group<0>();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -157,6 +171,8 @@ int main(int argc, char** argv) {
     e = MLA_LAUNCH(named_count_kernel, 1, 128, 64, nullptr, 0);
   } else if (scenario == "setmaxnreg_split") {
     e = MLA_LAUNCH(setmaxnreg_split_kernel, 1, 128, 64, nullptr, 0);
+  } else if (scenario == "rs_regs_changed") {
+    e = MLA_LAUNCH(rs_regs_changed_kernel, 1, 128, 256, nullptr, 0);
   } else if (scenario == "mbar_clobbered") {
     e = MLA_LAUNCH(mbar_clobbered_kernel, 1, 32, 64, nullptr, 0);
   } else {

@@ -6,7 +6,8 @@
 // stdin, whitespace-separated decimal numbers:
 //   KIND (0 bf16, 1 fp16) N TRANS_A TRANS_B ACCUMULATE DESC_A DESC_B
 //   START_A LBO_A SBO_A LAYOUT_A START_B LBO_B SBO_B LAYOUT_B   (rebuilt with make_smem_desc)
-//   SMEM_BYTES, then that many bytes, then 128 x N/2 accumulator float bits (thread-major)
+//   SMEM_BYTES, then that many bytes, then 128 x N/2 accumulator float bits (thread-major),
+//   then, when TRANS_A is 2 (A from registers: wgmma_rs), 128 x 4 A register words
 // stdout: the two descriptors make_smem_desc built, then 128 x N/2 result float bits.
 #include <cstdio>
 #include <cstring>
@@ -23,7 +24,8 @@ struct Probe {
   uint64_t desc_a = 0, desc_b = 0, built_a = 0, built_b = 0;
   uint32_t start[2], lbo[2], sbo[2], layout[2];
   std::vector<unsigned char> smem;
-  std::vector<uint32_t> acc;  // [128][n / 2]
+  std::vector<uint32_t> acc;     // [128][n / 2]
+  std::vector<uint32_t> a_regs;  // [128][4] (TRANS_A 2)
 };
 
 template <typename T, int N, int TA, int TB>
@@ -39,8 +41,11 @@ __global__ void wgmma_probe_kernel(Probe* p) {
   __syncthreads();
   float acc[N / 2];
   std::memcpy(acc, &p->acc[static_cast<size_t>(threadIdx.x) * (N / 2)], sizeof acc);
+  uint32_t a[4];
+  std::memcpy(a, &p->a_regs[static_cast<size_t>(threadIdx.x) * 4], sizeof a);
   s9::wgmma_fence();
-  s9::wgmma_ss<T, N, TA, TB>(acc, p->desc_a, p->desc_b, p->accumulate != 0);
+  if (TA == 2) s9::wgmma_rs<T, N, TB>(acc, a, p->desc_b, p->accumulate != 0);
+  else s9::wgmma_ss<T, N, TA == 1 ? 1 : 0, TB>(acc, p->desc_a, p->desc_b, p->accumulate != 0);
   s9::wgmma_commit_group();
   s9::wgmma_wait_group<0>();
   std::memcpy(&p->acc[static_cast<size_t>(threadIdx.x) * (N / 2)], acc, sizeof acc);
@@ -58,7 +63,9 @@ cudaError_t launch_t(Probe* p) {
   if (p->trans_a == 0 && p->trans_b == 0) return launch<T, N, 0, 0>(p);
   if (p->trans_a == 0 && p->trans_b == 1) return launch<T, N, 0, 1>(p);
   if (p->trans_a == 1 && p->trans_b == 0) return launch<T, N, 1, 0>(p);
-  return launch<T, N, 1, 1>(p);
+  if (p->trans_a == 1 && p->trans_b == 1) return launch<T, N, 1, 1>(p);
+  if (p->trans_a == 2 && p->trans_b == 0) return launch<T, N, 2, 0>(p);
+  return launch<T, N, 2, 1>(p);
 }
 
 template <int N>
@@ -82,6 +89,9 @@ int main() {
   }
   p.acc.resize(static_cast<size_t>(128) * p.n / 2);
   for (auto& v : p.acc) std::cin >> v;
+  p.a_regs.assign(128 * 4, 0);
+  if (p.trans_a == 2)
+    for (auto& v : p.a_regs) std::cin >> v;
   if (!std::cin) {
     std::fprintf(stderr, "probe: short input\n");
     return 2;

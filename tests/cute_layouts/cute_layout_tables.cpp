@@ -12,6 +12,8 @@
 //
 //   wgmma m64nNk16 fp32 accumulators (MMA_Traits<SM90_64xNx16_F32BF16BF16_SS<K, K>>::CLayout):
 //     C[thread][v] = (m, n), thread 0..127 of the warpgroup, v = 0..N/2-1
+//   wgmma A from registers (MMA_Traits<SM90_64x64x16_F32BF16BF16_RS<K, K>>::ALayout):
+//     A[thread][v] = (m, k), v = 0..7 (register v / 2, low half when v is even)
 //   GMMA shared-memory operand layouts for 16-bit types (GMMA::Layout_{K,MN}_{INTER,SW32,SW64,
 //   SW128}_Atom<bf16> tiled to a 64 x 64 tile, 128 x 64 for MN SW128 so that two MN blocks
 //   exist, 1024-aligned): for k-steps 0 and 3 of 16, make_gmma_desc's descriptor (start address
@@ -204,6 +206,18 @@ int main() {
   print_gmma_acc<8, SM90_64x8x16_F32BF16BF16_SS<Major::K, Major::K>>("gmma_acc_64x8", "SM90_64x8x16_F32BF16BF16_SS");
   print_gmma_acc<64, SM90_64x64x16_F32BF16BF16_SS<Major::K, Major::K>>("gmma_acc_64x64",
                                                                         "SM90_64x64x16_F32BF16BF16_SS");
+  {  // A from registers (RS): 128 threads x 8 values -> (m, k) of the column-major 64 x 16 A tile
+    using AL = typename MMA_Traits<SM90_64x64x16_F32BF16BF16_RS<Major::K, Major::K>>::ALayout;
+    std::printf("  \"gmma_rs_a_64x16\": {\n    \"atom\": \"SM90_64x64x16_F32BF16BF16_RS\",\n    \"A_layout\": \"");
+    print(AL{});
+    std::printf("\",\n    \"A\": [");
+    for (int t = 0; t < 128; ++t) {
+      std::printf("%s\n      [", t ? "," : "");
+      for (int v = 0; v < 8; ++v) std::printf("%s[%d, %d]", v ? ", " : "", int(AL{}(t, v)) % 64, int(AL{}(t, v)) / 64);
+      std::printf("]");
+    }
+    std::printf("\n    ]\n  },\n");
+  }
   std::printf("  \"gmma_acc_64x256_layout\": \"");
   print(typename MMA_Traits<SM90_64x256x16_F32BF16BF16_SS<Major::K, Major::K>>::CLayout{});
   std::printf("\",\n");

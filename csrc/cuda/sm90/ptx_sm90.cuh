@@ -108,6 +108,21 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uin
 #endif
 }
 
+// The same with A [64 x 16] from registers: thread t's four 32-bit registers hold the bf16 /
+// fp16 pairs of the m64k16 fragment (warp w = t / 32 owns rows 16 w..16 w + 15; lane l, register
+// i: row 16 w + l / 4 + 8 (i % 2), columns 2 (l % 4) + 8 (i / 2) and + 1, the lower in bits
+// 0-15). The registers must not change until the wait_group that completes the wgmma.
+template <typename T, int N, int TransB = 0>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate) {
+  static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma m64nNk16: N a multiple of 8 in [8, 256]");
+  static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "bf16 or fp16 inputs");
+#if defined(MLA_CUDA_EMULATION)
+  ::mla_emu::sm90::wgmma_rs(std::is_same<T, __half>::value ? 1 : 0, d, N, a, desc_b, accumulate, TransB);
+#else
+  WgmmaRs<T, N, TransB>::run(d, a, desc_b, accumulate ? 1 : 0);
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // mbarrier (a uint64_t in shared memory)
 
