@@ -88,6 +88,7 @@ __global__ void named_pingpong_kernel(uint32_t* out) {
 __global__ void acc_before_wait_kernel(uint32_t* out) {
   unsigned char* smem = mla::cuda::dynamic_smem();  // A 64 x 16 and B 8 x 16, K-major, no swizzle: zeros
   for (int i = threadIdx.x; i < 4096; i += 128) smem[i] = 0;
+  s9::fence_proxy_async();  // generic-proxy stores, then async-proxy (wgmma) reads
   __syncthreads();
   float acc[4] = {1.f, 1.f, 1.f, 1.f};
   const uint64_t da = s9::make_smem_desc(smem, 1024, 128, s9::Swizzle::kNone);
@@ -132,6 +133,7 @@ __global__ void mbar_clobbered_kernel(int /*MLA_LAUNCH needs an argument*/) {
 __global__ void rs_regs_changed_kernel(int /*MLA_LAUNCH needs an argument*/) {
   unsigned char* smem = mla::cuda::dynamic_smem();  // B 8 x 16, K-major, no swizzle: zeros
   for (int i = threadIdx.x; i < 256; i += 128) smem[i] = 0;
+  s9::fence_proxy_async();
   __syncthreads();
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   uint32_t a[4] = {1u, 2u, 3u, 4u};

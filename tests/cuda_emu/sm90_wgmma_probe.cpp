@@ -37,6 +37,7 @@ __global__ void wgmma_probe_kernel(Probe* p) {
     std::memcpy(smem, p->smem.data(), p->smem.size());
     p->built_a = s9::make_smem_desc(smem + p->start[0], p->lbo[0], p->sbo[0], static_cast<s9::Swizzle>(p->layout[0]));
     p->built_b = s9::make_smem_desc(smem + p->start[1], p->lbo[1], p->sbo[1], static_cast<s9::Swizzle>(p->layout[1]));
+    s9::fence_proxy_async();  // generic-proxy stores, then async-proxy (wgmma) reads
   }
   __syncthreads();
   float acc[N / 2];
