@@ -41,6 +41,7 @@ test: build cuda-tools
 test-emulated: build cuda-tools
 	MLA_EXT_EMU_FULL=1 MAX_JOBS=$(MAX_JOBS) $(PY) -m pytest -q -n $(MAX_JOBS) -m emulated tests
 	MAX_JOBS=$(MAX_JOBS) $(PY) tests/cuda_emu/mutations.py
+	MAX_JOBS=$(MAX_JOBS) $(PY) tests/cuda_emu/mutations_sm90.py
 
 # The warp-collective models against CuTe's mma / ldmatrix layouts (marker `emulated`, seconds).
 test-emulated-layouts: build cuda-tools

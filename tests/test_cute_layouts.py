@@ -1,5 +1,6 @@
 """Warp collectives of the tensor-core kernel against an oracle we did not write: CuTe's atom
-layouts (issue 10, item 4).
+layouts (issue 10, item 4), and the Hopper wgmma model against CuTe's GMMA layouts (issue 11; see
+"Hopper wgmma" below: descriptors, swizzled shared-memory atoms, the 64xN accumulator layout).
 
 tests/cute_layouts/cute_tables.json holds, printed by tests/cute_layouts/cute_layout_tables.cpp
 from CUTLASS 4.2's own traits (MMA_Traits<SM80_16x8x16_F32BF16BF16F32_TN> and <..F32F16F16F32_TN>,
@@ -507,6 +508,15 @@ def test_tables_are_consistent():
     adjacent columns of one row (what the kernel's 32-bit P stores and output stores assume)."""
     t = TABLES
     assert t["cutlass_version"] == "4.2.0"
+    for key in GMMA_SMEM:  # each k-step's offsets: a bijection onto distinct 16-bit slots
+        for step in t[key]["ksteps"]:
+            offs = [o for row in step["offsets"] for o in row]
+            assert len(set(offs)) == len(offs) and all(o % 2 == 0 for o in offs), key
+    assert sorted(tuple(v) for row in t["gmma_rs_a_64x16"]["A"] for v in row) == \
+        [(m, k) for m in range(64) for k in range(16)]
+    for n in (8, 64):
+        coords = sorted(tuple(v) for row in t[f"gmma_acc_64x{n}"]["C"] for v in row)
+        assert coords == [(m, j) for m in range(64) for j in range(n)]
     for key in ("mma_m16n8k16_bf16", "mma_m16n8k16_fp16"):
         tab = t[key]
         for op, shape in (("A", (16, 16)), ("B", (8, 16)), ("C", (16, 8))):
@@ -520,6 +530,176 @@ def test_tables_are_consistent():
     for key in ("ldmatrix_x4", "ldmatrix_x4_trans"):
         coords = sorted(tuple(x) for lane in t[key]["dst"] for x in lane)
         assert coords == [(s, j) for s in range(32) for j in range(8)], key
+
+
+# ---------------------------------------------------------------------------------------------
+# Hopper wgmma (issue 11): the emulator's descriptor decoding and accumulator layout against CuTe's
+# GMMA layouts. Both operands are placed at the byte offsets CuTe's GMMA::Layout_*_Atom<bf16> tiles
+# give (the swizzle applied by CuTe), described by CuTe's make_gmma_desc descriptors, multiplied by
+# one wgmma through csrc/cuda/sm90/ptx_sm90.cuh in the emulator, and the accumulators are read back
+# through CuTe's CLayout_64xN. Nothing on the path from the tables to the product uses our formulas.
+
+GMMA_SMEM = sorted(k for k in TABLES if k.startswith("gmma_smem_"))
+A_BASE, B_BASE, SMEM_BYTES = 0, 32768, 65536  # two 1024-aligned operand regions
+
+
+def cute_layout_fn(text: str):
+    """A flat-nested CuTe layout string "((a,b,..),(c,..)):((s,..),(t,..))" -> f(thread, value) index
+    (colexicographic coordinates, as CuTe orders them)."""
+    shape_s, stride_s = text.replace("_", "").split(":")
+    parse = lambda x: [[int(v) for v in grp.strip("()").split(",")] for grp in x[1:-1].split("),(")]
+    shapes, strides = parse(shape_s), parse(stride_s)
+
+    def f(*coords):
+        idx = 0
+        for c, shp, strd in zip(coords, shapes, strides):
+            for extent, step in zip(shp, strd):
+                idx += (c % extent) * step
+                c //= extent
+        return idx
+    return f
+
+
+def acc_coords(n: int, tables=TABLES):
+    """[thread][value] -> (m, n) of the 64 x n accumulator tile, from CuTe (the 64x8 / 64x64 tables,
+    else the 64x256 layout with its N / 8 mode resized)."""
+    key = f"gmma_acc_64x{n}"
+    if key in tables:
+        return [[tuple(v) for v in t] for t in tables[key]["C"]]
+    text = tables["gmma_acc_64x256_layout"].replace("_32)", f"_{n // 8})")
+    f = cute_layout_fn(text)
+    return [[(f(t, v) % 64, f(t, v) // 64) for v in range(n // 2)] for t in range(128)]
+
+
+def place(smem, entry, kstep, values, base):
+    """values [rows][16] (bf16 bits) at CuTe's byte offsets of k-step `kstep` of `entry`, from `base`."""
+    offs = np.asarray(entry["ksteps"][kstep]["offsets"])
+    rows = values.shape[0]
+    flat = (base + offs[:rows]).ravel()
+    smem.view(np.uint16)[flat // 2] = values.ravel()
+
+
+def cute_desc(entry, kstep, base):
+    step = entry["ksteps"][kstep]
+    return int(step["desc"], 16) + ((base + step["start"]) >> 4), (base + step["start"], step["lbo"], step["sbo"],
+                                                                    step["layout_type"])
+
+
+class GmmaCase:
+    """One wgmma: A [64 x 16] with layout entry a_key at k-step ka, B [n x 16] with b_key at kb."""
+
+    def __init__(self, a_key, ka, b_key, kb, n):
+        self.a, self.b, self.ka, self.kb, self.n = TABLES[a_key], TABLES[b_key], ka, kb, n
+        self.trans_a, self.trans_b = int(self.a["major"] == "MN"), int(self.b["major"] == "MN")
+
+    def run(self, A, B, C, offsets_b=None, kind="bf16"):
+        """D = A B^T + C through the emulator; A [64, 16], B [n, 16], C [64, n] float."""
+        from cuda_emu import sm90_runner
+        smem = np.zeros(SMEM_BYTES, dtype=np.uint8)
+        place(smem, self.a, self.ka, to_bits(kind, A), A_BASE)
+        place(smem, offsets_b or self.b, self.kb, to_bits(kind, B), B_BASE)
+        da, fa = cute_desc(self.a, self.ka, A_BASE)
+        db, fb = cute_desc(self.b, self.kb, B_BASE)
+        coords = acc_coords(self.n)
+        acc = np.array([[C[m, nn] for (m, nn) in t] for t in coords], dtype=np.float32)
+        built_a, built_b, out = sm90_runner.run_wgmma(self.n, self.trans_a, self.trans_b, True, da, db, fa, fb,
+                                                      smem, acc, kind=kind)
+        D = np.zeros((64, self.n))
+        for t, row in enumerate(coords):
+            for v, (m, nn) in enumerate(row):
+                D[m, nn] = out[t, v]
+        return D, (built_a, built_b), (da, db)
+
+
+IDENTITY_A = np.eye(64, 16)  # D[m, n] = B[n, m] for m < 16
+
+
+@pytest.mark.parametrize("key", GMMA_SMEM)
+@pytest.mark.parametrize("kstep", [0, 1], ids=["kstep0", "kstep3"])
+def test_wgmma_reads_cute_gmma_layout_as_b(key, kstep):
+    """Every (n, k) of a CuTe GMMA layout, given as the B operand with CuTe's descriptor, reaches the
+    product as B[n, k]: once with value n + 1, once with k + 1 (both exact in bf16)."""
+    n = TABLES[key]["mn"]
+    case = GmmaCase("gmma_smem_k_inter", 0, key, kstep, n)
+    rows, cols = np.meshgrid(np.arange(n), np.arange(16), indexing="ij")
+    for label, B in (("row", rows + 1.0), ("column", cols + 1.0)):
+        D, built, want_desc = case.run(IDENTITY_A, B, np.zeros((64, n)))
+        assert np.array_equal(D[:16], B.T), f"{key} k-step {kstep}: B {label} ids wrong at " \
+            f"{np.argwhere(D[:16] != B.T)[:4].tolist()} (D[k, n] vs B[n, k])"
+        assert np.array_equal(D[16:], np.zeros((48, n)))
+        assert built == want_desc, f"make_smem_desc {[hex(x) for x in built]} != CuTe {[hex(x) for x in want_desc]}"
+
+
+@pytest.mark.parametrize("key", GMMA_SMEM)
+def test_wgmma_reads_cute_gmma_layout_as_a(key):
+    """The same layouts as the A operand (64 rows; trans-a for MN-major), B an identity selector."""
+    case = GmmaCase(key, 1, "gmma_smem_k_inter", 0, 16)
+    rows, cols = np.meshgrid(np.arange(64), np.arange(16), indexing="ij")
+    for label, A in (("row", rows + 1.0), ("column", cols + 1.0)):
+        D, built, want_desc = case.run(A, np.eye(16), np.zeros((64, 16)))
+        assert np.array_equal(D, A), f"{key}: A {label} ids wrong at {np.argwhere(D != A)[:4].tolist()}"
+        assert built == want_desc
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp16"])
+@pytest.mark.parametrize("n", [8, 64, 128])
+def test_wgmma_accumulators_follow_cute_clayout(n, kind):
+    """Random A, B, C (small integers: every sum exact): D = A B^T + C through CuTe's accumulator
+    layout (64x8, 64x64 tables; 64x128 from the 64x256 layout) and its SW128 K-major operands."""
+    rng = np.random.default_rng(n)
+    A = rng.integers(-8, 9, (64, 16)) * 0.5
+    B = rng.integers(-8, 9, (n, 16)) * 0.25
+    C = rng.integers(-64, 65, (64, n)).astype(np.float64)
+    b_key = "gmma_smem_k_sw128" if n <= 64 else "gmma_smem_mn_sw128"
+    D, _, _ = GmmaCase("gmma_smem_k_sw128", 1, b_key, 1, n).run(A, B, C, kind=kind)
+    assert np.array_equal(D, A @ B.T + C), np.argwhere(D != A @ B.T + C)[:4].tolist()
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp16"])
+@pytest.mark.parametrize("b_key,n", [("gmma_smem_k_sw128", 64), ("gmma_smem_mn_sw128", 128)])
+def test_wgmma_rs_a_registers_follow_cute_alayout(b_key, n, kind):
+    """wgmma with A from registers (wgmma_rs): each thread's four registers hold A as CuTe's
+    SM90_64xNx16_F32BF16BF16_RS ALayout says (value v in register v / 2, low half when v is even)."""
+    from cuda_emu import sm90_runner
+    rng = np.random.default_rng(n + len(kind))
+    A = rng.integers(-8, 9, (64, 16)) * 0.5
+    B = rng.integers(-8, 9, (n, 16)) * 0.25
+    C = rng.integers(-64, 65, (64, n)).astype(np.float64)
+    bits = to_bits(kind, A)
+    regs = np.zeros((128, 4), dtype=np.uint32)
+    for t, vals in enumerate(TABLES["gmma_rs_a_64x16"]["A"]):
+        for v, (m, k) in enumerate(vals):
+            regs[t, v // 2] |= np.uint32(bits[m, k]) << np.uint32(16 * (v % 2))
+    smem = np.zeros(SMEM_BYTES, dtype=np.uint8)
+    entry = TABLES[b_key]
+    place(smem, entry, 1, to_bits(kind, B), B_BASE)
+    db, fb = cute_desc(entry, 1, B_BASE)
+    coords = acc_coords(n)
+    acc = np.array([[C[m, nn] for (m, nn) in t] for t in coords], dtype=np.float32)
+    _, _, out = sm90_runner.run_wgmma(n, 2, int(entry["major"] == "MN"), True, 0, db, (0, 0, 0, 0), fb, smem, acc,
+                                      kind=kind, a_regs=regs)
+    D = np.zeros((64, n))
+    for t, row in enumerate(coords):
+        for v, (m, nn) in enumerate(row):
+            D[m, nn] = out[t, v]
+    assert np.array_equal(D, A @ B.T + C), np.argwhere(D != A @ B.T + C)[:4].tolist()
+
+
+def test_cute_acc_layout_evaluator_matches_tables():
+    """The layout-string evaluator used for N = 128 reproduces CuTe's printed 64x8 / 64x64 tables."""
+    for n in (8, 64):
+        t = TABLES[f"gmma_acc_64x{n}"]
+        f = cute_layout_fn(t["C_layout"])
+        assert [[(f(th, v) % 64, f(th, v) // 64) for v in range(n // 2)] for th in range(128)] == \
+            [[tuple(v) for v in row] for row in t["C"]]
+
+
+def test_wgmma_layout_check_can_fail():
+    """The B-layout check sees a wrong swizzle: SW64 offsets under CuTe's SW128 descriptor differ."""
+    case = GmmaCase("gmma_smem_k_inter", 0, "gmma_smem_k_sw128", 0, 64)
+    rows, cols = np.meshgrid(np.arange(64), np.arange(16), indexing="ij")
+    D, _, _ = case.run(IDENTITY_A, cols + 1.0, np.zeros((64, 64)), offsets_b=TABLES["gmma_smem_k_sw64"])
+    assert not np.array_equal(D[:16], (cols + 1.0).T)
 
 
 # ---- regenerating the snapshot from the CuTe headers

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "mla_cuda_emu.h"
+#include "emu_sm90.h"  // polling waits and block hooks of the sm_90 extensions (emu_sm90.cpp)
 
 #if defined(__SANITIZE_ADDRESS__)
 #define MLA_EMU_ASAN 1
@@ -134,6 +135,12 @@ struct Fiber : ThreadCoords {
   LaneArgs args;
   std::vector<Copy> open_group;
   std::deque<std::vector<Copy>> committed;
+  // Polling waits (spin_yield, sm_90): what the fiber's last yield polled, and whether this
+  // resume only polled the same thing again (no progress).
+  bool polled = false, repeat_poll = false;
+  const void* poll_key = nullptr;
+  uint64_t poll_generation = 0;
+  std::string poll_what;
 #if MLA_EMU_ASAN
   void* fake_stack = nullptr;
 #endif
@@ -178,6 +185,8 @@ struct Runtime {
   cudaError_t last_error = cudaSuccess;
   std::vector<Region> regions;
   int64_t block_linear = 0;
+  uint64_t progress = 0;  // note_progress(): a state a polling fiber may wait for changed
+  std::vector<BlockHooks> hooks;
 #if MLA_EMU_ASAN
   void* main_fake_stack = nullptr;
   const void* main_stack_bottom = nullptr;
@@ -295,6 +304,9 @@ void init_fiber(Fiber& f) {
   f.state = State::kRunnable;
   f.open_group.clear();
   f.committed.clear();
+  f.polled = f.repeat_poll = false;
+  f.poll_key = nullptr;
+  f.poll_what.clear();
 #if MLA_EMU_TSAN
   // One TSan fiber per thread slot, reused by later blocks: ordered after them anyway (block
   // end -> launch edges), and creating 256 fibers per block costs more than the block.
@@ -486,6 +498,31 @@ void describe_deadlock() {
   fail(msg + " a collective reached by part of a warp never completes on a GPU (a hang)");
 }
 
+// Every runnable fiber polls (mbarrier try_wait, a warpgroup rendezvous, a named barrier) and
+// nothing they wait for can change: on a GPU this block hangs.
+void describe_poll_deadlock(int64_t nthreads) {
+  Runtime& r = rt();
+  std::string msg = "deadlock in block (" + std::to_string(g_block_idx.x) + "," + std::to_string(g_block_idx.y) +
+                    "," + std::to_string(g_block_idx.z) + "): no thread can make progress;";
+  // Consecutive threads in the same state, one clause each.
+  auto state_of = [&](int64_t t) -> std::string {
+    const Fiber& f = r.fibers[t];
+    switch (f.state) {
+      case State::kDone: return "have exited";
+      case State::kAtBarrier: return "wait at __syncthreads";
+      case State::kInCollective: return "wait in a warp collective";
+      default: return f.polled ? "poll " + f.poll_what : "are runnable";
+    }
+  };
+  int64_t start = 0;
+  for (int64_t t = 1; t <= nthreads; ++t) {
+    if (t < nthreads && state_of(t) == state_of(start)) continue;
+    msg += " threads " + std::to_string(start) + "-" + std::to_string(t - 1) + " " + state_of(start) + ";";
+    start = t;
+  }
+  fail(msg);
+}
+
 void run_block(int64_t nthreads) {
   Runtime& r = rt();
   for (int64_t t = 0; t < nthreads; ++t) {
@@ -507,14 +544,28 @@ void run_block(int64_t nthreads) {
 #endif
   while (true) {
     if (r.cfg.order == Order::kRandom) std::shuffle(order.begin(), order.end(), r.rng);
-    bool ran = false;
+    bool ran = false, progress = false;
+    const uint64_t progress_before = r.progress;
     for (int t : order) {
       Fiber& f = r.fibers[t];
       if (f.state != State::kRunnable) continue;
+      const bool polled_before = f.polled;
+      f.polled = f.repeat_poll = false;
       switch_to_fiber(f);
       ran = true;
+      // Progress unless the fiber only polled again what it polled at its previous yield.
+      if (!(polled_before && f.polled && f.repeat_poll)) progress = true;
     }
-    if (ran) continue;
+    if (ran && (progress || r.progress != progress_before)) continue;
+    if (ran) {
+      // Every runnable fiber polls a wait that cannot complete by itself: let the async
+      // machinery finish what is in flight (bulk copies), else the block hangs.
+      bool unblocked = false;
+      for (const BlockHooks& h : r.hooks)
+        if (h.on_stall != nullptr && h.on_stall()) unblocked = true;
+      if (unblocked) continue;
+      describe_poll_deadlock(nthreads);
+    }
     int64_t done = 0, at_barrier = 0, in_coll = 0;
     for (int64_t t = 0; t < nthreads; ++t) {
       done += r.fibers[t].state == State::kDone;
@@ -699,6 +750,24 @@ void cp_async_wait(int n) { complete_copies(cur(), static_cast<size_t>(n)); }
 
 unsigned char* dynamic_smem() { return rt().smem; }
 
+// ---- Hooks of the sm_90 extensions (emu_sm90.h).
+void spin_yield(const void* key, uint64_t generation, const std::string& what) {
+  Fiber& f = cur();
+  f.repeat_poll = f.poll_key == key && f.poll_generation == generation && f.poll_what == what;
+  f.polled = true;
+  f.poll_key = key;
+  f.poll_generation = generation;
+  f.poll_what = what;
+  yield_to_scheduler();
+}
+void note_progress() { ++rt().progress; }
+void add_block_hooks(const BlockHooks& hooks) { rt().hooks.push_back(hooks); }
+int current_thread() { return cur().linear; }
+int64_t block_threads() { return rt().nthreads; }
+size_t dynamic_smem_size() { return rt().smem_bytes; }
+bool smem_contains(const void* p, size_t bytes) { return in_smem(p, bytes); }
+std::string where_current() { return where(); }
+
 cudaError_t run_grid(const void* kernel_id, dim3 grid, dim3 block, size_t dynamic_smem_bytes, KernelBody body,
                      void* ctx) {
   Runtime& r = rt();
@@ -743,8 +812,9 @@ cudaError_t run_grid(const void* kernel_id, dim3 grid, dim3 block, size_t dynami
     // The declared bytes, then a tail: ASan builds poison it (any access is reported), plain
     // builds fill it with a canary checked after the block.
     r.smem_bytes = dynamic_smem_bytes;
-    const size_t alloc_bytes = ((dynamic_smem_bytes + kSmemCanary + 127) / 128) * 128;
-    r.smem = static_cast<unsigned char*>(std::aligned_alloc(128, alloc_bytes));
+    // 1024-aligned like the shared window's start: the sm_90 swizzle modes act on address bits.
+    const size_t alloc_bytes = ((dynamic_smem_bytes + kSmemCanary + 1023) / 1024) * 1024;
+    r.smem = static_cast<unsigned char*>(std::aligned_alloc(1024, alloc_bytes));
     std::memset(r.smem + dynamic_smem_bytes, 0xa5, alloc_bytes - dynamic_smem_bytes);
 #if MLA_EMU_ASAN
     __asan_poison_memory_region(r.smem + dynamic_smem_bytes, alloc_bytes - dynamic_smem_bytes);
@@ -752,7 +822,11 @@ cudaError_t run_grid(const void* kernel_id, dim3 grid, dim3 block, size_t dynami
     std::memset(r.smem, 0xff, dynamic_smem_bytes);  // NaN in every element type
     regions_before_block();
     ++r.stats.blocks;
+    for (const BlockHooks& h : r.hooks)
+      if (h.begin != nullptr) h.begin();
     run_block(nthreads);
+    for (const BlockHooks& h : r.hooks)
+      if (h.end != nullptr) h.end();
 #if MLA_EMU_ASAN
     __asan_unpoison_memory_region(r.smem, alloc_bytes);
 #endif

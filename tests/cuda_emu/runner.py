@@ -119,7 +119,7 @@ def build(flavor: str = "plain", csrc: Path | None = None, jobs: int | None = No
 
     def compile_one(src: Path) -> Path:
         # The runtime is not under test: optimised in every flavour (see RUNTIME_FLAGS).
-        flags = common + (RUNTIME_FLAGS[flavor] if src.name == "emu_runtime.cpp" else [])
+        flags = common + (RUNTIME_FLAGS[flavor] if src.name in ("emu_runtime.cpp", "emu_sm90.cpp") else [])
         # Keyed by content, not paths: a mutated copy of csrc reuses every object it does not change.
         key_flags = [cxx, *(f for f in flags if not f.startswith("-I"))]
         obj = obj_dir / f"{src.name}-{_object_key(src, dirs, key_flags)}.o"
@@ -135,7 +135,8 @@ def build(flavor: str = "plain", csrc: Path | None = None, jobs: int | None = No
 
     jobs = jobs or int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        sources = _sources(csrc) if program == "harness" else [EMU_DIR / "emu_runtime.cpp", EMU_DIR / f"{program}.cpp"]
+        sources = _sources(csrc) if program == "harness" else [EMU_DIR / "emu_runtime.cpp", EMU_DIR / "emu_sm90.cpp",
+                                                               EMU_DIR / f"{program}.cpp"]
         objs = list(pool.map(compile_one, sources))
     digest = hashlib.sha256("".join(o.name for o in objs).encode()).hexdigest()[:16]
     exe = CACHE_ROOT / "bin" / f"{program}-{flavor}-{digest}"

@@ -1,0 +1,132 @@
+"""Mutation check of the Hopper emulation (emu_sm90.cpp): each mutation plants one known bug in a
+copy of csrc/ (the sm_90a GEMM probe, csrc/cuda/sm90/gemm_probe.cuh, or its PTX wrappers), rebuilds
+the probe from it and runs the listed cases; the bug is caught when a run reports an emulator or
+sanitizer error or a result that differs from the float64 matmul. Every mutation must be caught.
+
+    python tests/cuda_emu/mutations_sm90.py              # all; exit 1 if one survives
+    python tests/cuda_emu/mutations_sm90.py --only swizzle
+
+`make test-emulated` runs it after mutations.py; docs/cuda-emulation.md holds the table.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Tuple
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # tests/
+
+import torch  # noqa: E402
+
+from cuda_emu import runner, sm90_runner  # noqa: E402
+
+PROBE = "cuda/sm90/gemm_probe.cuh"
+
+
+@dataclass
+class Mutation:
+    name: str
+    path: str                                # relative to csrc/
+    old: str                                 # must occur exactly once
+    new: str
+    checks: List[Tuple[int, bool, str, str]]  # (N, B MN-major, flavor, order)
+
+
+M = Mutation
+MUTATIONS = [
+    M("A descriptor: 64-byte swizzle instead of 128", PROBE,
+      "make_smem_desc(a_tile, 16, 1024, Swizzle::k128B)", "make_smem_desc(a_tile, 16, 1024, Swizzle::k64B)",
+      [(64, False, "plain", "forward")]),
+    M("MN-major B descriptor: SBO 2048 instead of 1024 (k-row groups)", PROBE,
+      "make_smem_desc(b_tile, 8192, 1024, Swizzle::k128B)", "make_smem_desc(b_tile, 8192, 2048, Swizzle::k128B)",
+      [(256, True, "plain", "forward")]),
+    M("MN-major B descriptor: LBO 4096 instead of 8192 (64-column blocks)", PROBE,
+      "make_smem_desc(b_tile, 8192, 1024, Swizzle::k128B)", "make_smem_desc(b_tile, 4096, 1024, Swizzle::k128B)",
+      [(256, True, "plain", "forward")]),
+    M("k-step advance of 16 bytes instead of 32 (K-major)", PROBE,
+      "desc_advance(desc_a, ks * 32)", "desc_advance(desc_a, ks * 16)",
+      [(64, False, "plain", "forward")]),
+    M("wgmma wait_group<1> instead of <0> (stage released while its wgmma is in flight)", PROBE,
+      "    wgmma_wait_group<0>();\n", "    wgmma_wait_group<1>();\n",
+      [(64, False, "plain", "forward")]),
+    M("wgmma.fence missing", PROBE, "    wgmma_fence();\n", "",
+      [(64, False, "plain", "forward")]),
+    M("expect_tx 16 bytes short", PROBE,
+      "mbarrier_arrive_expect_tx(&full[s], S::kStageBytes);", "mbarrier_arrive_expect_tx(&full[s], S::kStageBytes - 16);",
+      [(64, False, "plain", "forward")]),
+    M("full-barrier wait on the wrong parity", PROBE,
+      "mbarrier_wait_parity(&full[s], (kc / kStages) & 1);", "mbarrier_wait_parity(&full[s], ((kc / kStages) + 1) & 1);",
+      [(64, False, "plain", "forward")]),
+    M("producer skips the empty-barrier wait (refills a stage in use)", PROBE,
+      "        if (kc >= kStages) mbarrier_wait_parity(&empty[s], ((kc / kStages) - 1) & 1);\n", "",
+      [(64, False, "plain", "forward")]),
+    M("barrier between mbarrier init and use deleted", PROBE,
+      "    fence_mbarrier_init();\n  }\n  __syncthreads();\n", "    fence_mbarrier_init();\n  }\n",
+      [(64, False, "tsan", "forward"), (64, False, "plain", "reverse")]),
+    M("MN-major B given to wgmma as K-major (trans-b 0)", PROBE,
+      "wgmma_ss<T, N, 0, B_MN ? 1 : 0>", "wgmma_ss<T, N, 0, 0>",
+      [(64, True, "plain", "forward")]),
+]
+
+
+def run_check(n: int, b_mn: bool, flavor: str, order: str, exe: Path) -> str | None:
+    """None if the run passed, else how it failed (first line)."""
+    gen = torch.Generator().manual_seed(n * 2 + b_mn)
+    k = 256
+    a = torch.randn((64, k), generator=gen).bfloat16()
+    b = torch.randn((k, n) if b_mn else (n, k), generator=gen).bfloat16()
+    try:
+        c = sm90_runner.run_gemm(a, b, b_mn, order=order, seed=3, flavor=flavor, exe=exe)
+    except runner.EmulatorError as e:
+        lines = [ln for ln in str(e).splitlines() if "error" in ln or "WARNING" in ln or "SUMMARY" in ln]
+        return "error: " + (lines[0] if lines else str(e).splitlines()[0])[:150]
+    ref = a.double() @ (b.double() if b_mn else b.double().T)
+    err = (c.double() - ref).abs().max().item()
+    if not err <= 1e-4:  # the tolerance of tests/test_cuda_emulated_sm90.py (NaN fails too)
+        return f"wrong result: max error {err:.3g}"
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="", help="run the mutations whose name contains this")
+    args = ap.parse_args()
+    src = runner.REPO / "csrc"
+    survivors, rows = 0, 0
+    for m in MUTATIONS:
+        if args.only not in m.name:
+            continue
+        rows += 1
+        t0 = time.time()
+        with tempfile.TemporaryDirectory(prefix="mla-mutant-sm90-") as d:
+            mutant = Path(d) / "csrc"
+            shutil.copytree(src, mutant)
+            target = mutant / m.path
+            text = target.read_text()
+            if text.count(m.old) != 1:
+                print(f"FAIL     {m.name}: the planted text occurs {text.count(m.old)} times in {m.path}", flush=True)
+                survivors += 1
+                continue
+            target.write_text(text.replace(m.old, m.new))
+            verdicts = []
+            for n, b_mn, flavor, order in m.checks:
+                exe = runner.build(flavor, csrc=mutant, program="sm90_gemm_probe")
+                verdicts.append((f"N={n} {'B MN' if b_mn else 'B K'} [{flavor} {order}]",
+                                 run_check(n, b_mn, flavor, order, exe)))
+        caught = any(v for _, v in verdicts)
+        survivors += not caught
+        print(f"{'caught' if caught else 'SURVIVED':8} {m.name} ({time.time() - t0:.0f} s)", flush=True)
+        for what, v in verdicts:
+            print(f"           {what}: {v or 'passed'}", flush=True)
+    print(f"\n{rows - survivors} of {rows} planted bugs caught")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

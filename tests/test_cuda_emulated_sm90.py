@@ -1,0 +1,183 @@
+"""The Hopper (sm_90a) building blocks on the CPU: csrc/cuda/sm90/ptx_sm90.cuh's wrappers run in the
+SIMT emulator's sm_90 model (tests/cuda_emu/emu_sm90.cpp, docs/cuda-emulation.md "Hopper").
+
+- test_gemm_probe: csrc/cuda/sm90/gemm_probe.cuh end to end (a producer warpgroup loading 128-byte
+  swizzled tiles with TMA box copies into a 2-stage mbarrier ring, a consumer warpgroup running
+  wgmma m64nNk16 from shared-memory descriptors, K-major and MN-major B) against a float64 matmul.
+  `make test` runs the plain build in forward thread order; MLA_EXT_EMU_FULL=1 adds reverse and
+  random orders and the ASan+UBSan and TSan builds.
+- test_gemm_probe_compiles_for_sm90a: the same source (plus two wgmma_rs kernels) through plain nvcc
+  for sm_90a: no spills, and the SASS holds the Hopper instructions the wrappers mean (HGMMA with A
+  from shared memory and from registers, UTMALDG, SYNCS, USETMAXREG, WARPGROUP).
+- The descriptor / accumulator semantics themselves are checked against CuTe's GMMA layouts in
+  tests/test_cute_layouts.py; tests/cuda_emu/mutations_sm90.py plants bugs that must be caught.
+"""
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import randn
+from cuda_emu import runner, sm90_runner
+
+pytestmark = [
+    pytest.mark.emulated,
+    pytest.mark.skipif(runner.available() is not None, reason=f"CUDA emulation unavailable: {runner.available()}"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL = os.environ.get("MLA_EXT_EMU_FULL") == "1"
+MODES = [("plain", "forward")] + ([("plain", "reverse"), ("plain", "random"), ("asan", "random"),
+                                   ("tsan", "forward")] if FULL else [])
+
+
+@pytest.fixture(scope="session")
+def probe():
+    built = {}
+
+    def get(flavor):
+        if flavor not in built:
+            built[flavor] = runner.build(flavor, program="sm90_gemm_probe")
+        return built[flavor]
+
+    return get
+
+
+@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+@pytest.mark.parametrize("n,b_mn,dtype", [(64, False, torch.bfloat16), (64, True, torch.bfloat16),
+                                          (256, False, torch.bfloat16), (256, True, torch.bfloat16),
+                                          (64, True, torch.float16)],
+                         ids=["n64-Bk", "n64-Bmn", "n256-Bk", "n256-Bmn", "n64-Bmn-fp16"])
+def test_gemm_probe(n, b_mn, dtype, flavor, order, probe, gen):
+    k = 256  # 4 chunks through a 2-stage ring: every stage is refilled once (phase parity 1 is used)
+    a = randn((64, k), gen, dtype)
+    b = randn((k, n) if b_mn else (n, k), gen, dtype)
+    c = sm90_runner.run_gemm(a, b, b_mn, order=order, seed=5, flavor=flavor, exe=probe(flavor))
+    ref = a.double() @ (b.double() if b_mn else b.double().T)
+    # Products of bf16 are exact; the emulator sums each wgmma's 16 products in double and rounds
+    # the fp32 accumulator once per wgmma (K / 16 = 16 roundings of |C| <~ 60: < 1e-4 absolute).
+    torch.testing.assert_close(c.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_gemm_probe_sees_every_operand_element(probe, gen):
+    """A single changed element of A or B (one chunk, one k-step) must change C: no part of either
+    operand is skipped or read twice (a wrong k-step advance or swizzle would reuse or drop data)."""
+    k = 128
+    a = randn((64, k), gen, torch.bfloat16)
+    b = randn((k, 64), gen, torch.bfloat16)
+    base = sm90_runner.run_gemm(a, b, True, exe=probe("plain"))
+    for (i, j) in [(0, 0), (37, 70), (63, 127)]:
+        a2 = a.clone()
+        a2[i, j] += 1
+        c = sm90_runner.run_gemm(a2, b, True, exe=probe("plain"))
+        changed = (c != base).nonzero().tolist()
+        assert {r for r, _ in changed} == {i}, f"A[{i},{j}] changed rows {sorted({r for r, _ in changed})}"
+        delta = a2[i, j].double() - a[i, j].double()  # +1 after bf16 rounding
+        torch.testing.assert_close(c[i].double() - base[i].double(), delta * b[j].double(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="session")
+def sync_probe():
+    built = {}
+
+    def get(flavor):
+        if flavor not in built:
+            built[flavor] = runner.build(flavor, program="sm90_sync_probe")
+        return built[flavor]
+
+    return get
+
+
+@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+def test_bulk_copy_ring(flavor, order, sync_probe):
+    """cp.async.bulk rows through a 2-stage full / empty mbarrier ring (8 chunks: both parities of
+    both stages) arrive intact (sm90_sync_probe.cpp bulk_ring: 1 per byte equal to the input)."""
+    out = sm90_runner.run_sync_scenario("bulk_ring", order=order, flavor=flavor, exe=sync_probe(flavor))
+    assert out.size == 8 * 32 * 256 and out.all(), f"{int((out == 0).sum())} bytes differ"
+
+
+@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+def test_named_barrier_pingpong(flavor, order, sync_probe):
+    """Two warpgroups hand a buffer back and forth 4 times with bar.arrive / bar.sync: 4 x (1 + 2)."""
+    out = sm90_runner.run_sync_scenario("named_pingpong", order=order, flavor=flavor, exe=sync_probe(flavor))
+    assert out.tolist() == [12] * 128
+
+
+def test_accumulator_read_before_wait_is_poisoned(sync_probe):
+    """A wgmma's accumulators read between issue and wait_group are NaN; after the wait, C + A B."""
+    out = sm90_runner.run_sync_scenario("acc_before_wait", exe=sync_probe("plain")).view(np.float32).reshape(128, 2)
+    assert np.isnan(out[:, 0]).all() and (out[:, 1] == 1.0).all()
+
+
+@pytest.mark.parametrize("scenario,message", [
+    ("never_arrives", "deadlock in block (0,0,0): no thread can make progress; threads 0-63 poll "
+                      "mbarrier.try_wait.parity 0 on mbarrier 0x0 (phase 0, pending arrivals 1 of 2"),
+    ("named_count", "threads 0-63 poll bar.sync 3, 96 (64 arrived); threads 64-127 have exited"),
+    ("setmaxnreg_split", "reached setmaxnreg while other threads of its warpgroup wait in setmaxnreg at another"),
+    ("mbar_clobbered", "was overwritten by a plain store since its init"),
+    ("rs_regs_changed", "the register A operand of a wgmma.mma_async changed between its issue and the wait_group"),
+])
+def test_sync_misuse_is_reported(scenario, message, sync_probe):
+    """Each misuse ends in the emulator error that names it (a GPU would hang or misbehave)."""
+    with pytest.raises(runner.EmulatorError) as e:
+        sm90_runner.run_sync_scenario(scenario, exe=sync_probe("plain"))
+    assert "mla_emu error" in str(e.value) and message in str(e.value), str(e.value)[-800:]
+
+
+def _nvcc():
+    nvcc = shutil.which(os.environ.get("NVCC", "nvcc"))
+    return nvcc
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+def test_gemm_probe_compiles_for_sm90a():
+    """Plain nvcc for sm_90a: ptxas accepts every wrapper's PTX, no spills or local memory."""
+    src = ROOT / "tests" / "cuda_emu" / "sm90_gemm_probe.cu"
+    inputs = [src] + sorted((ROOT / "csrc" / "cuda" / "sm90").glob("*.cuh")) + [ROOT / "csrc" / "cuda" / "common.cuh"]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in inputs)).hexdigest()[:16]
+    out = ROOT / "build" / "sm90" / f"gemm_probe-{key}"
+    out.mkdir(parents=True, exist_ok=True)
+    obj, log = out / "probe.o", out / "ptxas.log"
+    if not obj.exists():
+        cmd = [_nvcc(), "-std=c++17", "-O3", "--use_fast_math", "-gencode=arch=compute_90a,code=sm_90a",
+               "-Xptxas=-v,-warn-spills,-warn-lmem-usage,-Werror", f"-I{ROOT / 'csrc' / 'cuda'}", "-c", str(src),
+               "-o", str(obj) + ".tmp"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        log.write_text(r.stdout + r.stderr)
+        assert r.returncode == 0, f"nvcc failed:\n{(r.stdout + r.stderr)[-4000:]}"
+        os.replace(str(obj) + ".tmp", obj)
+    text = log.read_text()
+    kernels = re.findall(r"Compiling entry function '([^']+)'", text)
+    assert len(kernels) == 7, text[-2000:]  # 5 GEMM probe kernels, 2 wgmma_rs compile kernels
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    assert spills and all(s == ("0", "0") for s in spills), spills
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
+    print("ptxas registers per probe kernel:", regs)
+    cuobjdump = next(iter(sorted(ROOT.glob(".venv/lib/python3*/site-packages/nvidia/cu*/bin/cuobjdump"))), None)
+    cuobjdump = cuobjdump or shutil.which("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("compiled; no cuobjdump to read the SASS (make cuda-tools)")
+    sass = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
+    for op, want in [("HGMMA.64x64x16.F32.BF16", 8), ("HGMMA.64x256x16.F32.BF16", 8), ("HGMMA.64x64x16.F32 ", 4), ("UTMALDG.2D", 13),
+                     ("SYNCS.PHASECHK.TRANS64.TRYWAIT", 20), ("SYNCS.ARRIVE.TRANS64", 10),
+                     ("USETMAXREG.TRY_ALLOC", 5), ("USETMAXREG.DEALLOC", 5), ("WARPGROUP.ARRIVE", 5),
+                     ("WARPGROUP.DEPBAR.LE", 5)]:
+        assert sass.count(op) >= want, f"{op}: {sass.count(op)} in the SASS, want >= {want}"
+    # A from registers (wgmma_rs): the A operand is a register, not a gdesc.
+    for pattern in (r"HGMMA\.64x64x16\.F32\.BF16 R\d+, R\d+", r"HGMMA\.64x256x16\.F32 R\d+, R\d+"):
+        assert re.search(pattern, sass), f"no {pattern} in the SASS"
+
+
+def test_generated_wgmma_header_is_current():
+    """csrc/cuda/sm90/wgmma_gen.cuh is exactly what gen_wgmma.py writes."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gen_wgmma", ROOT / "csrc" / "cuda" / "sm90" / "gen_wgmma.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert (ROOT / "csrc" / "cuda" / "sm90" / "wgmma_gen.cuh").read_text() == mod.main()
