@@ -4,7 +4,8 @@
 // the threads of at::parallel_for (torch.set_num_threads is respected) through an atomic
 // counter, so uneven sequence lengths balance themselves; one long sequence is cut into
 // chunks so that it keeps every core busy. Each item runs an instruction-set kernel
-// (decode_tile_loop.h with avx2_kernels.h, the AVX-512 BF16 one, or the portable one)
+// (the AMX tile kernel of decode_amx.cpp, decode_tile_loop.h with avx2_kernels.h, the
+// AVX-512 BF16 one, or the portable one)
 // that streams its cache rows tile by tile with an online softmax and leaves an
 // unnormalised partial (acc, max, sum). The partials of one sequence are then merged
 // through their (max, sum) pairs into out (q's dtype) and lse.
