@@ -3,7 +3,8 @@
 decode.cpp picks one instruction-set kernel per call (MLA_EXT_CPU_ISA caps the choice):
   * amx-bf16 (bf16 and fp8 caches, CPUs with AMX): tile products, tested at the end of this
     file against the float64 reference;
-  * avx512bf16 (bf16 caches): vdpbf16ps scores, fp32 FMA P.V;
+  * avx512bf16 (bf16 caches): vdpbf16ps scores, fp32 FMA P.V; avx512-fp32 (fp16 / fp32
+    caches): the avx2 kernel's fp32 tiles on 512-bit FMAs (both under isa=avx512bf16);
   * avx2_bf16 (bf16 and fp8 caches): 16-bit tiles read in place, query and accumulators
     de-interleaved per 16 columns, restored by `finish`;
   * avx2 (fp16 and fp32 caches): fp32 tiles;
