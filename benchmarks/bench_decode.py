@@ -17,6 +17,10 @@ Counting follows SPEC section 5:
 Ceilings are measured in the same run: a large copy (bytes read + written), and large
 matmuls through torch in bf16 (SPEC's ceiling) and fp32 (on CPUs without native bf16
 arithmetic torch's bf16 matmul is very slow, so the fp32 rate is the honest ceiling there).
+On x86-64 CPUs benchmarks/native/fma_peak.c adds instruction ceilings where the CPU has the
+instructions: fp32 FMA at 256 and 512 bits (%fma: the widest), vdpbf16ps (%dpbf: the
+avx512bf16 kernel's bf16 ceiling) and AMX TDPBF16PS (%amx: the amx-bf16 kernel's).
+--also-isa avx512bf16 (cpu) times that kernel too, round-robin with the default one.
 
 Implementations, all on the same inputs:
     mla_ext        mla_ext.decode (the kernel column says which CPU kernel ran)
@@ -54,7 +58,9 @@ HEAD, LATENT, ROPE = 576, 512, 64
 
 # name: (b, s_q, h, L). SPEC section 5 plus the long single-sequence CPU case of the issue.
 SHAPES = {
-    "cpu": {"cpu-small": (4, 1, 16, 4096), "cpu-heads": (1, 1, 128, 4096), "cpu-long": (1, 1, 16, 32768)},
+    # cpu-dram: a 302 MB bf16 cache, more than the L2 / L3 of most CPUs (issue 14).
+    "cpu": {"cpu-small": (4, 1, 16, 4096), "cpu-heads": (1, 1, 128, 4096), "cpu-long": (1, 1, 16, 32768),
+            "cpu-dram": (8, 1, 16, 32768)},
     "cuda": {"decode-tp8": (128, 1, 16, 4096), "decode-mtp": (128, 2, 128, 4096), "long-ctx": (2, 1, 16, 32768)},
 }
 APPEND_TOKENS = {"cpu": 16384, "cuda": 65536}
@@ -124,31 +130,50 @@ def ceilings(device: str, quick: bool) -> Dict[str, float]:
         out[f"matmul_{tag}_gflops"] = 2 * n**3 / ms / 1e6
         out[f"matmul_{tag}_n"] = n
     if device == "cpu":
-        out["fma_peak_gflops"] = fma_peak_gflops(torch.get_num_threads())
+        out.update(arithmetic_peaks(torch.get_num_threads()))
     return out
 
 
-def fma_peak_gflops(threads: int) -> Optional[float]:
-    """The fp32 FMA ceiling of `threads` cores (benchmarks/native/fma_peak.c), or None when
-    the CPU lacks AVX2 + FMA or no C compiler is around. No fp32 kernel can pass it; on CPUs
+# benchmarks/native/fma_peak.c probes: (name, the /proc/cpuinfo flags it needs, ceiling key).
+PEAK_PROBES = [("fma256", {"avx2", "fma"}, "fma256_gflops"), ("fma512", {"avx512f"}, "fma512_gflops"),
+               ("dpbf16", {"avx512_bf16"}, "dpbf16_peak_gflops"), ("amx", {"amx_tile", "amx_bf16"}, "amx_peak_gflops")]
+
+
+def arithmetic_peaks(threads: int) -> Dict[str, Optional[float]]:
+    """The instruction ceilings of `threads` cores (benchmarks/native/fma_peak.c): fp32 FMA
+    at 256 and 512 bits, vdpbf16ps (the avx512bf16 kernel's bf16 ceiling) and AMX
+    TDPBF16PS (the amx-bf16 kernel's), each where the CPU has it (None otherwise, or without
+    a C compiler). fma_peak_gflops is the widest FMA: no fp32 kernel can pass it; on CPUs
     without native bf16 arithmetic it is the honest compute ceiling."""
     import shutil
     import subprocess
     import tempfile
 
+    out: Dict[str, Optional[float]] = {key: None for _, _, key in PEAK_PROBES}
     flags = set(cpu_info()["flags"])
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags or cc is None:
-        return None
+    if platform.machine() not in ("x86_64", "AMD64") or cc is None:
+        out["fma_peak_gflops"] = None
+        return out
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "fma_peak.c")
     with tempfile.TemporaryDirectory() as tmp:
         exe = os.path.join(tmp, "fma_peak")
         try:
             subprocess.run([cc, "-O2", "-pthread", src, "-o", exe], check=True, capture_output=True, timeout=120)
-            res = subprocess.run([exe, str(threads)], check=True, capture_output=True, text=True, timeout=120)
-            return float(res.stdout.strip())
-        except (subprocess.SubprocessError, OSError, ValueError):
-            return None
+        except (subprocess.SubprocessError, OSError):
+            out["fma_peak_gflops"] = None
+            return out
+        for probe, needs, key in PEAK_PROBES:
+            if not needs <= flags:
+                continue
+            try:
+                res = subprocess.run([exe, str(threads), probe], check=True, capture_output=True, text=True,
+                                     timeout=120)
+                out[key] = float(res.stdout.strip())
+            except (subprocess.SubprocessError, OSError, ValueError):
+                pass
+    out["fma_peak_gflops"] = out["fma512_gflops"] or out["fma256_gflops"]
+    return out
 
 
 # --------------------------------------------------------------------------- inputs
@@ -227,7 +252,7 @@ def cpu_info() -> Dict[str, object]:
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 info["flags"] = sorted(flags & {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
-                                                "avx512_bf16", "amx_bf16"})
+                                                "avx512_bf16", "amx_bf16", "amx_tile", "amx_fp16"})
                 break
     except OSError:
         pass
@@ -253,6 +278,23 @@ def git_commit() -> Dict[str, object]:
     commit = git("rev-parse", "--short=7", "HEAD")
     dirty = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": bool(dirty) if commit and dirty is not None else None}
+
+
+class cpu_isa:
+    """with cpu_isa("avx512bf16"): calls inside run under MLA_EXT_CPU_ISA=avx512bf16 (read per call)."""
+
+    def __init__(self, isa: str):
+        self.isa, self.old = isa, None
+
+    def __enter__(self):
+        self.old = os.environ.get("MLA_EXT_CPU_ISA")
+        os.environ["MLA_EXT_CPU_ISA"] = self.isa
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            del os.environ["MLA_EXT_CPU_ISA"]
+        else:
+            os.environ["MLA_EXT_CPU_ISA"] = self.old
 
 
 def progress(msg: str, t0: float) -> None:
@@ -284,6 +326,9 @@ def main() -> int:
     ap.add_argument("--sweep-b", type=int, default=None, help="batch of --sweep (default 4 cpu, 128 cuda)")
     ap.add_argument("--sweep-h", type=int, default=16, help="query heads of --sweep")
     ap.add_argument("--note", default=None, help="free text kept in the JSON (e.g. 'machine shared, not quiet')")
+    ap.add_argument("--also-isa", default="",
+                    help="cpu: comma-separated MLA_EXT_CPU_ISA values (e.g. avx512bf16) whose kernels are timed too, "
+                         "round-robin with the default one, as impls 'mla_ext[<isa>]' / 'mla_ext-fp8[<isa>]'")
     args = ap.parse_args()
     t_start = time.perf_counter()
 
@@ -316,6 +361,10 @@ def main() -> int:
         dev_info["load_before"] = os.getloadavg()
         kernels = {"mla_ext": mla_ext.cpu_decode_kernel(dtype),
                    "mla_ext-fp8": mla_ext.cpu_decode_kernel(torch.float8_e4m3fn)}
+        for isa in [x for x in args.also_isa.split(",") if x]:
+            with cpu_isa(isa):
+                kernels[f"mla_ext[{isa}]"] = mla_ext.cpu_decode_kernel(dtype)
+                kernels[f"mla_ext-fp8[{isa}]"] = mla_ext.cpu_decode_kernel(torch.float8_e4m3fn)
     else:
         dev_info["gpu"] = torch.cuda.get_device_name()
         kernels = {"mla_ext": "cuda", "mla_ext-fp8": "cuda"}
@@ -327,8 +376,8 @@ def main() -> int:
     ceil = ceilings(device, args.quick)
     print(f"# ceilings: copy {ceil['copy_gbps']:.1f} GB/s, matmul bf16 {ceil['matmul_bf16_gflops']:.1f} GFLOP/s "
           f"(n={ceil['matmul_bf16_n']}), fp32 {ceil['matmul_fp32_gflops']:.1f} GFLOP/s (n={ceil['matmul_fp32_n']})"
-          + (f", fp32 FMA peak {ceil['fma_peak_gflops']:.1f} GFLOP/s ({torch.get_num_threads()} threads)"
-             if ceil.get("fma_peak_gflops") else ""))
+          + "".join(f", {probe} peak {ceil[key]:.1f}" for probe, _, key in PEAK_PROBES if ceil.get(key))
+          + (f" GFLOP/s ({torch.get_num_threads()} threads)" if ceil.get("fma_peak_gflops") else ""))
 
     vop = vllm_op() if device == "cpu" else None
     records: List[Dict[str, object]] = []
@@ -348,6 +397,16 @@ def main() -> int:
             s8 = mla_ext.fp8_scale_for(cache)
             cache8 = reference.quantize_fp8(cache, s8)
             impls["mla_ext-fp8"] = lambda: mla_ext.decode(qn, qp, cache8, bt, sl, softmax_scale=scale, scale=s8)
+        for isa in [x for x in args.also_isa.split(",") if x] if device == "cpu" else []:
+            def with_isa(fn, isa=isa):
+                def call():
+                    with cpu_isa(isa):
+                        return fn()
+                return call
+            impls[f"mla_ext[{isa}]"] = with_isa(impls["mla_ext"])
+            impl_bytes[f"mla_ext-fp8[{isa}]"] = impl_bytes["mla_ext-fp8"]
+            if "mla_ext-fp8" in impls:
+                impls[f"mla_ext-fp8[{isa}]"] = with_isa(impls["mla_ext-fp8"])
         if not args.no_torch and sweep is None:
             impls["torch"] = lambda: reference.decode(q, None, cache, bt, sl, scale, compute_dtype=q.dtype)
         if not args.no_torch:
@@ -379,14 +438,17 @@ def main() -> int:
                    "pct_matmul_bf16": 100 * gflops / ceil["matmul_bf16_gflops"],
                    "pct_matmul_fp32": 100 * gflops / ceil["matmul_fp32_gflops"],
                    "pct_fma_peak": 100 * gflops / ceil["fma_peak_gflops"] if ceil.get("fma_peak_gflops") else None,
+                   "pct_dpbf16_peak": 100 * gflops / ceil["dpbf16_peak_gflops"] if ceil.get("dpbf16_peak_gflops") else None,
+                   "pct_amx_peak": 100 * gflops / ceil["amx_peak_gflops"] if ceil.get("amx_peak_gflops") else None,
                    "pct_copy": 100 * gbps / ceil["copy_gbps"]}
             if sweep is not None:
                 rec["sweep"] = "L"
             if impl in kernels:
                 rec["kernel"] = kernels[impl]
-            if impl == "mla_ext-fp8":
+            if impl.startswith("mla_ext-fp8"):
                 rec["cache_dtype"] = "fp8_e4m3"
-                rec["speedup_vs_mla_ext"] = res["mla_ext"] / ms
+                base = impl.replace("mla_ext-fp8", "mla_ext")
+                rec["speedup_vs_mla_ext"] = res[base] / ms
             for peer in ("torch", "torch-batched", "vllm"):
                 if peer in res and impl != peer:
                     rec[f"speedup_vs_{peer}"] = res[peer] / ms
@@ -425,22 +487,26 @@ def main() -> int:
         dev_info["load_after"] = os.getloadavg()
 
     # ---- table
-    print(f"\n{'shape':<12} {'impl':<22} {'ms':>9} {'GFLOP/s':>8} {'GB/s':>7} {'%fma':>5} {'%fp32mm':>8} "
-          f"{'%bf16mm':>8} {'%copy':>6} {'x torch':>8} {'x batched':>9} {'x vllm':>7}")
+    print(f"\n{'shape':<12} {'impl':<36} {'ms':>9} {'GFLOP/s':>8} {'GB/s':>7} {'%fma':>5} {'%dpbf':>5} {'%amx':>5} "
+          f"{'%fp32mm':>8} {'%bf16mm':>8} {'%copy':>6} {'x torch':>8} {'x batched':>9} {'x vllm':>7}")
     for r in records:
         def f(key, fmt):
             return format(r[key], fmt) if r.get(key) is not None else "-"
-        print(f"{r['name']:<12} {r['impl'] + ('/' + r['kernel'] if 'kernel' in r else ''):<22} {r['ms']:>9.3f} "
-              f"{f('gflops', '.1f'):>8} {r['gbps']:>7.2f} {f('pct_fma_peak', '.0f'):>5} {f('pct_matmul_fp32', '.0f'):>8} "
+        print(f"{r['name']:<12} {r['impl'] + ('/' + r['kernel'] if 'kernel' in r else ''):<36} {r['ms']:>9.3f} "
+              f"{f('gflops', '.1f'):>8} {r['gbps']:>7.2f} {f('pct_fma_peak', '.0f'):>5} {f('pct_dpbf16_peak', '.0f'):>5} "
+              f"{f('pct_amx_peak', '.1f'):>5} {f('pct_matmul_fp32', '.0f'):>8} "
               f"{f('pct_matmul_bf16', '.0f'):>8} {f('pct_copy', '.0f'):>6} {f('speedup_vs_torch', '.1f'):>8} "
               f"{f('speedup_vs_torch-batched', '.1f'):>9} {f('speedup_vs_vllm', '.2f'):>7}"
               + (f"  ({r['speedup_vs_mla_ext']:.2f}x the 16-bit cache)" if "speedup_vs_mla_ext" in r else ""))
     if device == "cpu":
         print(f"# load average after: {dev_info['load_after']}")
-        over = [r for r in records if (r.get("pct_fma_peak") or 0) > 100]
+        # Each kernel against the ceiling of the instructions it computes with (AMX kernels
+        # legitimately run above the FMA peaks).
+        own = {"amx-bf16": "pct_amx_peak", "avx512bf16": "pct_dpbf16_peak"}
+        over = [r for r in records if r.get("kernel") and (r.get(own.get(r["kernel"], "pct_fma_peak")) or 0) > 100]
         if over:
-            print("# WARNING: a kernel ran above the measured FMA peak: that ceiling was measured while the "
-                  "host took a core away; rerun before quoting %fma")
+            print("# WARNING: a kernel ran above its measured instruction peak: that ceiling was measured while "
+                  "the host took a core away; rerun before quoting the % columns")
         if vop is None:
             print("# vllm: not installed (optional); no vLLM column")
 

@@ -1,6 +1,10 @@
 """The CPU decode kernels against each other and against the fp64 reference.
 
 decode.cpp picks one instruction-set kernel per call (MLA_EXT_CPU_ISA caps the choice):
+  * amx-bf16 (bf16 and fp8 caches, CPUs with AMX): tile products, tested at the end of this
+    file against the float64 reference;
+  * avx512bf16 (bf16 caches): vdpbf16ps scores, fp32 FMA P.V; avx512-fp32 (fp16 / fp32
+    caches): the avx2 kernel's fp32 tiles on 512-bit FMAs (both under isa=avx512bf16);
   * avx2_bf16 (bf16 and fp8 caches): 16-bit tiles read in place, query and accumulators
     de-interleaved per 16 columns, restored by `finish`;
   * avx2 (fp16 and fp32 caches): fp32 tiles;
@@ -51,18 +55,33 @@ def _decode(isa, monkeypatch, *args, **kwargs):
     return mla_ext.decode(*args, **kwargs)
 
 
+def _kernel_for(isa: str, cache_dtype: torch.dtype) -> str:
+    """The kernel decode.cpp picks for this dtype under MLA_EXT_CPU_ISA=isa."""
+    old = os.environ.get("MLA_EXT_CPU_ISA")
+    os.environ["MLA_EXT_CPU_ISA"] = isa
+    try:
+        return mla_ext.cpu_decode_kernel(cache_dtype)
+    finally:
+        if old is None:
+            del os.environ["MLA_EXT_CPU_ISA"]
+        else:
+            os.environ["MLA_EXT_CPU_ISA"] = old
+
+
 @pytest.mark.parametrize("s_q, h, block_size", CASES)
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
-@pytest.mark.parametrize("isa", ["avx2", "auto"])
+@pytest.mark.parametrize("isa", ["avx2", "avx512bf16", "auto"])
 def test_vector_kernel_matches_scalar_kernel(isa, s_q, h, block_size, cache_dtype, gen, monkeypatch):
     monkeypatch.setenv("MLA_EXT_CPU_ISA", isa)
     kernel = mla_ext.cpu_decode_kernel(cache_dtype)
     if kernel == "scalar":
         pytest.skip("this CPU has no vector kernel for this dtype")
-    if isa == "auto":
-        monkeypatch.setenv("MLA_EXT_CPU_ISA", "avx2")
-        if mla_ext.cpu_decode_kernel(cache_dtype) == kernel:
-            pytest.skip(f"auto picks {kernel} here, already covered by isa=avx2")
+    if kernel == "amx-bf16":
+        pytest.skip("the AMX kernel (P in two bf16 parts, not bit-comparable at CROSS_TOL): "
+                    "test_amx_kernel_against_reference covers it")
+    lower = {"avx2": None, "avx512bf16": "avx2", "auto": "avx512bf16"}[isa]
+    if lower is not None and _kernel_for(lower, cache_dtype) == kernel:
+        pytest.skip(f"{isa} picks {kernel} here, already covered by isa={lower}")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # several items per sequence, whatever the machine
     try:
@@ -169,7 +188,7 @@ def test_avx512_kernel_logic_under_emulation():
 
 
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "auto"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512bf16", "auto"])
 def test_nan_in_a_causally_masked_key_stays_masked(isa, cache_dtype, monkeypatch):
     """s_q = 2, causal: the last key of sequence 0 holds an inf / NaN in its V columns, so only
     query 1 sees it. Query 0 must equal the float64 reference (a masked key is skipped, never
@@ -202,3 +221,141 @@ def test_nan_in_a_causally_masked_key_stays_masked(isa, cache_dtype, monkeypatch
     torch.testing.assert_close(out[0, 0].double(), ref_out[0, 0].double(), **tol)
     torch.testing.assert_close(out[1].double(), ref_out[1].double(), **tol)
     torch.testing.assert_close(lse[:, 0].double(), ref_lse[:, 0].double(), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- the AMX kernel
+#
+# decode_amx.cpp computes both products on AMX tiles (TDPBF16PS: bf16 inputs, fp32
+# accumulation). A bf16 query is used as is; an fp32 query (fp8 caches) is split into three
+# bf16 parts (24 significant bits); P is carried as two bf16 parts (P - hi - lo <= 2^-18 P).
+# So it is held to the same float64-oracle tolerance as the fp32-arithmetic kernels.
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+CPU_HAS_AMX = {"amx_tile", "amx_bf16", "avx512_bf16"} <= _cpu_flags()
+NEEDS_AMX = pytest.mark.skipif(not CPU_HAS_AMX, reason="needs a CPU with AMX-BF16 (amx_tile, amx_bf16 and "
+                                                       "avx512_bf16 in /proc/cpuinfo)")
+AMX_DTYPES = [torch.bfloat16, torch.float8_e4m3fn]
+
+
+def _amx_tol(q_dtype: torch.dtype) -> dict:
+    """Output tolerance of the AMX kernel against the float64 reference: fp32 accumulation
+    (~1e-5 on O(1) outputs, see conftest's FP32_ATOL) plus the split P's 2^-18 relative
+    weight error (<= 2^-18 max|V| ~ 2e-5 worst case, ~1e-6 typical since the rounding
+    errors of ~1000 weights have random signs): atol 4e-5. With a bf16 query the output and
+    the reference's (computed in float64, returned in q's dtype) are both rounded to bf16:
+    where the exact value sits near a rounding boundary they differ by one ulp, 2^-7 |x|
+    (conftest's OUT_TOL_VS_FP32_REF; every kernel needs it)."""
+    return dict(rtol=2.0**-7 + 2e-5 if q_dtype == torch.bfloat16 else 2e-5, atol=4e-5)
+
+
+# Query rows s_q * h: 1, 16, 128 (two row blocks), 32 and 64 (causal s_q > 1), 15 (padded to
+# a 16-row tile); block sizes 1 and 7 (key tiles copied from scattered rows), 16 and 64
+# (key tiles loaded in place from the cache).
+AMX_CASES = [(s_q, h, bs) for s_q, h in [(1, 1), (1, 16), (1, 128), (2, 16), (3, 5), (4, 16)] for bs in (1, 7, 16, 64)]
+
+
+@NEEDS_AMX
+@pytest.mark.parametrize("s_q, h, block_size", AMX_CASES)
+@pytest.mark.parametrize("cache_dtype", AMX_DTYPES)
+def test_amx_kernel_against_reference(s_q, h, block_size, cache_dtype, gen, monkeypatch):
+    """The AMX kernel (really the one that runs: asserted) against the float64 reference, on
+    a NaN-poisoned paged cache, lengths 0 / 1 / 17 / 300 / 1000 (partial key blocks, several
+    items per sequence on two threads), causal."""
+    monkeypatch.setenv("MLA_EXT_CPU_ISA", "amx")
+    assert mla_ext.cpu_decode_kernel(cache_dtype) == "amx-bf16", "the CPU has AMX but the AMX kernel is not picked"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seqlens = [0, 1, 17, 300, 1000 if s_q * h < 128 else 400]
+        kv = make_paged_kv(seqlens, block_size, gen, torch.float32, "cpu", spare_blocks=2)
+        scale = None
+        if cache_dtype == torch.float8_e4m3fn:
+            scale = mla_ext.fp8_scale_for(torch.nan_to_num(kv.cache, nan=0.0))
+            cache = reference.quantize_fp8(kv.cache, scale)
+            q_dtype = torch.float32
+        else:
+            cache = kv.cache.to(cache_dtype)
+            q_dtype = cache_dtype
+        q_nope, q_pe = make_query(len(seqlens), s_q, h, gen, q_dtype, "cpu")
+        if cache_dtype == torch.float8_e4m3fn and block_size in (1, 16):
+            # An fp32 query whose values are all bf16 numbers takes the one-part score
+            # product (mid / lo would be zero); the other block sizes run the three-part one.
+            q_nope, q_pe = q_nope.bfloat16().float(), q_pe.bfloat16().float()
+        args = (q_nope, q_pe, cache, kv.block_table, kv.cache_seqlens)
+        out, lse = mla_ext.decode(*args, softmax_scale=DEEPSEEK_SCALE, causal=True, return_lse=True, scale=scale)
+        ref_out, ref_lse = reference.decode(*args, DEEPSEEK_SCALE, causal=True, compute_dtype=torch.float64,
+                                            scale=scale)
+        assert torch.isfinite(out).all(), "NaN poison leaked into the output"
+        torch.testing.assert_close(out.double(), ref_out.double(), **_amx_tol(q_dtype))
+        # Scores: exact bf16 products with fp32 accumulation, as close as the fp32 kernels'
+        # (conftest's LSE tolerance); -inf for L = 0.
+        torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=2e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@NEEDS_AMX
+def test_amx_kernel_beats_pure_bf16_scores_for_fp32_queries(gen, monkeypatch):
+    """An fp32 query (fp8 cache) keeps its 24 bits through the three-part split: the AMX
+    kernel's lse must be much closer to the float64 one than a bf16-rounded query allows."""
+    monkeypatch.setenv("MLA_EXT_CPU_ISA", "amx")
+    kv = make_paged_kv([500], 16, gen, torch.float32, "cpu")
+    scale = mla_ext.fp8_scale_for(torch.nan_to_num(kv.cache, nan=0.0))
+    cache = reference.quantize_fp8(kv.cache, scale)
+    q_nope, q_pe = make_query(1, 1, 16, gen, torch.float32, "cpu")
+    args = (cache, kv.block_table, kv.cache_seqlens)
+    _, lse = mla_ext.decode(q_nope, q_pe, *args, softmax_scale=DEEPSEEK_SCALE, return_lse=True, scale=scale)
+    _, ref = reference.decode(q_nope, q_pe, *args, DEEPSEEK_SCALE, compute_dtype=torch.float64, scale=scale)
+    _, rounded = reference.decode(q_nope.bfloat16().float(), q_pe.bfloat16().float(), *args, DEEPSEEK_SCALE,
+                                  compute_dtype=torch.float64, scale=scale)
+    err = (lse.double() - ref).abs().max().item()
+    err_bf16_q = (rounded - ref).abs().max().item()
+    assert err < err_bf16_q / 10, (err, err_bf16_q)
+
+
+@NEEDS_AMX
+def test_amx_fp8_widening_every_code(monkeypatch):
+    """All 254 finite e4m3fn codes through the AMX kernel's fp8 -> bf16 widening, bit for bit:
+    one key (P = 1 exactly), a zero query, a power-of-two scale, so out = V * scale exactly;
+    the NaN code (0x7f) gives NaN."""
+    monkeypatch.setenv("MLA_EXT_CPU_ISA", "amx")
+    assert mla_ext.cpu_decode_kernel(torch.float8_e4m3fn) == "amx-bf16"
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    row = torch.zeros(576, dtype=torch.uint8)
+    row[:254] = codes
+    row[256:510] = codes.flip(0)
+    cache = row.view(1, 1, 576).repeat(1, 16, 1).view(torch.float8_e4m3fn)
+    table = torch.zeros(1, 1, dtype=torch.int32)
+    scale = torch.tensor([0.5])
+    q = torch.zeros(1, 1, 1, 576)
+    out = mla_ext.decode(q[..., :512], q[..., 512:], cache, table, torch.tensor([1], dtype=torch.int32),
+                         softmax_scale=0.1, scale=scale)
+    expected = cache[0, 0, :512].float() * 0.5
+    assert torch.equal(out[0, 0, 0], expected)
+    nan_row = row.clone()
+    nan_row[5] = 0x7F
+    cache_nan = nan_row.view(1, 1, 576).repeat(1, 16, 1).view(torch.float8_e4m3fn)
+    out = mla_ext.decode(q[..., :512], q[..., 512:], cache_nan, table, torch.tensor([1], dtype=torch.int32),
+                         softmax_scale=0.1, scale=scale)
+    assert torch.isnan(out[0, 0, 0, 5])
+
+
+def test_amx_kernel_is_picked_exactly_when_the_cpu_has_amx():
+    """auto picks the AMX kernel for bf16 and fp8 caches on an AMX CPU (and never elsewhere);
+    fp16 / fp32 caches keep their kernels; MLA_EXT_CPU_ISA=avx512bf16 turns AMX off."""
+    for dt in AMX_DTYPES:
+        assert (_kernel_for("auto", dt) == "amx-bf16") == CPU_HAS_AMX
+        assert _kernel_for("avx512bf16", dt) != "amx-bf16"
+    for dt in (torch.float16, torch.float32):
+        assert _kernel_for("auto", dt) != "amx-bf16"

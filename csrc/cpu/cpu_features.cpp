@@ -5,9 +5,26 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace mla::cpu {
 namespace {
+
+// Linux (5.16+) hands out the 8 KiB AMX tile state only on request: the permission is
+// per process (every thread, present and future, may then use the tiles), and a
+// TILELOADD without it kills the process with SIGILL. Asking again is harmless.
+bool request_amx_permission() {
+#if defined(__linux__) && defined(__x86_64__)
+  constexpr long kArchReqXcompPerm = 0x1023;  // ARCH_REQ_XCOMP_PERM
+  constexpr long kXfeatureXtiledata = 18;     // XFEATURE_XTILEDATA
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 CpuFeatures detect() {
   CpuFeatures f;
@@ -26,6 +43,7 @@ CpuFeatures detect() {
   const bool avx512f = b & (1u << 16), avx512dq = b & (1u << 17), avx512bw = b & (1u << 30),
              avx512vl = b & (1u << 31);
   const unsigned max_sub = a;
+  const bool amx_bf16 = d & (1u << 22), amx_tile = d & (1u << 24);
   bool bf16 = false;
   if (max_sub >= 1) {
     __cpuid_count(7, 1, a, b, c, d);
@@ -33,6 +51,8 @@ CpuFeatures detect() {
   }
   f.avx2_fma_f16c = ymm_state && avx2 && fma && f16c;
   f.avx512_bf16 = f.avx2_fma_f16c && zmm_state && avx512f && avx512dq && avx512bw && avx512vl && bf16;
+  const bool tile_state = (xcr0_lo & 0x60000u) == 0x60000u;  // XTILECFG + XTILEDATA
+  f.amx_bf16 = f.avx512_bf16 && amx_tile && amx_bf16 && tile_state && request_amx_permission();
 #endif
   return f;
 }

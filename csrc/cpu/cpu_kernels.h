@@ -17,7 +17,9 @@ void append_kv_fp8(const AppendParams& params);
 void decode(const DecodeParams& params);
 
 // Name of the decode kernel a call with this cache dtype would run on this CPU
-// ("avx512bf16", "avx2-bf16" (bf16 / fp8 caches), "avx2" or "scalar"; MLA_EXT_CPU_ISA
+// ("amx-bf16" (bf16 / fp8 caches), "avx512bf16", "avx512-fp32" (fp16 / fp32), "avx2-bf16"
+// (bf16 / fp8 caches), "avx2" or
+// "scalar"; MLA_EXT_CPU_ISA
 // caps the instruction set).
 const char* decode_kernel_name(DType dtype);
 

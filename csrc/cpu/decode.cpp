@@ -4,13 +4,14 @@
 // the threads of at::parallel_for (torch.set_num_threads is respected) through an atomic
 // counter, so uneven sequence lengths balance themselves; one long sequence is cut into
 // chunks so that it keeps every core busy. Each item runs an instruction-set kernel
-// (decode_tile_loop.h with avx2_kernels.h, the AVX-512 BF16 one, or the portable one)
+// (the AMX tile kernel of decode_amx.cpp, decode_tile_loop.h with avx2_kernels.h, the
+// AVX-512 BF16 one, or the portable one)
 // that streams its cache rows tile by tile with an online softmax and leaves an
 // unnormalised partial (acc, max, sum). The partials of one sequence are then merged
 // through their (max, sum) pairs into out (q's dtype) and lse.
 //
 // The kernel is chosen per call from the CPU's features (cpuid, cached) and the dtype;
-// MLA_EXT_CPU_ISA=scalar|avx2|avx512bf16 caps the choice (for tests and benchmarks).
+// MLA_EXT_CPU_ISA=scalar|avx2|avx512bf16|amx caps the choice (for tests and benchmarks).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -37,21 +38,23 @@ constexpr int32_t kMaxItemRows = 64;   // query rows per item: Q (fp32) + acc st
 constexpr int64_t kMinChunk = 256;     // smallest KV chunk worth an item (~1% overhead)
 constexpr int kItemsPerThread = 4;     // aim for this many items per thread (balance)
 
-enum class IsaLevel { kScalar = 0, kAvx2 = 1, kAvx512Bf16 = 2 };
+enum class IsaLevel { kScalar = 0, kAvx2 = 1, kAvx512Bf16 = 2, kAmx = 3 };
 
 IsaLevel requested_level() {
   const char* env = std::getenv("MLA_EXT_CPU_ISA");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return IsaLevel::kAvx512Bf16;
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return IsaLevel::kAmx;
   if (std::strcmp(env, "scalar") == 0) return IsaLevel::kScalar;
   if (std::strcmp(env, "avx2") == 0) return IsaLevel::kAvx2;
   if (std::strcmp(env, "avx512bf16") == 0) return IsaLevel::kAvx512Bf16;
-  TORCH_CHECK_VALUE(false, "MLA_EXT_CPU_ISA must be auto, scalar, avx2 or avx512bf16, got '", env, "'");
+  if (std::strcmp(env, "amx") == 0) return IsaLevel::kAmx;
+  TORCH_CHECK_VALUE(false, "MLA_EXT_CPU_ISA must be auto, scalar, avx2, avx512bf16 or amx, got '", env, "'");
 }
 
 const DecodeIsa* pick_isa(DType dtype) {
   const CpuFeatures& f = cpu_features();
   const IsaLevel cap = requested_level();
   const DecodeIsa* isa = nullptr;
+  if (cap >= IsaLevel::kAmx && f.amx_bf16 && (isa = decode_isa_amx()) && isa->supports(dtype)) return isa;
   if (cap >= IsaLevel::kAvx512Bf16 && f.avx512_bf16 && (isa = decode_isa_avx512bf16()) && isa->supports(dtype))
     return isa;
   if (cap >= IsaLevel::kAvx2 && f.avx2_fma_f16c && (isa = decode_isa_avx2()) && isa->supports(dtype)) return isa;

@@ -1,5 +1,6 @@
-// CPU decode kernel for x86-64 with AVX-512 BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and
-// later), bf16 caches only (fp16 / fp32 caches take the AVX2 kernel).
+// CPU decode kernels for x86-64 with AVX-512 BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and
+// later): "avx512bf16" for bf16 caches (below), and "avx512-fp32" for fp16 / fp32 caches
+// (fp32 tiles as in the AVX2 kernel, both GEMMs on 512-bit FMAs; at the end of the file).
 //
 // UNTESTED ON HARDWARE: it was written and compiled on an AVX2-only machine (AMD Zen 3)
 // and has never been executed. It mirrors the AVX2 kernel (avx2_kernels.h) step by step:
@@ -185,12 +186,95 @@ struct Kernel : KernelDefaults {
 
 }  // namespace avx512
 
-bool avx512_supports(DType t) { return t == DType::kBFloat16; }
+// fp16 and fp32 caches: fp32 tiles (fp16 widened with F16C, fp32 in place) as in the AVX2
+// kernel, whose query loading, tile preparation and softmax this reuses; both GEMMs on
+// 512-bit FMAs (twice the AVX2 kernel's width). Their precision is unchanged: no bf16
+// rounding anywhere.
+namespace avx512f32 {
 
-size_t avx512_scratch_bytes(int32_t max_rows) { return scratch_bytes_impl<avx512::Kernel>(max_rows); }
+constexpr int kScoreRB = 4;  // 16 accumulators + 4 key vectors + 1 query vector of 32 zmm
+constexpr int kScoreKB = 4;
+
+// s[i][j] = q_i . k_j over 576 fp32 columns (q pre-scaled by s2scale).
+template <int RB>
+inline void score_block(const float* q, const float* const* k, float* s) {
+  __m512 acc[RB][kScoreKB];
+  MLA_UNROLL
+  for (int i = 0; i < RB; ++i)
+    MLA_UNROLL
+    for (int j = 0; j < kScoreKB; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int d = 0; d < kHeadDim; d += 16) {  // 36 steps
+    __m512 kv[kScoreKB];
+    MLA_UNROLL
+    for (int j = 0; j < kScoreKB; ++j) kv[j] = _mm512_loadu_ps(k[j] + d);
+    MLA_UNROLL
+    for (int i = 0; i < RB; ++i) {
+      const __m512 qv = _mm512_loadu_ps(q + i * kHeadDim + d);
+      MLA_UNROLL
+      for (int j = 0; j < kScoreKB; ++j) acc[i][j] = _mm512_fmadd_ps(qv, kv[j], acc[i][j]);
+    }
+  }
+  MLA_UNROLL
+  for (int i = 0; i < RB; ++i)
+    MLA_UNROLL
+    for (int j = 0; j < kScoreKB; ++j) s[i * kScoreStride + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+template <int RB>
+inline void score_rows(const float* q, const float* const* kf, float* s, Prefetcher& pf) {
+  for (int j0 = 0; j0 < kKeyTile; j0 += kScoreKB) {
+    score_block<RB>(q, kf + j0, s + j0);
+    pf.step();
+  }
+}
+
+struct Kernel : KernelDefaults {
+  using QElt = float;
+  static constexpr int kQStride = kHeadDim;
+  static int prefetch_steps(int rows) {
+    return register_block_steps(rows, kScoreRB, kScoreKB, avx512::kPvRB, 16 * avx512::kPvW);
+  }
+  template <class CT>
+  static void load_q(const DecodeParams& p, int32_t seq, int32_t r0, int32_t rows, float s2scale, float* q) {
+    avx2::load_q<CT>(p, seq, r0, rows, s2scale, q);
+  }
+  template <class CT>
+  static void prepare_tile(const typename CT::T* const* raw, int n, float* kbuf, const float* zero, const float** kf) {
+    avx2::prepare_tile<CT>(raw, n, kbuf, zero, kf);
+  }
+  template <class CT>
+  static void scores(const float* q, int rows, const typename CT::T* const*, const float* const* kf, float,
+                     float* s, Prefetcher& pf) {
+    for_row_blocks<kScoreRB>(rows, [&](auto rb, int r) {
+      score_rows<decltype(rb)::value>(q + r * kHeadDim, kf, s + r * kScoreStride, pf);
+    });
+  }
+  static void softmax_row(const float* s, int visible, float* max, float* sum, float* p, float* corr) {
+    avx2::softmax_row(s, visible, max, sum, p, corr);
+  }
+  static void pv(const float* p, const float* corr, const float* const* vf, int n, int rows, float* acc,
+                 Prefetcher& pf) {
+    avx512::pv(p, corr, vf, n, rows, acc, pf);
+  }
+};
+
+}  // namespace avx512f32
+
+bool avx512_supports(DType t) { return t == DType::kBFloat16 || t == DType::kFloat16 || t == DType::kFloat32; }
+
+const char* avx512_name(DType t) { return t == DType::kBFloat16 ? "avx512bf16" : "avx512-fp32"; }
+
+size_t avx512_scratch_bytes(int32_t max_rows) {
+  const size_t a = scratch_bytes_impl<avx512::Kernel>(max_rows), b = scratch_bytes_impl<avx512f32::Kernel>(max_rows);
+  return a > b ? a : b;
+}
 
 void avx512_run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void* scratch) {
-  run_item_impl<avx512::Kernel, CacheBF16>(p, it, out, scratch);
+  switch (p.cache_dtype) {
+    case DType::kBFloat16: run_item_impl<avx512::Kernel, CacheBF16>(p, it, out, scratch); break;
+    case DType::kFloat16: run_item_impl<avx512f32::Kernel, CacheF16>(p, it, out, scratch); break;
+    default: run_item_impl<avx512f32::Kernel, CacheF32>(p, it, out, scratch); break;
+  }
 }
 
 }  // namespace
@@ -204,7 +288,7 @@ namespace mla::cpu {
 
 const DecodeIsa* decode_isa_avx512bf16() {
 #ifdef MLA_HAVE_AVX512BF16_KERNEL
-  static const DecodeIsa isa{[](DType) { return "avx512bf16"; }, &avx512_supports, &avx512_scratch_bytes, &avx512_run_item};
+  static const DecodeIsa isa{&avx512_name, &avx512_supports, &avx512_scratch_bytes, &avx512_run_item};
   return &isa;
 #else
   return nullptr;

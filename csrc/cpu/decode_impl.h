@@ -53,5 +53,6 @@ struct DecodeIsa {
 const DecodeIsa* decode_isa_scalar();
 const DecodeIsa* decode_isa_avx2();
 const DecodeIsa* decode_isa_avx512bf16();
+const DecodeIsa* decode_isa_amx();  // AMX tiles: bf16 and fp8 caches (decode_amx.cpp)
 
 }  // namespace mla::cpu

@@ -1,0 +1,745 @@
+// CPU decode kernel on Intel AMX (TDPBF16PS tiles): bf16 and fp8 (e4m3) caches.
+//
+// Sapphire Rapids and later cores have eight 1 KiB tile registers and a matrix unit whose
+// TDPBF16PS multiplies a 16 x 32 bf16 tile by a 32 x 16 bf16 tile into a 16 x 16 fp32
+// tile (16 K multiply-adds per instruction, ~16 cycles): an order of magnitude above the
+// AVX-512 FMA rate. For one item (sequence, <= 64 query rows, a key range) the kernel walks
+// the keys in blocks of kBlockKeys (64) and per block runs:
+//
+//   1. key tiles: for each 16 keys, the 16 cache rows (bf16, 576 values) as an AMX A
+//      operand. A bf16 cache is loaded IN PLACE when the 16 rows are equally spaced (one
+//      block-table block holds them: block sizes that are multiples of 16); otherwise the
+//      rows are copied into a contiguous buffer. fp8 rows are widened to bf16 (exact)
+//      into that buffer.
+//   2. S^T[keys, rows] = K . Q^T (TDPBF16PS over 18 steps of 32 columns). Why transposed:
+//      K is then the A operand and needs no repacking, while Q^T (the B operand, which must
+//      be in AMX's "VNNI" layout: pairs of reduction rows interleaved) is built once per
+//      item. Query rows are padded to a multiple of 16 (zero rows).
+//   3. online softmax in AVX-512 fp32, one zmm = the same key for 16 query rows, so the
+//      max / sum need no horizontal reductions. The accumulator is rescaled lazily: the
+//      reference max of a row moves only when a block's max exceeds it by more than
+//      2^kLazyRescale (P <= 256 meanwhile, harmless in fp32 and bf16), so the rescale
+//      pass over O is rare after the first block.
+//   4. P[rows, keys] for the A operand of P.V, as THREE bf16 parts P = hi + mid + lo (each
+//      rounded from the exact fp32 residual of the ones before: 24 significant bits, fp32's
+//      own precision). Why: SPEC asks for "softmax and accumulation in fp32" and the
+//      contract tests hold every CPU kernel to fp32-level errors; P rounded to bf16 alone,
+//      as GPU kernels do, gave errors up to 2e-3, and two parts (2^-18 P) still moved
+//      bf16 outputs across rounding boundaries. Pairs of keys are packed per row, then a
+//      16 x 16 dword transpose per part (the softmax produced P^T).
+//   5. V = the first 512 columns of the block's rows, repacked ONCE per block into the
+//      VNNI layout (rows 2k and 2k+1 interleaved) and reused by every row tile.
+//   6. O[rows, 512] += (P_lo + P_mid + P_hi) . V with TDPBF16PS, O in fp32 in memory (loaded
+//      and stored per 16 x 16 tile and key-pair tile, three products per load / store).
+//
+// Queries: a bf16 query (bf16 cache) is used exactly. An fp32 query (fp8 caches) is split
+// into three bf16 parts q = hi + mid + lo (24 significant bits, fp32's own precision), and
+// each key tile meets all three, so the scores are as exact as an fp32 kernel's; when every
+// value is a bf16 number (a bf16 query the glue widened for the fp8 cache: the usual case)
+// mid and lo are zero and the item runs the one-part score product instead.
+//
+// fp16 / fp32 caches are not handled here (rounding their tiles to bf16 would change their
+// precision); decode.cpp gives them the AVX2 kernel.
+//
+// The AMX intrinsics of GCC 12 do not tell the compiler that TILELOADD reads memory and
+// LDTILECFG reads 64 bytes, so this file issues the instructions through its own inline
+// assembly with "memory" clobbers.
+#include <immintrin.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "decode_impl.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 10)
+#define MLA_HAVE_AMX_KERNEL 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace mla::cpu {
+namespace {
+
+#include "decode_tile_loop.h"
+
+namespace amx {
+
+constexpr int kBlockKeys = 64;               // keys per block: 4 key tiles, 2 key-pair tiles
+constexpr int kKeyTiles = kBlockKeys / 16;   // A tiles of the score product
+constexpr int kPairTiles = kBlockKeys / 32;  // K-dimension tiles of the P.V product
+constexpr int kChunks = kHeadDim / 32;       // 18 steps of 32 columns per score tile
+constexpr int kPairs = kHeadDim / 2;         // 288 column pairs of a query row
+constexpr int kColTiles = kLatentDim / 16;   // 32 output tiles of 16 columns
+constexpr float kLazyRescale = 8.f;          // log2 units: P <= 2^8 between rescales
+static_assert(kKeyTiles == 4 && kPairTiles == 2, "the tile kernels below are written for 64-key blocks");
+
+// ---------------------------------------------------------------- AMX instructions
+
+#define MLA_TILE_LOAD(t, base, stride)                                                     \
+  __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"(static_cast<const void*>(base)), \
+                   "r"(static_cast<long>(stride))                                          \
+                   : "memory")
+#define MLA_TILE_STORE(t, base, stride)                                                     \
+  __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"(static_cast<void*>(base)), \
+                   "r"(static_cast<long>(stride))                                           \
+                   : "memory")
+#define MLA_TILE_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
+// C += A . B (AT&T operand order: B, A, C).
+#define MLA_TILE_DP(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile register: 16 rows of 64 bytes (bf16: 16 x 32, fp32: 16 x 16).
+inline void configure_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  __asm__ volatile("ldtilecfg %0" ::"m"(cfg) : "memory");
+}
+inline void release_tiles() { __asm__ volatile("tilerelease" ::: "memory"); }
+
+// ---------------------------------------------------------------- scratch
+
+inline int32_t pad16(int32_t rows) { return (rows + 15) / 16 * 16; }
+
+// Byte offsets of the per-thread scratch areas (64-byte aligned), for mpad query rows.
+struct Layout {
+  size_t q_hi, q_mid, q_lo, kbuf, vnni, st, p_hi, p_mid, p_lo, obuf, ref_max, sum, limit, krow, zero, total;
+  explicit Layout(int32_t max_rows) {
+    const size_t mpad = static_cast<size_t>(pad16(max_rows));
+    size_t o = 0;
+    q_hi = o;  o = align64(o + sizeof(uint32_t) * kPairs * mpad);           // Q^T, VNNI: [288 pairs][mpad] dwords
+    q_mid = o; o = align64(o + sizeof(uint32_t) * kPairs * mpad);           // fp32 q only: the residuals
+    q_lo = o;  o = align64(o + sizeof(uint32_t) * kPairs * mpad);
+    kbuf = o;  o = align64(o + sizeof(uint16_t) * kBlockKeys * kHeadDim);  // copied / widened key rows
+    vnni = o;  o = align64(o + sizeof(uint16_t) * kBlockKeys * kLatentDim); // V: [32 key pairs][512 x 2]
+    st = o;    o = align64(o + sizeof(float) * kBlockKeys * mpad);          // S^T: [64 keys][mpad]
+    p_hi = o;  o = align64(o + sizeof(uint16_t) * mpad * kBlockKeys);       // P: [mpad][64 keys] bf16
+    p_mid = o; o = align64(o + sizeof(uint16_t) * mpad * kBlockKeys);       // P - P_hi in bf16
+    p_lo = o;  o = align64(o + sizeof(uint16_t) * mpad * kBlockKeys);       // P - P_hi - P_mid in bf16
+    obuf = o;  o = align64(o + sizeof(float) * mpad * kLatentDim);          // O when rows % 16 != 0
+    ref_max = o; o = align64(o + sizeof(float) * mpad);
+    sum = o;   o = align64(o + sizeof(float) * mpad);
+    limit = o; o = align64(o + sizeof(int32_t) * mpad);
+    krow = o;  o = align64(o + sizeof(void*) * kBlockKeys);
+    zero = o;  o = align64(o + sizeof(uint16_t) * kHeadDim);
+    total = o;
+  }
+};
+
+// ---------------------------------------------------------------- conversions
+
+// fp32 -> bf16 bits, round to nearest even (NaN stays NaN).
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  __builtin_memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float bf16_value(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float x;
+  __builtin_memcpy(&x, &u, 4);
+  return x;
+}
+
+// 32 e4m3fn codes -> the bf16 bits of (value / 256), exactly (see kFp8TileScale):
+//   exponent e > 0: 2^(e-7) (1 + m/8) / 256 -> bf16 exponent e + 112, mantissa m in its top
+//                   3 bits: bits = (magnitude << 4) + (112 << 7);
+//   e = 0 (m = 0..7): m 2^-17, a normal bf16, from an 8-entry table (vpermw);
+//   0x7f: NaN. The sign moves from bit 7 to bit 15.
+inline __m512i fp8x32_to_bf16(const uint8_t* src) {
+  const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  const __m512i mag = _mm512_and_si512(x, _mm512_set1_epi16(0x7f));
+  __m512i r = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(112 << 7));
+  const __m512i sub_table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                             0x3860, 0x3840, 0x3820, 0x3800, 0x37c0, 0x3780, 0x3700, 0x0000);
+  r = _mm512_mask_permutexvar_epi16(r, _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), mag, sub_table);
+  r = _mm512_mask_mov_epi16(r, _mm512_cmpeq_epi16_mask(mag, _mm512_set1_epi16(0x7f)), _mm512_set1_epi16(0x7fc0));
+  return _mm512_or_si512(r, _mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x80)), 8));
+}
+
+// One cache row as bf16 in dst (576 values): a copy (bf16) or the exact widening (fp8).
+template <class CT>
+inline void row_to_bf16(const typename CT::T* src, uint16_t* dst) {
+  if constexpr (CT::kType == DType::kBFloat16) {
+    for (int d = 0; d < kHeadDim; d += 32) _mm512_storeu_si512(dst + d, _mm512_loadu_si512(src + d));
+  } else {
+    static_assert(CT::kType == DType::kFloat8E4M3, "bf16 and fp8 caches only");
+    for (int d = 0; d < kHeadDim; d += 32) _mm512_storeu_si512(dst + d, fp8x32_to_bf16(src + d));
+  }
+}
+
+// 2^x for x <= ~kLazyRescale (or -inf -> 0): 2^round(x) via vscalefps times a degree-7
+// Taylor polynomial of 2^f on [-0.5, 0.5] (relative error < 1e-8). NaN stays NaN.
+inline __m512 exp2_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);  // -inf -> -200 (2^-200 = 0 in fp32); NaN kept
+  const __m512 i = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, i);
+  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, i);
+}
+
+// In place: r[i] lane j <- r[j] lane i (a 16 x 16 transpose of dwords).
+inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  MLA_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4g + c], 128-bit lane L: column 4L + c of rows 4g .. 4g + 3.
+  __m512i u[16];
+  MLA_UNROLL
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  // Column 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+  MLA_UNROLL
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xee);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xee);
+    r[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+    r[8 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+  }
+}
+
+// ---------------------------------------------------------------- query
+
+// Q^T in the VNNI layout of a B operand: q_hi[p * mpad + r] = the bf16 pair (q[r][2p],
+// q[r][2p + 1]) of query row r; rows >= rows are zero. An fp32 query is split into three
+// bf16 parts, q = hi + mid + lo exactly up to 2^-24 |q| (8 + 8 + 8 significant bits).
+// Returns whether some row needs mid / lo (false: every value of q is a bf16 number, as
+// when the caller's query was bf16 and the glue widened it for an fp8 cache).
+template <class QT>
+bool load_q(const DecodeParams& p, int32_t seq, int32_t row_begin, int32_t rows, int32_t mpad, uint32_t* q_hi,
+            uint32_t* q_mid, uint32_t* q_lo) {
+  uint32_t residual_bits = 0;
+  for (int32_t r = 0; r < mpad; ++r) {
+    if (r >= rows) {
+      for (int i = 0; i < kPairs; ++i) {
+        q_hi[i * mpad + r] = 0;
+        if constexpr (sizeof(QT) == 4) q_mid[i * mpad + r] = q_lo[i * mpad + r] = 0;
+      }
+      continue;
+    }
+    const QueryRow<QT> src = query_row<QT>(p, seq, row_begin + r);
+    for (int i = 0; i < kPairs; ++i) {
+      const int d = 2 * i;
+      const QT* x = d < kLatentDim ? src.nope + d : src.pe + (d - kLatentDim);
+      if constexpr (sizeof(QT) == 2) {
+        q_hi[i * mpad + r] = static_cast<uint32_t>(x[0]) | (static_cast<uint32_t>(x[1]) << 16);
+      } else {
+        const uint16_t h0 = bf16_bits(x[0]), h1 = bf16_bits(x[1]);
+        const float r0 = x[0] - bf16_value(h0), r1 = x[1] - bf16_value(h1);  // exact in fp32
+        const uint16_t m0 = bf16_bits(r0), m1 = bf16_bits(r1);
+        const uint16_t l0 = bf16_bits(r0 - bf16_value(m0)), l1 = bf16_bits(r1 - bf16_value(m1));
+        q_hi[i * mpad + r] = static_cast<uint32_t>(h0) | (static_cast<uint32_t>(h1) << 16);
+        q_mid[i * mpad + r] = static_cast<uint32_t>(m0) | (static_cast<uint32_t>(m1) << 16);
+        q_lo[i * mpad + r] = static_cast<uint32_t>(l0) | (static_cast<uint32_t>(l1) << 16);
+        residual_bits |= (m0 | m1 | l0 | l1) & 0x7fffu;  // -0 counts as zero
+      }
+    }
+  }
+  return residual_bits != 0;
+}
+
+// ---------------------------------------------------------------- tile kernels
+
+// Where key tile kt (16 cache rows as bf16) is: rows base + i * stride bytes.
+struct KeyTiles {
+  const uint16_t* base[kKeyTiles];
+  long stride[kKeyTiles];
+};
+
+// S^T for one row tile and the 4 key tiles of a bf16 query: C(kt) = tmm kt, B (Q^T) =
+// tmm4, A (keys) = tmm6 / 7 alternately.
+inline void scores_1row(const KeyTiles& kt, const uint32_t* qh, long q_stride, float* st, long st_stride) {
+  MLA_TILE_ZERO(0);
+  MLA_TILE_ZERO(1);
+  MLA_TILE_ZERO(2);
+  MLA_TILE_ZERO(3);
+  const long q_step = 16 * q_stride / 4;  // dwords per 16 pair rows
+  for (int c = 0; c < kChunks; ++c) {
+    MLA_TILE_LOAD(4, qh + c * q_step, q_stride);
+    MLA_TILE_LOAD(6, kt.base[0] + 32 * c, kt.stride[0]);
+    MLA_TILE_DP(0, 6, 4);
+    MLA_TILE_LOAD(7, kt.base[1] + 32 * c, kt.stride[1]);
+    MLA_TILE_DP(1, 7, 4);
+    MLA_TILE_LOAD(6, kt.base[2] + 32 * c, kt.stride[2]);
+    MLA_TILE_DP(2, 6, 4);
+    MLA_TILE_LOAD(7, kt.base[3] + 32 * c, kt.stride[3]);
+    MLA_TILE_DP(3, 7, 4);
+  }
+  MLA_TILE_STORE(0, st + 0 * 16 * st_stride / 4, st_stride);
+  MLA_TILE_STORE(1, st + 1 * 16 * st_stride / 4, st_stride);
+  MLA_TILE_STORE(2, st + 2 * 16 * st_stride / 4, st_stride);
+  MLA_TILE_STORE(3, st + 3 * 16 * st_stride / 4, st_stride);
+}
+
+// The same for an fp32 query in three bf16 parts: B = tmm4 / 5 / 6 (hi, mid, lo), A = tmm7,
+// each key tile meeting all three parts.
+inline void scores_1row_split(const KeyTiles& kt, const uint32_t* qh, const uint32_t* qm, const uint32_t* ql,
+                              long q_stride, float* st, long st_stride) {
+  MLA_TILE_ZERO(0);
+  MLA_TILE_ZERO(1);
+  MLA_TILE_ZERO(2);
+  MLA_TILE_ZERO(3);
+  const long q_step = 16 * q_stride / 4;
+  for (int c = 0; c < kChunks; ++c) {
+    MLA_TILE_LOAD(4, qh + c * q_step, q_stride);
+    MLA_TILE_LOAD(5, qm + c * q_step, q_stride);
+    MLA_TILE_LOAD(6, ql + c * q_step, q_stride);
+    MLA_TILE_LOAD(7, kt.base[0] + 32 * c, kt.stride[0]);
+    MLA_TILE_DP(0, 7, 6);
+    MLA_TILE_DP(0, 7, 5);
+    MLA_TILE_DP(0, 7, 4);
+    MLA_TILE_LOAD(7, kt.base[1] + 32 * c, kt.stride[1]);
+    MLA_TILE_DP(1, 7, 6);
+    MLA_TILE_DP(1, 7, 5);
+    MLA_TILE_DP(1, 7, 4);
+    MLA_TILE_LOAD(7, kt.base[2] + 32 * c, kt.stride[2]);
+    MLA_TILE_DP(2, 7, 6);
+    MLA_TILE_DP(2, 7, 5);
+    MLA_TILE_DP(2, 7, 4);
+    MLA_TILE_LOAD(7, kt.base[3] + 32 * c, kt.stride[3]);
+    MLA_TILE_DP(3, 7, 6);
+    MLA_TILE_DP(3, 7, 5);
+    MLA_TILE_DP(3, 7, 4);
+  }
+  MLA_TILE_STORE(0, st + 0 * 16 * st_stride / 4, st_stride);
+  MLA_TILE_STORE(1, st + 1 * 16 * st_stride / 4, st_stride);
+  MLA_TILE_STORE(2, st + 2 * 16 * st_stride / 4, st_stride);
+  MLA_TILE_STORE(3, st + 3 * 16 * st_stride / 4, st_stride);
+}
+
+// S^T for two row tiles and two key tiles (k0, k0 + 1), bf16 q: C(k, r) = tmm 2k + r,
+// B = tmm4 (row tile 0) / 5 (row tile 1), A = tmm6 / 7: each loaded tile feeds two products.
+inline void scores_2x2(const KeyTiles& kt, int k0, const uint32_t* q0, const uint32_t* q1, long q_stride, float* st0,
+                       float* st1, long st_stride) {
+  MLA_TILE_ZERO(0);
+  MLA_TILE_ZERO(1);
+  MLA_TILE_ZERO(2);
+  MLA_TILE_ZERO(3);
+  const long q_step = 16 * q_stride / 4;
+  const uint16_t* a0 = kt.base[k0];
+  const uint16_t* a1 = kt.base[k0 + 1];
+  for (int c = 0; c < kChunks; ++c) {
+    MLA_TILE_LOAD(4, q0 + c * q_step, q_stride);
+    MLA_TILE_LOAD(5, q1 + c * q_step, q_stride);
+    MLA_TILE_LOAD(6, a0 + 32 * c, kt.stride[k0]);
+    MLA_TILE_DP(0, 6, 4);
+    MLA_TILE_DP(1, 6, 5);
+    MLA_TILE_LOAD(7, a1 + 32 * c, kt.stride[k0 + 1]);
+    MLA_TILE_DP(2, 7, 4);
+    MLA_TILE_DP(3, 7, 5);
+  }
+  const long kstep = 16 * st_stride / 4;
+  MLA_TILE_STORE(0, st0 + k0 * kstep, st_stride);
+  MLA_TILE_STORE(1, st1 + k0 * kstep, st_stride);
+  MLA_TILE_STORE(2, st0 + (k0 + 1) * kstep, st_stride);
+  MLA_TILE_STORE(3, st1 + (k0 + 1) * kstep, st_stride);
+}
+
+// O[row tile] += (P_hi + P_mid + P_lo) . V over one key-pair tile (32 keys), one row
+// tile: A = tmm2 / 3 / 4 (P_lo, P_mid, P_hi: smallest first), loaded once; two column tiles
+// at a time, C = tmm0 / 1 and B (V) = tmm6 / 7, so the two accumulation chains interleave.
+inline void pv_1row(const uint16_t* p_hi, const uint16_t* p_mid, const uint16_t* p_lo, const uint16_t* vnni,
+                    float* o) {
+  constexpr long kPStride = kBlockKeys * 2, kVStride = kLatentDim * 2 * 2, kOStride = kLatentDim * 4;
+  MLA_TILE_LOAD(2, p_lo, kPStride);
+  MLA_TILE_LOAD(3, p_mid, kPStride);
+  MLA_TILE_LOAD(4, p_hi, kPStride);
+  for (int ct = 0; ct < kColTiles; ct += 2) {
+    MLA_TILE_LOAD(0, o + 16 * ct, kOStride);
+    MLA_TILE_LOAD(6, vnni + 32 * ct, kVStride);
+    MLA_TILE_LOAD(1, o + 16 * (ct + 1), kOStride);
+    MLA_TILE_LOAD(7, vnni + 32 * (ct + 1), kVStride);
+    MLA_TILE_DP(0, 2, 6);
+    MLA_TILE_DP(1, 2, 7);
+    MLA_TILE_DP(0, 3, 6);
+    MLA_TILE_DP(1, 3, 7);
+    MLA_TILE_DP(0, 4, 6);
+    MLA_TILE_DP(1, 4, 7);
+    MLA_TILE_STORE(0, o + 16 * ct, kOStride);
+    MLA_TILE_STORE(1, o + 16 * (ct + 1), kOStride);
+  }
+}
+
+// ---------------------------------------------------------------- block steps
+
+// Prefetches the next block's cache rows (into L2) while the current block computes, a few
+// lines per step: the rows of a block are scattered through the block table, so the
+// hardware prefetchers cannot run ahead of the block. On a loaded 2-vCPU Xeon, single-
+// thread A/B runs of L3-resident caches (b = 4 x 4096 and 1 x 32768 keys, h = 16) showed no
+// difference beyond the noise between no prefetch, prefetcht0 and prefetcht1; prefetcht1 is
+// kept for caches that live in DRAM (to be measured quiet).
+struct BlockPrefetcher {
+  const char* rows[kBlockKeys];
+  int num_rows = 0, lines_per_row = 0, per_step = 0, row = 0, line = 0;
+  void start(int n, int row_bytes, int steps) {
+    num_rows = n;
+    lines_per_row = row_bytes / 64;
+    per_step = steps > 0 ? (n * lines_per_row + steps - 1) / steps : 0;
+    row = 0;
+    line = 0;
+  }
+  void step() {
+    for (int i = 0; i < per_step && row < num_rows; ++i) {
+      __builtin_prefetch(rows[row] + 64 * line, 0, 2);  // into L2 (prefetcht1)
+      if (++line == lines_per_row) {
+        line = 0;
+        ++row;
+      }
+    }
+  }
+};
+
+// V (the first 512 columns of the block's key rows, bf16) in the VNNI layout of a B operand:
+// vnni[k][2c + e] = V[2k + e][c], k = key pair. Rows point at the zero row past the block's
+// keys, so the P . V product never meets an unset value.
+inline void repack_v(const uint16_t* const* krow, uint16_t* vnni, BlockPrefetcher& pf) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                      5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int k = 0; k < kBlockKeys / 2; ++k) {
+    const uint16_t* a = krow[2 * k];
+    const uint16_t* b = krow[2 * k + 1];
+    uint16_t* dst = vnni + k * 2 * kLatentDim;
+    for (int c = 0; c < kLatentDim; c += 32) {
+      const __m512i va = _mm512_loadu_si512(a + c), vb = _mm512_loadu_si512(b + c);
+      _mm512_storeu_si512(dst + 2 * c, _mm512_permutex2var_epi16(va, lo, vb));
+      _mm512_storeu_si512(dst + 2 * c + 32, _mm512_permutex2var_epi16(va, hi, vb));
+    }
+    pf.step();
+  }
+}
+
+// Online softmax of one row tile (16 query rows = 16 lanes) over a block: S^T columns
+// st[t * mpad], t < n (keys t0 + t). Masks keys a row does not see, moves the rows'
+// reference max when the block's max exceeds it by more than kLazyRescale (and rescales
+// their O rows and sums), writes P as three bf16 parts p_hi / p_mid / p_lo [row][key]
+// (P = hi + mid + lo exactly up to 2^-24 P: fp32's own precision), for the 64 keys of the
+// block (0 past n), and adds the fp32 P to the sums.
+inline void softmax_tile(float* st, int mpad, int n, int32_t t0, const int32_t* limit, float s2scale, float* ref_max,
+                         float* sum, uint16_t* p_hi, uint16_t* p_mid, uint16_t* p_lo, float* o) {
+  const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+  const __m512i lim = _mm512_loadu_si512(limit);
+  const __m512 scale = _mm512_set1_ps(s2scale);
+  __m512 block_max = ninf;
+  __mmask16 nan_rows = 0;
+  for (int t = 0; t < n; ++t) {
+    const __mmask16 vis = _mm512_cmpgt_epi32_mask(lim, _mm512_set1_epi32(t0 + t));
+    const __m512 s = _mm512_mask_mul_ps(ninf, vis, _mm512_loadu_ps(st + t * mpad), scale);
+    _mm512_storeu_ps(st + t * mpad, s);
+    block_max = _mm512_max_ps(s, block_max);  // a NaN score is skipped here (its P is NaN below)
+    nan_rows |= _mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q);
+  }
+  // A row whose only visible scores are NaN still needs a finite max, so that its NaN P
+  // reaches the output (as in the reference) instead of reading as "no key".
+  block_max = _mm512_mask_mov_ps(block_max, nan_rows & _mm512_cmp_ps_mask(block_max, ninf, _CMP_EQ_OQ),
+                                 _mm512_setzero_ps());
+  const __m512 old_max = _mm512_loadu_ps(ref_max);
+  __m512 vsum = _mm512_loadu_ps(sum);
+  const __mmask16 move = _mm512_cmp_ps_mask(block_max, _mm512_add_ps(old_max, _mm512_set1_ps(kLazyRescale)), _CMP_GT_OQ);
+  __m512 m = old_max;
+  if (move) {
+    m = _mm512_mask_mov_ps(old_max, move, block_max);
+    // 0 where old = -inf; unmoved rows keep 1 (their old - new may be -inf - -inf).
+    const __m512 corr = _mm512_mask_mov_ps(_mm512_set1_ps(1.f), move, exp2_ps(_mm512_sub_ps(old_max, m)));
+    vsum = _mm512_mul_ps(vsum, corr);
+    _mm512_storeu_ps(ref_max, m);
+    alignas(64) float c[16];
+    _mm512_store_ps(c, corr);
+    // Rows that had seen keys (old max finite) scale their O row; others hold zeros.
+    const __mmask16 scale_rows = move & _mm512_cmp_ps_mask(old_max, ninf, _CMP_NEQ_OQ);
+    for (int r = 0; r < 16; ++r) {
+      if (!(scale_rows >> r & 1)) continue;
+      const __m512 cr = _mm512_set1_ps(c[r]);
+      float* orow = o + r * kLatentDim;
+      for (int d = 0; d < kLatentDim; d += 16) _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(orow + d), cr));
+    }
+  }
+  // P for pairs of keys: dword lane r = (bf16 p[r][2j], bf16 p[r][2j + 1]); 16 pairs per
+  // transpose = one 16 x 32 A tile. Each part is rounded from the exact fp32 residual of
+  // the parts before it.
+  uint16_t* const parts_out[3] = {p_hi, p_mid, p_lo};
+  for (int kk = 0; kk < kPairTiles; ++kk) {
+    __m512 p0[16], p1[16];
+    for (int j = 0; j < 16; ++j) {
+      const int t = kk * 32 + 2 * j;
+      p0[j] = _mm512_setzero_ps();
+      p1[j] = _mm512_setzero_ps();
+      // s = -inf (masked) gives 0; a key the row sees holding NaN gives NaN, as in the reference.
+      if (t < n) {
+        const __m512 s = _mm512_loadu_ps(st + t * mpad);
+        p0[j] = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, ninf, _CMP_NEQ_UQ), exp2_ps(_mm512_sub_ps(s, m)));
+      }
+      if (t + 1 < n) {
+        const __m512 s = _mm512_loadu_ps(st + (t + 1) * mpad);
+        p1[j] = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, ninf, _CMP_NEQ_UQ), exp2_ps(_mm512_sub_ps(s, m)));
+      }
+      vsum = _mm512_add_ps(vsum, _mm512_add_ps(p0[j], p1[j]));
+    }
+    for (int part = 0; part < 3; ++part) {
+      __m512i pairs[16];
+      for (int j = 0; j < 16; ++j) {
+        const __m512i b0 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p0[j]));
+        const __m512i b1 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p1[j]));
+        pairs[j] = _mm512_or_si512(b0, _mm512_slli_epi32(b1, 16));
+        if (part < 2) {  // the residual, exact in fp32
+          p0[j] = _mm512_sub_ps(p0[j], _mm512_castsi512_ps(_mm512_slli_epi32(b0, 16)));
+          p1[j] = _mm512_sub_ps(p1[j], _mm512_castsi512_ps(_mm512_slli_epi32(b1, 16)));
+        }
+      }
+      transpose16x16(pairs);
+      for (int r = 0; r < 16; ++r) _mm512_storeu_si512(parts_out[part] + r * kBlockKeys + kk * 32, pairs[r]);
+    }
+  }
+  _mm512_storeu_ps(sum, vsum);
+}
+
+// ---------------------------------------------------------------- item
+
+// The query's element type: bf16 for a bf16 cache, fp32 for an fp8 cache.
+template <class CT>
+struct QueryOf {
+  using T = float;
+};
+template <>
+struct QueryOf<CacheBF16> {
+  using T = uint16_t;
+};
+
+template <class CT>
+void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void* scratch) {
+  using T = typename CT::T;
+  using QT = typename QueryOf<CT>::T;
+  constexpr bool kSplitQ = sizeof(QT) == 4;
+  const int32_t rows = it.row_end - it.row_begin;
+  const int32_t mpad = pad16(rows);
+  const int32_t row_tiles = mpad / 16;
+  const Layout lay(rows);
+  char* base = static_cast<char*>(scratch);
+  uint32_t* q_hi = reinterpret_cast<uint32_t*>(base + lay.q_hi);
+  uint32_t* q_mid = reinterpret_cast<uint32_t*>(base + lay.q_mid);
+  uint32_t* q_lo = reinterpret_cast<uint32_t*>(base + lay.q_lo);
+  uint16_t* kbuf = reinterpret_cast<uint16_t*>(base + lay.kbuf);
+  uint16_t* vnni = reinterpret_cast<uint16_t*>(base + lay.vnni);
+  float* st = reinterpret_cast<float*>(base + lay.st);
+  uint16_t* p_hi = reinterpret_cast<uint16_t*>(base + lay.p_hi);
+  uint16_t* p_mid = reinterpret_cast<uint16_t*>(base + lay.p_mid);
+  uint16_t* p_lo = reinterpret_cast<uint16_t*>(base + lay.p_lo);
+  float* ref_max = reinterpret_cast<float*>(base + lay.ref_max);
+  float* sum = reinterpret_cast<float*>(base + lay.sum);
+  int32_t* limit = reinterpret_cast<int32_t*>(base + lay.limit);
+  const uint16_t** krow = reinterpret_cast<const uint16_t**>(base + lay.krow);
+  uint16_t* zero = reinterpret_cast<uint16_t*>(base + lay.zero);
+  // O in fp32: the partial itself when its rows fill whole tiles, else a padded copy.
+  float* o = rows == mpad ? out.acc : reinterpret_cast<float*>(base + lay.obuf);
+
+  for (int d = 0; d < kHeadDim; ++d) zero[d] = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(mpad) * kLatentDim; ++i) o[i] = 0.f;
+  const int32_t len = p.cache_seqlens[it.seq];
+  int32_t min_limit = it.key_end;  // keys [min_limit, key_end) are masked for some rows (causal band)
+  for (int32_t r = 0; r < mpad; ++r) {
+    limit[r] = r < rows ? visible_keys(len, p.seqlen_q, (it.row_begin + r) / p.num_heads, p.causal) : 0;
+    if (r < rows) min_limit = limit[r] < min_limit ? limit[r] : min_limit;
+    ref_max[r] = -__builtin_inff();
+    sum[r] = 0.f;
+  }
+  float s2scale = p.softmax_scale * kLog2e;
+  if constexpr (CT::kType == DType::kFloat8E4M3) s2scale *= *p.kv_scale * kFp8TileScale;
+  // Three-part scores only when the fp32 query has bits beyond bf16's.
+  const bool split_q = load_q<QT>(p, it.seq, it.row_begin, rows, mpad, q_hi, q_mid, q_lo);
+
+  const T* cache = static_cast<const T*>(p.cache);
+  const int32_t* table = p.block_table + static_cast<int64_t>(it.seq) * p.block_table_batch_stride;
+  const int32_t bs = p.block_size;
+  int64_t cursor_block = it.key_begin / bs;
+  int32_t cursor_offset = it.key_begin % bs;
+  const auto next_row = [&]() {
+    const T* row = cache + static_cast<int64_t>(table[cursor_block]) * p.cache_block_stride +
+                   static_cast<int64_t>(cursor_offset) * p.cache_token_stride;
+    if (++cursor_offset == bs) {
+      cursor_offset = 0;
+      ++cursor_block;
+    }
+    return row;
+  };
+  const long q_stride = static_cast<long>(mpad) * 4;  // bytes per pair row of Q^T
+  const long st_stride = static_cast<long>(mpad) * 4;
+  const T* raw[kBlockKeys];
+  BlockPrefetcher pf;
+  // Steps per block: one per score call, per key pair of the repack, per P . V call.
+  const int score_calls = split_q ? row_tiles : row_tiles / 2 * (kKeyTiles / 2) + row_tiles % 2;
+  const int prefetch_steps = score_calls + kBlockKeys / 2 + row_tiles * kPairTiles;
+  int n_next = it.key_end - it.key_begin < kBlockKeys ? it.key_end - it.key_begin : kBlockKeys;
+  for (int i = 0; i < n_next; ++i) pf.rows[i] = reinterpret_cast<const char*>(next_row());
+  const uint16_t* bad_rows[kBlockKeys];  // band keys with a non-finite V value: original rows
+  int bad_keys[kBlockKeys];
+
+  configure_tiles();
+  for (int32_t t0 = it.key_begin; t0 < it.key_end; t0 += kBlockKeys) {
+    const int n = n_next;
+    for (int i = 0; i < n; ++i) raw[i] = reinterpret_cast<const T*>(pf.rows[i]);
+    const int32_t after = it.key_end - t0 - n;
+    n_next = after < kBlockKeys ? after : kBlockKeys;
+    for (int i = 0; i < n_next; ++i) pf.rows[i] = reinterpret_cast<const char*>(next_row());
+    pf.start(n_next, static_cast<int>(kHeadDim * sizeof(T)), prefetch_steps);
+
+    // 1. Key tiles: in place when 16 bf16 rows are equally spaced, else copied / widened.
+    KeyTiles kt;
+    for (int k = 0; k < kKeyTiles; ++k) {
+      const int i0 = 16 * k;
+      const int cnt = n - i0 < 0 ? 0 : (n - i0 > 16 ? 16 : n - i0);
+      bool in_place = false;
+      if constexpr (CT::kType == DType::kBFloat16) {
+        if (cnt == 16) {
+          in_place = true;
+          for (int i = 1; i < 16 && in_place; ++i) in_place = raw[i0 + i] == raw[i0] + static_cast<int64_t>(i) * p.cache_token_stride;
+        }
+      }
+      if (cnt == 0) {
+        kt.base[k] = zero;  // stride 0: the zero row, 16 times
+        kt.stride[k] = 0;
+      } else if (in_place) {
+        kt.base[k] = reinterpret_cast<const uint16_t*>(raw[i0]);
+        kt.stride[k] = static_cast<long>(p.cache_token_stride) * 2;
+      } else {
+        // Rows past cnt keep whatever the buffer held: their scores are never used.
+        for (int i = 0; i < cnt; ++i) row_to_bf16<CT>(raw[i0 + i], kbuf + (i0 + i) * kHeadDim);
+        kt.base[k] = kbuf + i0 * kHeadDim;
+        kt.stride[k] = kHeadDim * 2;
+      }
+      for (int i = 0; i < 16; ++i)
+        krow[i0 + i] = i >= cnt ? zero : (in_place ? reinterpret_cast<const uint16_t*>(raw[i0 + i]) : kbuf + (i0 + i) * kHeadDim);
+    }
+
+    // 2. S^T = K . Q^T.
+    int rt = 0;
+    if (kSplitQ && split_q) {
+      for (; rt < row_tiles; ++rt) {
+        scores_1row_split(kt, q_hi + rt * 16, q_mid + rt * 16, q_lo + rt * 16, q_stride, st + rt * 16, st_stride);
+        pf.step();
+      }
+    } else {
+      for (; rt + 2 <= row_tiles; rt += 2)
+        for (int k = 0; k < kKeyTiles; k += 2) {
+          scores_2x2(kt, k, q_hi + rt * 16, q_hi + (rt + 1) * 16, q_stride, st + rt * 16, st + (rt + 1) * 16, st_stride);
+          pf.step();
+        }
+      for (; rt < row_tiles; ++rt) {
+        scores_1row(kt, q_hi + rt * 16, q_stride, st + rt * 16, st_stride);
+        pf.step();
+      }
+    }
+
+    // 3-4. Online softmax and P, per row tile.
+    for (rt = 0; rt < row_tiles; ++rt)
+      softmax_tile(st + rt * 16, mpad, n, t0, limit + rt * 16, s2scale, ref_max + rt * 16, sum + rt * 16,
+                   p_hi + rt * 16 * kBlockKeys, p_mid + rt * 16 * kBlockKeys, p_lo + rt * 16 * kBlockKeys,
+                   o + static_cast<int64_t>(rt) * 16 * kLatentDim);
+
+    // A masked key has P = 0, but 0 * inf / NaN is NaN: a key of the causal band whose V
+    // holds a non-finite value leaves the tile product (its V row reads as zeros) and is
+    // added below only to the rows that see it (rare; finite data never).
+    int n_bad = 0;
+    for (int i = min_limit > t0 ? min_limit - t0 : 0; i < n; ++i) {
+      if (v_has_nonfinite<CacheBF16>(krow[i])) {
+        bad_rows[n_bad] = krow[i];
+        bad_keys[n_bad++] = i;
+        krow[i] = zero;
+      }
+    }
+
+    // 5. V in the VNNI layout, once per block.
+    repack_v(krow, vnni, pf);
+
+    // 6. O += P . V.
+    const int pair_tiles = (n + 31) / 32;  // a tail block may fill only the first
+    for (rt = 0; rt < row_tiles; ++rt) {
+      const int64_t pr = static_cast<int64_t>(rt) * 16 * kBlockKeys;
+      for (int kk = 0; kk < pair_tiles; ++kk) {
+        pv_1row(p_hi + pr + 32 * kk, p_mid + pr + 32 * kk, p_lo + pr + 32 * kk, vnni + kk * 16 * 2 * kLatentDim,
+                o + static_cast<int64_t>(rt) * 16 * kLatentDim);
+        pf.step();
+      }
+    }
+
+    for (int b = 0; b < n_bad; ++b) {
+      const int t = bad_keys[b];
+      for (int32_t r = 0; r < rows; ++r) {
+        if (t0 + t >= limit[r]) continue;
+        const float pr = bf16_value(p_hi[r * kBlockKeys + t]) + bf16_value(p_mid[r * kBlockKeys + t]) +
+                         bf16_value(p_lo[r * kBlockKeys + t]);
+        float* orow = o + static_cast<int64_t>(r) * kLatentDim;
+        for (int d = 0; d < kLatentDim; ++d) orow[d] += pr * bf16_value(bad_rows[b][d]);
+      }
+    }
+  }
+  release_tiles();
+
+  if (o != out.acc)
+    for (int64_t i = 0; i < static_cast<int64_t>(rows) * kLatentDim; ++i) out.acc[i] = o[i];
+  for (int32_t r = 0; r < rows; ++r) {
+    out.max[r] = ref_max[r];
+    out.sum[r] = sum[r];
+  }
+}
+
+}  // namespace amx
+
+bool amx_supports(DType t) { return t == DType::kBFloat16 || t == DType::kFloat8E4M3; }
+
+size_t amx_scratch_bytes(int32_t max_rows) { return amx::Layout(max_rows).total; }
+
+void amx_run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void* scratch) {
+  if (p.cache_dtype == DType::kBFloat16) amx::run_item<CacheBF16>(p, it, out, scratch);
+  else amx::run_item<CacheFP8>(p, it, out, scratch);
+}
+
+}  // namespace
+}  // namespace mla::cpu
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+namespace mla::cpu {
+
+const DecodeIsa* decode_isa_amx() {
+#ifdef MLA_HAVE_AMX_KERNEL
+  static const DecodeIsa isa{[](DType) { return "amx-bf16"; }, &amx_supports, &amx_scratch_bytes, &amx_run_item};
+  return &isa;
+#else
+  return nullptr;
+#endif
+}
+
+}  // namespace mla::cpu
