@@ -42,13 +42,14 @@
 // precision); decode.cpp gives them the AVX2 kernel.
 //
 // The AMX intrinsics of GCC 12 do not tell the compiler that TILELOADD reads memory and
-// LDTILECFG reads 64 bytes, so this file issues the instructions through its own inline
-// assembly with "memory" clobbers.
+// LDTILECFG reads 64 bytes, so this file issues the instructions through inline assembly
+// with "memory" clobbers (amx_tiles.h, shared with the sparse AMX kernel).
 #include <immintrin.h>
 
 #include <cstddef>
 #include <cstdint>
 
+#include "amx_tiles.h"
 #include "decode_impl.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 10)
@@ -76,37 +77,10 @@ constexpr float kLazyRescale = 8.f;          // log2 units: P <= 2^8 between res
 static_assert(kKeyTiles == 4 && kPairTiles == 2, "the tile kernels below are written for 64-key blocks");
 
 // ---------------------------------------------------------------- AMX instructions
+// (amx_tiles.h: inline assembly with memory clobbers, every tile 16 rows x 64 bytes)
 
-#define MLA_TILE_LOAD(t, base, stride)                                                     \
-  __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"(static_cast<const void*>(base)), \
-                   "r"(static_cast<long>(stride))                                          \
-                   : "memory")
-#define MLA_TILE_STORE(t, base, stride)                                                     \
-  __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"(static_cast<void*>(base)), \
-                   "r"(static_cast<long>(stride))                                           \
-                   : "memory")
-#define MLA_TILE_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
-// C += A . B (AT&T operand order: B, A, C).
-#define MLA_TILE_DP(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Every tile register: 16 rows of 64 bytes (bf16: 16 x 32, fp32: 16 x 16).
-inline void configure_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  __asm__ volatile("ldtilecfg %0" ::"m"(cfg) : "memory");
-}
-inline void release_tiles() { __asm__ volatile("tilerelease" ::: "memory"); }
+inline void configure_tiles() { amx_tiles::configure_all_16x64(); }
+inline void release_tiles() { amx_tiles::release(); }
 
 // ---------------------------------------------------------------- scratch
 

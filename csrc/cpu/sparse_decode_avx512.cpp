@@ -31,13 +31,9 @@
 #include <limits>
 #include <new>
 
+#include "amx_tiles.h"
+#include "cpu_features.h"
 #include "sparse_slots.h"
-
-#if defined(__x86_64__) && defined(__linux__)
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 10)
 #define MLA_HAVE_SPARSE_AVX512 1
@@ -298,43 +294,28 @@ void scores(const uint32_t* q, int nh, const uint32_t* kt, float s2scale, float*
 // Tiles: 0 / 1 = scores of 16 heads x tokens 0-15 / 16-31 (fp32), 2 = 16 heads x 16 pairs
 // of q (bf16), 3 / 4 = 16 pairs of dims x tokens 0-15 / 16-31: rows of kt, which already is
 // the pair ("VNNI") layout tdpbf16ps wants for its B operand.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-inline void amx_configure() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
+inline void amx_configure() { amx_tiles::configure_all_16x64(); }
 
 // s[i][0 .. 16 halves) = s2scale * (q_i . k_t), 16 heads at a time (rows of q past nh are
 // read but their scores land in rows of s nobody reads: both are sized for 64 heads).
 void scores_amx(const uint32_t* q, int nh, const uint32_t* kt, int halves, float s2scale, float* s) {
   const __m512 sc = _mm512_set1_ps(s2scale);
   for (int h = 0; h < nh; h += 16) {
-    _tile_zero(0);
-    _tile_zero(1);
+    MLA_TILE_ZERO(0);
+    MLA_TILE_ZERO(1);
     const uint32_t* qh = q + h * kPairs;
     for (int d = 0; d < kPairs; d += 16) {
-      _tile_loadd(2, qh + d, kPairs * sizeof(uint32_t));
-      _tile_loadd(3, kt + d * kTile, kTile * sizeof(uint32_t));
-      _tile_dpbf16ps(0, 2, 3);
+      MLA_TILE_LOAD(2, qh + d, kPairs * sizeof(uint32_t));
+      MLA_TILE_LOAD(3, kt + d * kTile, kTile * sizeof(uint32_t));
+      MLA_TILE_DP(0, 2, 3);
       if (halves == 2) {
-        _tile_loadd(4, kt + d * kTile + 16, kTile * sizeof(uint32_t));
-        _tile_dpbf16ps(1, 2, 4);
+        MLA_TILE_LOAD(4, kt + d * kTile + 16, kTile * sizeof(uint32_t));
+        MLA_TILE_DP(1, 2, 4);
       }
     }
     float* sh = s + h * kTile;
-    _tile_stored(0, sh, kTile * sizeof(float));
-    if (halves == 2) _tile_stored(1, sh + 16, kTile * sizeof(float));
+    MLA_TILE_STORE(0, sh, kTile * sizeof(float));
+    if (halves == 2) MLA_TILE_STORE(1, sh + 16, kTile * sizeof(float));
     const int rows = std::min(16, nh - h);
     for (int i = 0; i < rows; ++i)
       for (int w = 0; w < halves; ++w) _mm512_store_ps(sh + i * kTile + 16 * w, _mm512_mul_ps(_mm512_load_ps(sh + i * kTile + 16 * w), sc));
@@ -386,15 +367,15 @@ void pv_amx(const uint16_t* p_hi, const uint16_t* p_lo, const float* corr, const
     for (int d = 0; d < kLatentDim; d += 16) _mm512_store_ps(a + d, _mm512_mul_ps(_mm512_load_ps(a + d), c));
   }
   for (int h = 0; h < nh; h += 16) {
-    _tile_loadd(6, p_hi + h * kTile, kTile * sizeof(uint16_t));
-    _tile_loadd(7, p_lo + h * kTile, kTile * sizeof(uint16_t));
+    MLA_TILE_LOAD(6, p_hi + h * kTile, kTile * sizeof(uint16_t));
+    MLA_TILE_LOAD(7, p_lo + h * kTile, kTile * sizeof(uint16_t));
     float* a = acc + h * kLatentDim;
     for (int c = 0; c < kLatentDim; c += 16) {
-      _tile_loadd(5, a + c, kLatentDim * sizeof(float));
-      _tile_loadd(3, vt + c, kLatentDim * sizeof(uint32_t));
-      _tile_dpbf16ps(5, 6, 3);
-      _tile_dpbf16ps(5, 7, 3);
-      _tile_stored(5, a + c, kLatentDim * sizeof(float));
+      MLA_TILE_LOAD(5, a + c, kLatentDim * sizeof(float));
+      MLA_TILE_LOAD(3, vt + c, kLatentDim * sizeof(uint32_t));
+      MLA_TILE_DP(5, 6, 3);
+      MLA_TILE_DP(5, 7, 3);
+      MLA_TILE_STORE(5, a + c, kLatentDim * sizeof(float));
     }
   }
 }
@@ -594,7 +575,7 @@ void run_all(const SparseDecodeParams& p) {
       run_item<kAmx>(p, tr, bj / p.seqlen_q, bj % p.seqlen_q, h0, h1, sc);
     }
 #ifdef MLA_HAVE_SPARSE_AMX
-    if constexpr (kAmx) _tile_release();
+    if constexpr (kAmx) amx_tiles::release();
 #endif
   });
 }
@@ -605,22 +586,11 @@ bool sparse_decode_avx512bf16_built() { return true; }
 
 void sparse_decode_avx512bf16(const SparseDecodeParams& p) { run_all<false>(p); }
 
-// AMX: cpuid AMX-BF16 + AMX-TILE, the OS enables the tile state (XCR0 bits 17 and 18), and
-// Linux grants this process the tile data (arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)).
+// AMX: as the dense kernel, cpuid AMX-BF16 + AMX-TILE, the tile state enabled by the OS and
+// granted to this process (cpu_features).
 bool sparse_decode_amx_usable() {
-#if defined(MLA_HAVE_SPARSE_AMX) && defined(__linux__)
-  static const bool usable = [] {
-    if (__get_cpuid_max(0, nullptr) < 7) return false;
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    __cpuid_count(7, 0, a, b, c, d);
-    if (!(d & (1u << 22)) || !(d & (1u << 24))) return false;
-    uint32_t xcr0_lo = 0, xcr0_hi = 0;
-    __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
-    if ((xcr0_lo & (3u << 17)) != (3u << 17)) return false;
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return usable;
+#ifdef MLA_HAVE_SPARSE_AMX
+  return cpu_features().amx_bf16;  // detection and the Linux tile permission: cpu_features.cpp
 #else
   return false;
 #endif
