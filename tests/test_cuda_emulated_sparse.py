@@ -1,0 +1,105 @@
+"""The CUDA sparse decode kernels' real source (csrc/cuda/sparse_decode.cu), executed on the
+CPU by the SIMT emulator (tests/cuda_emu, docs/cuda-emulation.md) and checked against the
+float64 reference (mla_ext.sparse.sparse_decode).
+
+`make test` runs the fast subset (plain build, forward thread order); MLA_EXT_EMU_FULL=1
+(`make test-emulated`) adds the reverse and seeded-random thread orders and the ASan+UBSan and
+TSan builds. The cases are tests/sparse_cuda_cases.py's, the ones tests/test_cuda.py runs on a GPU.
+"""
+import os
+
+import pytest
+import torch
+
+from cuda_emu import runner
+from sparse_cuda_cases import SCALE, SPARSE_CASES, SparseCase, check_sparse, make_cache, poison_unused
+
+pytestmark = [
+    pytest.mark.emulated,
+    pytest.mark.skipif(runner.available() is not None, reason=f"CUDA emulation unavailable: {runner.available()}"),
+]
+
+FULL = os.environ.get("MLA_EXT_EMU_FULL") == "1"
+MODES = [("plain", "forward")] + ([("plain", "reverse"), ("plain", "random"), ("asan", "random"),
+                                   ("tsan", "forward")] if FULL else [])
+
+
+@pytest.fixture(scope="session")
+def harness():
+    built = {}
+
+    def get(flavor):
+        if flavor not in built:
+            built[flavor] = runner.build(flavor)
+        return built[flavor]
+
+    return get
+
+
+def run_case(case: SparseCase, harness, flavor="plain", order="forward", device="sm90", impl=None, inputs=None):
+    q, cache, idx, kw = inputs or case.inputs()
+    out, lse, info = runner.run_sparse_decode(q, cache, idx, SCALE, **kw, impl=impl or case.impl, device=device,
+                                              order=order, seed=7, flavor=flavor, exe=harness(flavor))
+    ref_out, ref_lse = case.reference(q, cache, idx, kw)
+    return out, lse, ref_out, ref_lse, info
+
+
+@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=[c.name for c in SPARSE_CASES])
+def test_sparse_decode(case, flavor, order, harness):
+    out, lse, ref_out, ref_lse, info = run_case(case, harness, flavor, order)
+    assert (info["num_splits"] > 1) == case.splits, info  # the split + combine path runs where meant
+    assert info["launches"] == (2 if case.splits else 1), info
+    check_sparse(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [{flavor} {order}]")
+    if case.all_invalid_row or (case.topk_length and not case.extra):
+        assert torch.isposinf(lse).any(), "the case must hold an empty query"
+
+
+@pytest.mark.parametrize("device", ["sm80", "sm86"])
+@pytest.mark.parametrize("case", [c for c in SPARSE_CASES if c.name in ("h8 fp32 q, fp32 cache", "h128 split topk")],
+                         ids=lambda c: c.name)
+def test_sparse_devices(case, device, harness):
+    """Smaller devices: fewer SMs (another split count) and less shared memory (sm86: 99 KB,
+    the fp32 cache's ring is the largest)."""
+    out, lse, ref_out, ref_lse, info = run_case(case, harness, device=device, order="random" if FULL else "forward")
+    check_sparse(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [{device}]")
+
+
+def test_sparse_nan_in_a_read_value_reads_as_zero(harness):
+    """A NaN code, a NaN scale and a NaN rope value inside tokens that valid slots name: the
+    reference reads each as 0 (FlashMLA's nan_to_num), and so must the kernel."""
+    case = SparseCase("nan in read values", h=16, s_q=2, topk=24, p_invalid=0.0)
+    q, cache, idx, kw = case.inputs()
+    c = cache.squeeze(2).view(torch.uint8)
+    bs = c.shape[1]
+    t0, t1, t2 = int(idx[0, 0, 0]), int(idx[0, 0, 1]), int(idx[1, 1, 3])
+    c[t0 // bs, t0 % bs, 17] = 0x7F                      # e4m3 NaN code
+    c[t1 // bs, t1 % bs, 512 + 4:512 + 8] = NAN_SCALE     # scale of values 128..255
+    c[t2 // bs, t2 % bs, 528 + 2 * 9 + 1] = 0x7F          # high byte of rope value 9 -> NaN
+    c[t2 // bs, t2 % bs, 528 + 2 * 9] = 0xC0
+    out, lse, ref_out, ref_lse, _ = run_case(case, harness, inputs=(q, cache, idx, kw))
+    assert not torch.isnan(ref_out).any()
+    check_sparse(out, lse, ref_out, ref_lse, case.q_dtype, case.name)
+
+
+NAN_SCALE = torch.tensor([float("nan")], dtype=torch.float32).view(torch.uint8)
+
+
+def test_sparse_empty_topk(harness):
+    """topk = 0 on the main source with an extra source, and a call where no query has a slot."""
+    case = SparseCase("empty topk", h=16, topk=1)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 1, 16, 576, generator=g).to(torch.bfloat16)
+    cache = make_cache(g, "fp8", 2, 8, 1)
+    idx = torch.full((2, 1, 5), -1, dtype=torch.int32)
+    poison_unused(cache, idx, None)
+    out, lse, ref_out, ref_lse, _ = run_case(case, harness, inputs=(q, cache, idx, {}))
+    assert torch.isposinf(lse).all() and torch.all(out == 0)
+    check_sparse(out, lse, ref_out, ref_lse, torch.bfloat16, "all slots -1")
+    extra_idx = torch.tensor([[[3, -1, 9]], [[-1, -1, -1]]], dtype=torch.int32)
+    extra = make_cache(g, "fp8", 2, 8, 0)
+    kw = dict(extra_cache=extra, extra_indices=extra_idx)
+    out, lse, ref_out, ref_lse, _ = run_case(case, harness, inputs=(q, cache, torch.zeros(2, 1, 0, dtype=torch.int32),
+                                                                     kw))
+    assert torch.isfinite(lse[0]).all() and torch.isposinf(lse[1]).all()
+    check_sparse(out, lse, ref_out, ref_lse, torch.bfloat16, "main topk 0, extra")
