@@ -44,25 +44,37 @@ def run_case(case: SparseCase, harness, flavor="plain", order="forward", device=
     return out, lse, ref_out, ref_lse, info
 
 
+# (case, impl): every case as planned ("auto": tensor cores for bf16 q with an fp8 / bf16
+# cache), and those once more on the CUDA-core kernel.
+CASE_IMPLS = [(c, "auto") for c in SPARSE_CASES] + [(c, "simple") for c in SPARSE_CASES
+                                                   if c.expected_impl("auto") == "tc"]
+
+
 @pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
-@pytest.mark.parametrize("case", SPARSE_CASES, ids=[c.name for c in SPARSE_CASES])
-def test_sparse_decode(case, flavor, order, harness):
-    out, lse, ref_out, ref_lse, info = run_case(case, harness, flavor, order)
-    assert (info["num_splits"] > 1) == case.splits, info  # the split + combine path runs where meant
-    assert info["launches"] == (2 if case.splits else 1), info
-    check_sparse(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [{flavor} {order}]")
+@pytest.mark.parametrize("case,impl", CASE_IMPLS, ids=[f"{c.name}-{i}" for c, i in CASE_IMPLS])
+def test_sparse_decode(case, impl, flavor, order, harness):
+    out, lse, ref_out, ref_lse, info = run_case(case, harness, flavor, order, impl=impl)
+    assert info["impl"] == case.expected_impl(impl), info  # the kernel we meant to test is the one that ran
+    if case.splits:  # the split + combine path runs where meant
+        assert info["num_splits"] > 1 and info["launches"] == 2, info
+    check_sparse(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [{impl} {flavor} {order}]",
+                 tol=case.tolerance(info["impl"]))
     if case.all_invalid_row or (case.topk_length and not case.extra):
         assert torch.isposinf(lse).any(), "the case must hold an empty query"
 
 
 @pytest.mark.parametrize("device", ["sm80", "sm86"])
-@pytest.mark.parametrize("case", [c for c in SPARSE_CASES if c.name in ("h8 fp32 q, fp32 cache", "h128 split topk")],
+@pytest.mark.parametrize("case", [c for c in SPARSE_CASES if c.name in ("h8 fp32 q, fp32 cache", "h128 split topk", "h32 bf16 cache, split")],
                          ids=lambda c: c.name)
 def test_sparse_devices(case, device, harness):
     """Smaller devices: fewer SMs (another split count) and less shared memory (sm86: 99 KB,
     the fp32 cache's ring is the largest)."""
     out, lse, ref_out, ref_lse, info = run_case(case, harness, device=device, order="random" if FULL else "forward")
-    check_sparse(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [{device}]")
+    assert info["impl"] == case.expected_impl(), info
+    if info["impl"] == "tc":
+        want = {"fp8": {"sm80": 0, "sm86": 2}, "bf16": {"sm80": 1, "sm86": 2}}[case.cache][device]
+        assert info["config"] == want, info  # the largest tile configuration the device's shared memory holds
+    check_sparse(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [{device}]", tol=case.tolerance(info["impl"]))
 
 
 def test_sparse_nan_in_a_read_value_reads_as_zero(harness):
@@ -77,9 +89,11 @@ def test_sparse_nan_in_a_read_value_reads_as_zero(harness):
     c[t1 // bs, t1 % bs, 512 + 4:512 + 8] = NAN_SCALE     # scale of values 128..255
     c[t2 // bs, t2 % bs, 528 + 2 * 9 + 1] = 0x7F          # high byte of rope value 9 -> NaN
     c[t2 // bs, t2 % bs, 528 + 2 * 9] = 0xC0
-    out, lse, ref_out, ref_lse, _ = run_case(case, harness, inputs=(q, cache, idx, kw))
-    assert not torch.isnan(ref_out).any()
-    check_sparse(out, lse, ref_out, ref_lse, case.q_dtype, case.name)
+    for impl in ("auto", "simple"):
+        out, lse, ref_out, ref_lse, info = run_case(case, harness, impl=impl, inputs=(q, cache, idx, kw))
+        assert info["impl"] == case.expected_impl(impl)
+        assert not torch.isnan(ref_out).any()
+        check_sparse(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [{impl}]", tol=case.tolerance(info["impl"]))
 
 
 NAN_SCALE = torch.tensor([float("nan")], dtype=torch.float32).view(torch.uint8)
@@ -95,11 +109,11 @@ def test_sparse_empty_topk(harness):
     poison_unused(cache, idx, None)
     out, lse, ref_out, ref_lse, _ = run_case(case, harness, inputs=(q, cache, idx, {}))
     assert torch.isposinf(lse).all() and torch.all(out == 0)
-    check_sparse(out, lse, ref_out, ref_lse, torch.bfloat16, "all slots -1")
+    check_sparse(out, lse, ref_out, ref_lse, torch.bfloat16, "all slots -1", tol=case.tolerance("tc"))
     extra_idx = torch.tensor([[[3, -1, 9]], [[-1, -1, -1]]], dtype=torch.int32)
     extra = make_cache(g, "fp8", 2, 8, 0)
     kw = dict(extra_cache=extra, extra_indices=extra_idx)
     out, lse, ref_out, ref_lse, _ = run_case(case, harness, inputs=(q, cache, torch.zeros(2, 1, 0, dtype=torch.int32),
                                                                      kw))
     assert torch.isfinite(lse[0]).all() and torch.isposinf(lse[1]).all()
-    check_sparse(out, lse, ref_out, ref_lse, torch.bfloat16, "main topk 0, extra")
+    check_sparse(out, lse, ref_out, ref_lse, torch.bfloat16, "main topk 0, extra", tol=case.tolerance("tc"))

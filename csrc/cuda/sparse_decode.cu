@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "decode_tc.cuh"  // TcConfig, TcRows, TcBlock, compute_scores, accumulate_pv
 #include "fp8.cuh"
 #include "sparse_kernels.h"
 
@@ -270,6 +271,287 @@ __global__ void __launch_bounds__(kSimpleThreads) sparse_simple_kernel(const Spa
 }
 
 // ---------------------------------------------------------------------------------------
+// Tensor-core kernel (bf16 q; fp8 or bf16 cache): the dense kernel's warp layout
+// (decode_tc.cuh) on a gathered tile. CTA = (block of BM heads, split, query, sequence);
+// warp (wm, wn) owns head rows [16 wm, 16 wm + 16) and, for S = Q K^T, the tile's slots
+// [wn BN/2, (wn + 1) BN/2); P goes through shared memory and each warp accumulates output
+// columns [256 wn, 256 wn + 256) of its rows (mma.sync m16n8k16, fp32 accumulators).
+// Per tile: the raw tokens (cp.async, 2-deep ring) are dequantised ONCE into a bf16 tile
+// (value * scale is exact in bf16: a power-of-two scale; NaN -> 0) that serves as K and V
+// for all heads. compute_scores / accumulate_pv are decode_tc.cuh's; a sparse tile has no
+// causal band, so accumulate_pv's masked-key path never runs (skipped slots are zero rows
+// with P = 0, never 0 * NaN).
+template <int BM, int BN>
+struct SparseTcConfig : TcConfig<BM, BN, 2, false> {};
+
+template <typename C, typename Cfg>
+struct SparseTcLayout {
+  static constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, RS = Cfg::kRowElems;
+  static constexpr size_t kRaw = size_t(BN) * token_bytes<C>();     // one ring slot
+  static constexpr size_t kRingOff = 0;                               // [2][BN][token bytes]
+  static constexpr size_t kQOff = kRingOff + 2 * kRaw;                // [BM][RS] bf16
+  static constexpr size_t kKVOff = kQOff + size_t(BM) * RS * 2;       // [BN][RS] bf16, dequantised
+  static constexpr size_t kPOff = kKVOff + size_t(BN) * RS * 2;       // [BM][kPRow] bf16
+  static constexpr size_t kMaxOff = kPOff + size_t(BM) * Cfg::kPRow * 2;  // [2][BM] fp32 row maxima
+  static constexpr size_t kSumOff = kMaxOff + size_t(2) * BM * 4;     // [2][BM] fp32 row sums
+  static constexpr size_t kValidOff = kSumOff + size_t(2) * BM * 4;   // [2][BN] int
+  static constexpr size_t kBytes = kValidOff + size_t(2) * BN * 4;
+  static_assert(kRaw % 16 == 0 && kQOff % 16 == 0 && kKVOff % 16 == 0 && kPOff % 16 == 0, "16-byte alignment");
+};
+
+// Ring slot -> bf16 tile [BN][RS]: units of 8 values (16 output bytes), 72 per token.
+template <typename C, typename Cfg>
+__device__ __forceinline__ void dequantize_tile_bf16(const unsigned char* raw, __nv_bfloat16* kv, int tid) {
+  using Tr = TypeTraits<__nv_bfloat16>;
+  constexpr int kUnits = kHeadDim / 8;
+  for (int u = tid; u < Cfg::kBlockN * kUnits; u += Cfg::kThreads) {
+    const int k = u / kUnits, c = u - k * kUnits;
+    const unsigned char* tok = raw + k * token_bytes<C>();
+    uint4 v;
+    uint32_t* w = reinterpret_cast<uint32_t*>(&v);
+    if (std::is_same_v<C, uint8_t> && c < kLatentDim / 8) {
+      const uint2 codes = *reinterpret_cast<const uint2*>(tok + 8 * c);
+      const float scale = *reinterpret_cast<const float*>(tok + kFp8ScaleOffset + 4 * (c / 16));
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const uint32_t word = e < 2 ? codes.x : codes.y;
+        const int sh = 16 * (e & 1);
+        const float lo = nan_to_zero(e4m3_to_float(static_cast<uint8_t>(word >> sh)) * scale);
+        const float hi = nan_to_zero(e4m3_to_float(static_cast<uint8_t>(word >> (sh + 8))) * scale);
+        w[e] = Tr::pack2(lo, hi);
+      }
+    } else {
+      // 8 bf16 values as stored (the fp8 layout's rope, or a bf16 cache row): NaN -> 0.
+      const unsigned char* src = std::is_same_v<C, uint8_t> ? tok + kFp8RopeOffset + 16 * (c - kLatentDim / 8)
+                                                            : tok + 16 * c;
+      v = *reinterpret_cast<const uint4*>(src);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if ((w[e] & 0x7fffu) > 0x7f80u) w[e] &= 0xffff0000u;
+        if ((w[e] & 0x7fff0000u) > 0x7f800000u) w[e] &= 0x0000ffffu;
+      }
+    }
+    *reinterpret_cast<uint4*>(kv + k * Cfg::kRowElems + c * 8) = v;
+  }
+}
+
+template <typename C, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) sparse_tc_kernel(const SparseCudaParams p) {
+  using T = __nv_bfloat16;
+  using Tr = TypeTraits<T>;
+  using L = SparseTcLayout<C, Cfg>;
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, RS = Cfg::kRowElems;
+  unsigned char* smem = dynamic_smem();
+  unsigned char* ring = smem + L::kRingOff;
+  T* sq = reinterpret_cast<T*>(smem + L::kQOff);
+  T* kv = reinterpret_cast<T*>(smem + L::kKVOff);
+  T* sp = reinterpret_cast<T*>(smem + L::kPOff);
+  float* row_max = reinterpret_cast<float*>(smem + L::kMaxOff);
+  float* row_sum = reinterpret_cast<float*>(smem + L::kSumOff);
+  int* valid = reinterpret_cast<int*>(smem + L::kValidOff);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wn = warp % Cfg::kWarpsN, wm = warp / Cfg::kWarpsN;
+  const int q8 = (lane & 3) * 2;
+  const int32_t groups = ceil_div(p.num_heads, BM);
+  SparseBlock blk;
+  blk.bi = blockIdx.z;
+  blk.j = blockIdx.y;
+  blk.head0 = static_cast<int32_t>(blockIdx.x % groups) * BM;
+  blk.split = static_cast<int32_t>(blockIdx.x / groups);
+  blk.n_main = source_limit(p.main, blk.bi);
+  const int32_t n_slots = blk.n_main + (p.has_extra ? source_limit(p.extra, blk.bi) : 0);
+  blk.range = split_range(n_slots, BN, blk.split, p.num_splits);
+  const int32_t heads = min(BM, p.num_heads - blk.head0);
+  const int64_t row0 = (static_cast<int64_t>(blk.bi) * p.seqlen_q + blk.j) * p.num_heads + blk.head0;
+
+  // Q rows (zero past the last head) and the first tile, one commit group.
+  {
+    const T* q = static_cast<const T*>(p.q) + row0 * kHeadDim;
+    for (int c = tid; c < BM * Cfg::kChunks; c += Cfg::kThreads) {
+      const int r = c / Cfg::kChunks, ch = c - r * Cfg::kChunks;
+      cp_async_16(sq + r * RS + ch * 8, r < heads ? q + r * kHeadDim + ch * 8 : q, r < heads);
+    }
+  }
+  if (blk.range.tile_begin < blk.range.tile_end)
+    gather_tile<C, BN, Cfg::kThreads>(p, blk, blk.range.tile_begin, ring, valid, tid);
+  cp_async_commit();
+
+  // The dense kernel's row bookkeeping: this lane's rows r_lo, r_hi of the warp's 16.
+  TcRows rows;
+  rows.r_lo = wm * 16 + (lane >> 2);
+  rows.r_hi = rows.r_lo + 8;
+  rows.m_lo = rows.m_hi = -INFINITY;
+  rows.l_lo = rows.l_hi = 0.f;
+  rows.lim_lo = rows.lim_hi = 0;  // only read by accumulate_pv's causal-band path, never taken here
+  TcBlock band_free{};             // accumulate_pv's band [block_min_lim, key_end) is empty
+  band_free.block_min_lim = band_free.range.key_end = 0;
+  const bool warp_active = wm * 16 < heads;
+  const float scale_log2 = p.softmax_scale * kLog2e;
+  bool seen = false;
+
+  float o[Cfg::kOTiles][4];
+#pragma unroll
+  for (int t = 0; t < Cfg::kOTiles; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+  const T* a_base = sq + (wm * 16 + (lane & 15)) * RS + (lane >> 4) * 8;
+
+  for (int it = 0, tile = blk.range.tile_begin; tile < blk.range.tile_end; ++it, ++tile) {
+    cp_async_wait<0>();
+    __syncthreads();  // tile `tile` landed; the previous tile's K/V and P are consumed
+    if (tile + 1 < blk.range.tile_end)
+      gather_tile<C, BN, Cfg::kThreads>(p, blk, tile + 1, ring + ((it + 1) % 2) * L::kRaw, valid + ((it + 1) % 2) * BN,
+                                        tid);
+    cp_async_commit();
+    dequantize_tile_bf16<C, Cfg>(ring + (it % 2) * L::kRaw, kv, tid);
+    const int* tvalid = valid + (it % 2) * BN;
+    __syncthreads();  // the bf16 tile is complete
+    for (int k = 0; k < BN; ++k) seen |= tvalid[k] != 0;
+
+    float s[Cfg::kSTiles][4];
+    compute_scores<T, Cfg>(a_base, kv, wn, lane, warp_active, s);
+    {
+      // Skipped slots -> -inf; scale to log2 units; the quad's row maxima of this key half.
+      float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < Cfg::kSTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const bool ok = tvalid[wn * Cfg::kKeysPerWarp + n * 8 + q8 + e] != 0;
+          s[n][e] = ok ? s[n][e] * scale_log2 : -INFINITY;
+          s[n][2 + e] = ok ? s[n][2 + e] * scale_log2 : -INFINITY;
+          mx_lo = fmaxf(mx_lo, s[n][e]);
+          mx_hi = fmaxf(mx_hi, s[n][2 + e]);
+        }
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+      if ((lane & 3) == 0) {
+        row_max[wn * BM + rows.r_lo] = mx_lo;
+        row_max[wn * BM + rows.r_hi] = mx_hi;
+      }
+    }
+    __syncthreads();  // both key halves' row maxima are visible
+    {
+      const float tmax_lo = fmaxf(row_max[rows.r_lo], row_max[BM + rows.r_lo]);
+      const float tmax_hi = fmaxf(row_max[rows.r_hi], row_max[BM + rows.r_hi]);
+      const float new_lo = fmaxf(rows.m_lo, tmax_lo), new_hi = fmaxf(rows.m_hi, tmax_hi);
+      const float use_lo = new_lo == -INFINITY ? 0.f : new_lo;  // nothing valid yet: exp2(-inf - 0) = 0
+      const float use_hi = new_hi == -INFINITY ? 0.f : new_hi;
+      const float alpha_lo = exp2f(rows.m_lo - use_lo), alpha_hi = exp2f(rows.m_hi - use_hi);
+      rows.m_lo = new_lo;
+      rows.m_hi = new_hi;
+      float sum_lo = 0.f, sum_hi = 0.f;
+      T* p_lo = sp + rows.r_lo * Cfg::kPRow + wn * Cfg::kKeysPerWarp + q8;
+      T* p_hi = sp + rows.r_hi * Cfg::kPRow + wn * Cfg::kKeysPerWarp + q8;
+#pragma unroll
+      for (int n = 0; n < Cfg::kSTiles; ++n) {
+        const float p0 = exp2f(s[n][0] - use_lo), p1 = exp2f(s[n][1] - use_lo);
+        const float p2 = exp2f(s[n][2] - use_hi), p3 = exp2f(s[n][3] - use_hi);
+        sum_lo += p0 + p1;
+        sum_hi += p2 + p3;
+        *reinterpret_cast<uint32_t*>(p_lo + n * 8) = Tr::pack2(p0, p1);
+        *reinterpret_cast<uint32_t*>(p_hi + n * 8) = Tr::pack2(p2, p3);
+      }
+      rows.l_lo = rows.l_lo * alpha_lo + sum_lo;
+      rows.l_hi = rows.l_hi * alpha_hi + sum_hi;
+#pragma unroll
+      for (int t = 0; t < Cfg::kOTiles; ++t) {
+        o[t][0] *= alpha_lo;
+        o[t][1] *= alpha_lo;
+        o[t][2] *= alpha_hi;
+        o[t][3] *= alpha_hi;
+      }
+    }
+    __syncthreads();  // P of both key halves is in shared memory
+    if (warp_active) accumulate_pv<T, Cfg>(kv, sp, band_free, rows, tile, wm, wn, lane, q8, o);
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: full row sums (quad, then the other key half), then out / lse / the sink.
+  float l_lo = rows.l_lo, l_hi = rows.l_hi;
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  if ((lane & 3) == 0) {
+    row_sum[wn * BM + rows.r_lo] = l_lo;
+    row_sum[wn * BM + rows.r_hi] = l_hi;
+  }
+  __syncthreads();
+  const int col0 = wn * Cfg::kOCols + q8;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = half ? rows.r_hi : rows.r_lo;
+    if (r >= heads) continue;
+    const float m = half ? rows.m_hi : rows.m_lo;
+    const float tot = row_sum[r] + row_sum[BM + r];
+    const float lse = (m + __log2f(tot)) * kLn2;
+    float inv = 1.f / tot;
+    if (p.num_splits == 1 && p.attn_sink != nullptr)
+      inv *= 1.f / (1.f + exp2f((p.attn_sink[blk.head0 + r] - lse) * kLog2e));
+    if (!seen) inv = 0.f;
+    const float lse_out = seen ? lse : (p.num_splits == 1 ? INFINITY : -INFINITY);
+    if (p.num_splits == 1) {
+      T* dst = static_cast<T*>(p.out) + (row0 + r) * kLatentDim + col0;
+#pragma unroll
+      for (int t = 0; t < Cfg::kOTiles; ++t)
+        *reinterpret_cast<uint32_t*>(dst + t * 8) = Tr::pack2(o[t][2 * half] * inv, o[t][2 * half + 1] * inv);
+      if (wn == 0 && (lane & 3) == 0) p.lse[row0 + r] = lse_out;
+    } else {
+      const int64_t rows_total = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_heads;
+      const int64_t idx = blk.split * rows_total + row0 + r;
+      float* dst = p.o_accum + idx * kLatentDim + col0;
+#pragma unroll
+      for (int t = 0; t < Cfg::kOTiles; ++t)
+        *reinterpret_cast<float2*>(dst + t * 8) = make_float2(o[t][2 * half] * inv, o[t][2 * half + 1] * inv);
+      if (wn == 0 && (lane & 3) == 0) p.lse_accum[idx] = lse_out;
+    }
+  }
+}
+
+// Tensor-core configurations (heads per CTA, slots per tile), largest first; the planner
+// takes the first whose shared memory fits the device.
+using SparseTcL = SparseTcConfig<64, 32>;  // fp8: 156.8 KB (sm_80, sm_90); bf16 cache: 187.8 KB (sm_90)
+using SparseTcM = SparseTcConfig<32, 32>;  // fp8: 117.0 KB; bf16 cache: 148.0 KB (sm_80)
+using SparseTcS = SparseTcConfig<32, 16>;  // fp8: 77.4 KB; bf16 cache: 92.9 KB (sm_86 / sm_89: 99 KB)
+constexpr int kSparseTcConfigs = 3;
+constexpr int kSparseTcBlockM[kSparseTcConfigs] = {SparseTcL::kBlockM, SparseTcM::kBlockM, SparseTcS::kBlockM};
+constexpr int kSparseTcBlockN[kSparseTcConfigs] = {SparseTcL::kBlockN, SparseTcM::kBlockN, SparseTcS::kBlockN};
+
+template <typename C>
+size_t sparse_tc_smem(int config) {
+  switch (config) {
+    case 0: return SparseTcLayout<C, SparseTcL>::kBytes;
+    case 1: return SparseTcLayout<C, SparseTcM>::kBytes;
+    default: return SparseTcLayout<C, SparseTcS>::kBytes;
+  }
+}
+
+template <typename C, typename Cfg>
+cudaError_t launch_tc(const SparseCudaParams& p, cudaStream_t stream) {
+  auto kernel = sparse_tc_kernel<C, Cfg>;
+  constexpr size_t smem = SparseTcLayout<C, Cfg>::kBytes;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<uint32_t>(ceil_div(p.num_heads, Cfg::kBlockM) * p.num_splits),
+                  static_cast<uint32_t>(p.seqlen_q), static_cast<uint32_t>(p.batch));
+  MLA_LAUNCH(kernel, grid, Cfg::kThreads, smem, stream, p);
+  return cudaGetLastError();
+}
+
+template <typename C>
+cudaError_t launch_tc_config(const SparseCudaParams& p, int config, cudaStream_t stream) {
+  switch (config) {
+    case 0: return launch_tc<C, SparseTcL>(p, stream);
+    case 1: return launch_tc<C, SparseTcM>(p, stream);
+    case 2: return launch_tc<C, SparseTcS>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Combine: out = sum_s w_s o_s / sum_s w_s, w_s = exp(lse_s - max), lse = max + log(sum w);
 // then the sink factor; a row no split saw gets out 0, lse +inf. One CTA of 128 threads per
 // row, 4 columns a thread.
@@ -351,37 +633,65 @@ cudaError_t launch_combine(const SparseCudaParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-int sm_count(int device) {
+struct DeviceInfo {
+  int sms = 0;
+  int smem_optin = 0;  // bytes of dynamic shared memory one block may opt into
+};
+
+DeviceInfo device_info(int device) {
   constexpr int kMaxDevices = 64;
-  static int cache[kMaxDevices];
+  static DeviceInfo cache[kMaxDevices];
   static std::once_flag once[kMaxDevices];
   auto query = [device] {
-    int sms = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    return sms;
+    DeviceInfo d;
+    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
+    cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    return d;
   };
   if (device < 0 || device >= kMaxDevices) return query();
   std::call_once(once[device], [&] { cache[device] = query(); });
   return cache[device];
 }
 
+// Splits so that base_ctas * splits covers `slots` CTA slots, each split keeping at least
+// 4 tiles of `tile` slots of the topk capacity (a shape, never topk_length's values).
+int32_t choose_splits(int64_t base_ctas, int64_t slots, int64_t capacity_slots, int tile) {
+  if (base_ctas <= 0 || base_ctas >= slots) return 1;
+  const int64_t by_work = (capacity_slots + tile - 1) / tile / 4;
+  const int64_t want = std::min<int64_t>((slots + base_ctas - 1) / base_ctas, by_work);
+  return static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(want, 64)));
+}
+
 }  // namespace
 
 SparsePlan plan_sparse_decode(const SparseCudaParams& p, int device, SparseImpl requested) {
-  (void)requested;
+  const DeviceInfo info = device_info(device);
   SparsePlan plan{};
   plan.impl = SparseImpl::kSimple;
-  // Splits: enough CTAs for ~2 per SM, each split at least 4 tiles of slots (a shape: the
-  // topk sizes, never topk_length's values).
-  const int64_t base_ctas = static_cast<int64_t>(p.batch) * p.seqlen_q * ceil_div(p.num_heads, kSimpleHeads);
-  const int64_t slots = 2 * static_cast<int64_t>(std::max(1, sm_count(device)));
-  const int64_t capacity_tiles = ceil_div(static_cast<int64_t>(p.main.topk) + (p.has_extra ? p.extra.topk : 0),
-                                          kSimpleTile);
-  int64_t splits = 1;
-  if (base_ctas > 0 && base_ctas < slots) splits = std::min<int64_t>((slots + base_ctas - 1) / base_ctas, capacity_tiles / 4);
-  plan.num_splits = static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(splits, 64)));
+  plan.config = -1;
+  const bool fp8 = p.cache_dtype == DType::kFloat8E4M3;
+  if (requested != SparseImpl::kSimple && p.q_dtype == DType::kBFloat16 && (fp8 || p.cache_dtype == DType::kBFloat16)) {
+    for (int c = 0; c < kSparseTcConfigs; ++c) {
+      const size_t smem = fp8 ? sparse_tc_smem<uint8_t>(c) : sparse_tc_smem<__nv_bfloat16>(c);
+      if (smem <= static_cast<size_t>(info.smem_optin)) {
+        plan.impl = SparseImpl::kTensorCore;
+        plan.config = c;
+        break;
+      }
+    }
+  }
+  const int64_t capacity = static_cast<int64_t>(p.main.topk) + (p.has_extra ? p.extra.topk : 0);
+  const int64_t bsq = static_cast<int64_t>(p.batch) * p.seqlen_q;
+  const int sms = std::max(1, info.sms);
+  if (plan.impl == SparseImpl::kTensorCore) {
+    const int bm = kSparseTcBlockM[plan.config];
+    plan.num_splits = choose_splits(bsq * ceil_div(p.num_heads, bm), sms, capacity, kSparseTcBlockN[plan.config]);
+  } else {
+    plan.num_splits = choose_splits(bsq * ceil_div(p.num_heads, kSimpleHeads), 2 * static_cast<int64_t>(sms),
+                                    capacity, kSimpleTile);
+  }
   if (plan.num_splits > 1) {
-    const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_heads;
+    const int64_t rows = bsq * p.num_heads;
     plan.workspace_o = plan.num_splits * rows * kLatentDim;
     plan.workspace_lse = plan.num_splits * rows;
   }
@@ -394,7 +704,12 @@ cudaError_t sparse_decode(const SparseCudaParams& params, const SparsePlan& plan
   p.num_splits = plan.num_splits;
   if (p.num_splits > 1 && (p.o_accum == nullptr || p.lse_accum == nullptr)) return cudaErrorInvalidValue;
   cudaError_t err = cudaErrorInvalidValue;
-  switch (p.q_dtype) {
+  if (plan.impl == SparseImpl::kTensorCore) {
+    if (p.q_dtype != DType::kBFloat16) return cudaErrorInvalidValue;
+    if (p.cache_dtype == DType::kFloat8E4M3) err = launch_tc_config<uint8_t>(p, plan.config, stream);
+    else if (p.cache_dtype == DType::kBFloat16) err = launch_tc_config<__nv_bfloat16>(p, plan.config, stream);
+    else return cudaErrorInvalidValue;
+  } else switch (p.q_dtype) {
     case DType::kBFloat16: err = launch_simple_for_cache<__nv_bfloat16>(p, stream); break;
     case DType::kFloat16: err = launch_simple_for_cache<__half>(p, stream); break;
     case DType::kFloat32: err = launch_simple_for_cache<float>(p, stream); break;

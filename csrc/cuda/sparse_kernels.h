@@ -12,13 +12,15 @@
 namespace mla::cuda {
 
 enum class SparseImpl : int32_t {
-  kAuto = 0,        // tensor cores where they apply (see plan_sparse_decode), else the simple kernel
-  kTensorCore = 1,  // mma.sync kernel (falls back to kSimple where it cannot run)
+  kAuto = 0,        // tensor cores where they apply, else the simple kernel
+  kTensorCore = 1,  // mma.sync kernel: bf16 q with an fp8 (656-byte) or bf16 cache, where a tile
+                    // configuration fits the device's shared memory; otherwise kSimple runs
   kSimple = 2,      // CUDA-core kernel: every q / cache dtype, fp32 math throughout
 };
 
 struct SparsePlan {
   SparseImpl impl;        // never kAuto after planning
+  int32_t config;         // tensor-core tile configuration (0 large .. 2 small, sparse_decode.cu), -1 otherwise
   int32_t num_splits;     // topk splits per (query, head group); 1 = no workspace, no combine pass
   int64_t workspace_o;    // floats needed for SparseCudaParams::o_accum   (0 when num_splits == 1)
   int64_t workspace_lse;  // floats needed for SparseCudaParams::lse_accum (0 when num_splits == 1)

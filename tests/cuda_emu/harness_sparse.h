@@ -58,6 +58,6 @@ std::string run_sparse(Case& c) {
   const cudaError_t err = mla::cuda::sparse_decode(p, plan, nullptr);
   if (err != cudaSuccess) die(std::string("sparse_decode returned ") + cudaGetErrorString(err));
   const char* impl = plan.impl == SparseImpl::kTensorCore ? "tc" : "simple";
-  return std::string("{\"op\": \"sparse\", \"impl\": \"") + impl + "\", \"num_splits\": " +
-         std::to_string(plan.num_splits);
+  return std::string("{\"op\": \"sparse\", \"impl\": \"") + impl + "\", \"config\": " +
+         std::to_string(plan.config) + ", \"num_splits\": " + std::to_string(plan.num_splits);
 }
