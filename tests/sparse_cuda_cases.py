@@ -129,14 +129,17 @@ def random_indices(g, b, s_q, topk, num_tokens, p_invalid):
 
 
 def garbage_past_length(g, idx, length, num_tokens):
-    """Slots at / past topk_length are never read: fill them with ids the cache does not hold."""
+    """Slots at / past topk_length are never read: fill them with ids the cache does not hold
+    (-7, past its end) and with ids of tokens that no valid slot names (poisoned, so a kernel
+    that reads them sees 0xFF bytes: NaN, which it reads as 0, still a wrong extra weight)."""
     if length is None:
         return
     for i in range(idx.shape[0]):
         n = int(length[i])
         if n < idx.shape[2]:
-            junk = torch.randint(num_tokens, num_tokens + 10 ** 6, idx[i, :, n:].shape, generator=g, dtype=torch.int32)
-            junk[..., ::2] = -7
+            junk = torch.randint(0, num_tokens, idx[i, :, n:].shape, generator=g, dtype=torch.int32)
+            junk[..., 1::3] = -7
+            junk[..., 2::3] += num_tokens + 10 ** 5
             idx[i, :, n:] = junk
 
 

@@ -146,7 +146,7 @@ struct SimpleLayout {
 };
 
 template <typename T, typename C>
-__global__ void __launch_bounds__(kSimpleThreads) sparse_simple_kernel(const SparseCudaParams p) {
+__global__ void __launch_bounds__(kSimpleThreads, 2) sparse_simple_kernel(const SparseCudaParams p) {
   using L = SimpleLayout<C>;
   unsigned char* smem = dynamic_smem();
   unsigned char* ring = smem + L::kRingOff;                       // [kStages][kTile][token bytes] raw tokens
@@ -255,7 +255,9 @@ __global__ void __launch_bounds__(kSimpleThreads) sparse_simple_kernel(const Spa
   __syncthreads();
   if (p.num_splits == 1) {
     T* out = static_cast<T*>(p.out) + row0 * kLatentDim + col;
-    for (int h = 0; h < heads; ++h) {
+#pragma unroll
+    for (int h = 0; h < kSimpleHeads; ++h) {  // unrolled: acc stays in registers
+      if (h >= heads) break;
       out[h * kLatentDim] = TypeTraits<T>::from_float(acc[h][0] * inv[h]);
       out[h * kLatentDim + 1] = TypeTraits<T>::from_float(acc[h][1] * inv[h]);
     }
@@ -263,9 +265,12 @@ __global__ void __launch_bounds__(kSimpleThreads) sparse_simple_kernel(const Spa
   } else {
     const int64_t rows_total = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_heads;
     const int64_t base = blk.split * rows_total + row0;
-    for (int h = 0; h < heads; ++h)
+#pragma unroll
+    for (int h = 0; h < kSimpleHeads; ++h) {
+      if (h >= heads) break;
       *reinterpret_cast<float2*>(p.o_accum + (base + h) * kLatentDim + col) =
           make_float2(acc[h][0] * inv[h], acc[h][1] * inv[h]);
+    }
     if (tid < heads) p.lse_accum[base + tid] = lse_row[tid];
   }
 }
