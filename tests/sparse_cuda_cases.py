@@ -156,6 +156,14 @@ def poison_unused(cache, idx, length):
         c[t // bs, t % bs].view(torch.uint8).fill_(NAN_BYTE)
 
 
+def to_device(t, device):
+    """t on `device` with its strides and storage offset kept (a padded cache's block stride;
+    Tensor.to would make a non-dense view contiguous)."""
+    raw = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()).to(device)
+    return torch.empty(0, dtype=t.dtype, device=device).set_(raw.untyped_storage(), t.storage_offset(), t.shape,
+                                                             t.stride())
+
+
 def check_sparse(out, lse, ref_out, ref_lse, q_dtype, what="", tol=None):
     """Empty queries (reference lse +inf): out exactly 0 and lse +inf. Others: out within the
     dtype's tolerance, lse within LSE_TOL; no NaN anywhere (the cases never feed a NaN)."""

@@ -11,7 +11,7 @@ from mla_ext import reference
 
 from cuda_cases import (APPEND_CASES, D, DC, DECODE_CASES, DR, IMPLS, SCALE, TOL, check_close, make_paged,
                         make_query)
-from sparse_cuda_cases import SCALE as SPARSE_SCALE, SPARSE_CASES, check_sparse, make_cache
+from sparse_cuda_cases import SCALE as SPARSE_SCALE, SPARSE_CASES, check_sparse, make_cache, to_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -610,19 +610,22 @@ def test_sparse_decode_shared_cases(case, impl, monkeypatch):
     q, cache, idx, kw = case.inputs()
     ref_out, ref_lse = case.reference(q, cache, idx, kw)
     dev = torch.device("cuda")
-    kw_dev = {k: v.to(dev) for k, v in kw.items()}
-    out, lse = mla_ext.sparse_decode(q.to(dev), cache.to(dev), idx.to(dev), softmax_scale=SPARSE_SCALE, **kw_dev)
+    kw_dev = {k: to_device(v, dev) for k, v in kw.items()}
+    out, lse = mla_ext.sparse_decode(q.to(dev), to_device(cache, dev), idx.to(dev), softmax_scale=SPARSE_SCALE,
+                                     **kw_dev)
     assert out.device.type == "cuda" and out.dtype == q.dtype and lse.dtype == torch.float32
     ran_tc = case.expected_impl(impl) == "tc"
     check_sparse(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [{impl}]",
                  tol=case.tolerance("tc" if ran_tc else "simple"))
 
 
-def test_sparse_decode_padded_cache_moved_to_gpu_keeps_strides():
-    """.to('cuda') of a padded-block cache keeps its block stride (656 * (bs + pad) bytes)."""
+def test_sparse_decode_padded_cache_keeps_strides_on_gpu():
+    """The shared cases reach the GPU with their padded block strides (656 * (bs + pad) bytes)."""
     case = SPARSE_CASES[1]
     _, cache, _, _ = case.inputs()
-    assert cache.to("cuda").stride() == cache.stride()
+    moved = to_device(cache, "cuda")
+    assert moved.stride() == cache.stride() and case.pad > 0
+    assert torch.equal(moved.cpu().view(torch.uint8), cache.view(torch.uint8))
 
 
 def test_sparse_decode_bad_inputs_on_cuda():
@@ -642,8 +645,8 @@ def test_sparse_decode_cuda_graph_replay_with_new_indices():
     case = SPARSE_CASES[4]  # h128 split topk
     q, cache, idx, kw = case.inputs()
     dev = torch.device("cuda")
-    q_d, cache_d, idx_d = q.to(dev), cache.to(dev), idx.to(dev)
-    kw_d = {k: v.to(dev) for k, v in kw.items()}
+    q_d, cache_d, idx_d = q.to(dev), to_device(cache, dev), idx.to(dev)
+    kw_d = {k: to_device(v, dev) for k, v in kw.items()}
     mla_ext.sparse_decode(q_d, cache_d, idx_d, softmax_scale=SPARSE_SCALE, **kw_d)  # warm-up
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
