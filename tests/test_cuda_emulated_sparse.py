@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cuda_emu import runner
-from sparse_cuda_cases import SCALE, SPARSE_CASES, SparseCase, check_sparse, make_cache, poison_unused
+from sparse_cuda_cases import NAN_BYTE, SCALE, SPARSE_CASES, SparseCase, check_sparse, make_cache, poison_unused
 
 pytestmark = [
     pytest.mark.emulated,
@@ -117,3 +117,29 @@ def test_sparse_empty_topk(harness):
                                                                      kw))
     assert torch.isfinite(lse[0]).all() and torch.isposinf(lse[1]).all()
     check_sparse(out, lse, ref_out, ref_lse, torch.bfloat16, "main topk 0, extra", tol=case.tolerance("tc"))
+
+
+@pytest.mark.parametrize("impl", ["auto", "simple"])
+def test_sparse_fp8_every_code_exact(impl, harness):
+    """One valid slot, so each head's output is that token's dequantised latent row: every e4m3
+    code (NaN codes read as 0) times its group's power-of-two scale must come out exactly,
+    through both kernels' own dequantisation (P = 1 and l = 1 exactly)."""
+    from mla_ext import sparse
+    codes = torch.tensor([c for c in range(256)] * 2, dtype=torch.uint8)  # 512 latent codes, NaN codes included
+    token = torch.zeros(656, dtype=torch.uint8)
+    token[:512] = codes
+    scales = torch.tensor([2.0 ** -3, 1.0, 2.0 ** 5, 2.0 ** -10], dtype=torch.float32)
+    token[512:528] = scales.view(torch.uint8)
+    g = torch.Generator().manual_seed(12)
+    token[528:] = torch.randn(64, generator=g).to(torch.bfloat16).view(torch.uint8)
+    cache = torch.full((2, 4, 1, 656), NAN_BYTE, dtype=torch.uint8)
+    cache[1, 2, 0] = token
+    cache = cache.view(torch.float8_e4m3fn)
+    q = torch.randn(1, 1, 16, 576, generator=g).to(torch.bfloat16)
+    idx = torch.tensor([[[-1, 6, -1]]], dtype=torch.int32)
+    out, lse, info = runner.run_sparse_decode(q, cache, idx, SCALE, impl=impl, exe=harness("plain"))
+    assert info["impl"] == ("tc" if impl == "auto" else "simple")
+    want = torch.nan_to_num(sparse.dequantize_tokens(cache[1, 2, 0], torch.float64)[:512], nan=0.0)
+    assert torch.equal(out[0, 0].double(), want.to(torch.bfloat16).double().expand(16, 512))
+    assert torch.equal(want.to(torch.bfloat16).double(), want)  # the values are bf16 numbers: exact is exact
+    assert torch.isfinite(lse).all()

@@ -317,12 +317,13 @@ __device__ __forceinline__ void dequantize_tile_bf16(const unsigned char* raw, _
     if (std::is_same_v<C, uint8_t> && c < kLatentDim / 8) {
       const uint2 codes = *reinterpret_cast<const uint2*>(tok + 8 * c);
       const float scale = *reinterpret_cast<const float*>(tok + kFp8ScaleOffset + 4 * (c / 16));
+      uint4 exact;  // the 8 e4m3 values as bf16 pairs, exactly (NaN codes -> NaN), fp8.cuh
+      e4m3x8_to<__nv_bfloat16>(codes, exact);
+      const uint32_t* x = reinterpret_cast<const uint32_t*>(&exact);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const uint32_t word = e < 2 ? codes.x : codes.y;
-        const int sh = 16 * (e & 1);
-        const float lo = nan_to_zero(e4m3_to_float(static_cast<uint8_t>(word >> sh)) * scale);
-        const float hi = nan_to_zero(e4m3_to_float(static_cast<uint8_t>(word >> (sh + 8))) * scale);
+      for (int e = 0; e < 4; ++e) {  // x fp32 scale, exact for a power of two; NaN -> 0
+        const float lo = nan_to_zero(__uint_as_float(x[e] << 16) * scale);
+        const float hi = nan_to_zero(__uint_as_float(x[e] & 0xffff0000u) * scale);
         w[e] = Tr::pack2(lo, hi);
       }
     } else {
@@ -675,7 +676,9 @@ SparsePlan plan_sparse_decode(const SparseCudaParams& p, int device, SparseImpl 
   plan.impl = SparseImpl::kSimple;
   plan.config = -1;
   const bool fp8 = p.cache_dtype == DType::kFloat8E4M3;
-  if (requested != SparseImpl::kSimple && p.q_dtype == DType::kBFloat16 && (fp8 || p.cache_dtype == DType::kBFloat16)) {
+  const bool q_aligned = reinterpret_cast<uintptr_t>(p.q) % 16 == 0;  // Q rows arrive by 16-byte cp.async
+  if (requested != SparseImpl::kSimple && p.q_dtype == DType::kBFloat16 && q_aligned &&
+      (fp8 || p.cache_dtype == DType::kBFloat16)) {
     for (int c = 0; c < kSparseTcConfigs; ++c) {
       const size_t smem = fp8 ? sparse_tc_smem<uint8_t>(c) : sparse_tc_smem<__nv_bfloat16>(c);
       if (smem <= static_cast<size_t>(info.smem_optin)) {
