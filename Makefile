@@ -84,17 +84,18 @@ plots: venv
 # The HF integration at both ends of its supported transformers range (mla_ext[hf]), each in
 # its own small venv (no system site-packages): the CPU torch wheel, transformers==X, pytest,
 # and the package built above (the checkout, whose extension was built against the same torch,
-# put on the venv's path with a .pth file, as an editable install does).
+# put on the venv's path with a .pth file, as an editable install does). .deps holds the exact
+# spec installed: a changed pin rebuilds the venv.
 HF_RANGE_VERSIONS ?= 5.19.0 5.24.0
 HF_VENV_DIR ?= $(HOME)/.cache/mla_ext
 test-hf-range: build
 	@set -e; for v in $(HF_RANGE_VERSIONS); do \
 	  venv=$(HF_VENV_DIR)/venv-hf-$$v-$(subst ==,,$(TORCH_SPEC)); \
-	  if [ ! -f $$venv/.deps ]; then \
+	  spec="$(TORCH_SPEC) transformers==$$v $$(grep -E '^(pytest|numpy)==' requirements-dev.txt | tr '\n' ' ')"; \
+	  if [ "$$(cat $$venv/.deps 2>/dev/null)" != "$$spec" ]; then \
 	    rm -rf $$venv; $(PYTHON) -m venv $$venv; \
-	    $$venv/bin/python -m pip install -q "$(TORCH_SPEC)" "transformers==$$v" \
-	      $$(grep -E '^(pytest|numpy)==' requirements-dev.txt); \
-	    touch $$venv/.deps; \
+	    $$venv/bin/python -m pip install -q $$spec; \
+	    echo "$$spec" > $$venv/.deps; \
 	  fi; \
 	  echo "$(CURDIR)" > $$($$venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/mla_ext_checkout.pth; \
 	  echo "== transformers $$v"; \

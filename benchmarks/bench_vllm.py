@@ -1,4 +1,10 @@
-"""End-to-end vLLM decode speed on CPU: stock CPU_MLA vs mla_ext (MLA_EXT_VLLM_CPU=1).
+"""End-to-end vLLM decode speed on CPU: stock vLLM vs mla_ext (MLA_EXT_VLLM_CPU=1), for each of
+vLLM's two CPU MLA backends mla_ext can take the place of:
+
+    stock        CPU_MLA (vLLM's portable CPU MLA; its pick on CPUs without AMX)
+    mla_ext      mla_ext in CPU_MLA's place
+    stock_amx    AMX_MLA (vLLM's default on AMX CPUs), only where the CPU has AMX
+    mla_ext_amx  mla_ext in AMX_MLA's place (AMX_MLA's prefill and absorption kept)
 
     make bench-vllm                      # or: ~/.cache/mla_ext/venv-vllm/bin/python benchmarks/bench_vllm.py
 
@@ -12,14 +18,15 @@ work common to both backends, see docs/performance.md), as in long-context servi
 real models, where the weights are shared by the batch and the cache is not.
 
 Each backend runs in its own process (this script with --worker), vLLM in-process
-(VLLM_ENABLE_V1_MULTIPROCESSING=0) driven through LLMEngine.add_request / step(); both stay
+(VLLM_ENABLE_V1_MULTIPROCESSING=0) driven through LLMEngine.add_request / step(); all stay
 resident. Per config (context x batch): each prefills its prompts (one per step, not timed)
-and runs --warmup decode steps, then single decode steps of `batch` tokens are timed
-alternately, stock / mla_ext / mla_ext / stock ..., so the shared machine's load swings hit
-both alike (runs that timed each backend separately varied 5x within minutes here).
-tokens/s = batch / median step time (prefill excluded; VLLM_CPU_KVCACHE_SPACE=1). The
-attention share is the profiler's time in the decode kernel (mla_ext::decode or
-_C::mla_decode_kvcache) and in the cache write (mla_ext::append_kv, or stock's index_put_)
+and runs --warmup decode steps, then single decode steps of `batch` tokens are timed in turn,
+the order rotated every step, so the shared machine's load swings hit all alike (runs that
+timed each backend separately varied 5x within minutes here). tokens/s = batch / median
+step time (prefill excluded; VLLM_CPU_KVCACHE_SPACE=1). The attention share is the
+profiler's time in the decode kernel (mla_ext::decode, CPU_MLA's _C::mla_decode_kvcache or
+AMX_MLA's _C::decode_attention_cpu) and in the cache write (mla_ext::append_kv, CPU_MLA's
+index_put_ or AMX_MLA's _C::concat_and_cache_mla_cpu)
 over --profile-steps profiled steps' wall time.
 """
 from __future__ import annotations
@@ -39,8 +46,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-DECODE_OPS = ("mla_ext::decode", "_C::mla_decode_kvcache")
-WRITE_OPS = ("mla_ext::append_kv", "aten::index_put_")
+DECODE_OPS = ("mla_ext::decode", "_C::mla_decode_kvcache", "_C::decode_attention_cpu")
+# name -> (vLLM attention_backend, MLA_EXT_VLLM_CPU opt-in)
+BACKENDS = {"stock": ("CPU_MLA", False), "mla_ext": ("CPU_MLA", True),
+            "stock_amx": ("AMX_MLA", False), "mla_ext_amx": ("AMX_MLA", True)}
+# ours -> the stock backend it takes the place of
+PAIRS = {"mla_ext": "stock", "mla_ext_amx": "stock_amx"}
+WRITE_OPS = ("mla_ext::append_kv", "aten::index_put_", "_C::concat_and_cache_mla_cpu")
 
 
 class Worker:
@@ -57,11 +69,12 @@ class Worker:
         self.args = args
         self.max_len = max(args.contexts) + args.warmup + args.steps + args.profile_steps + max(args.batches) + 8
         llm = LLM(args.model, skip_tokenizer_init=True, dtype=args.dtype, enforce_eager=True,
-                  attention_backend="CPU_MLA", max_model_len=self.max_len, max_num_batched_tokens=self.max_len,
+                  attention_backend=args.attention_backend, max_model_len=self.max_len, max_num_batched_tokens=self.max_len,
                   max_num_seqs=max(args.batches), seed=0, enable_prefix_caching=False)
         self.engine = llm.llm_engine
         self.rid = 0
-        self.info = {"backend_path": AttentionBackendEnum.CPU_MLA.get_path(), "torch_threads": torch.get_num_threads()}
+        self.info = {"backend_path": AttentionBackendEnum[args.attention_backend].get_path(),
+                     "torch_threads": torch.get_num_threads()}
 
     def config(self, ctx: int, batch: int) -> dict:
         from vllm import SamplingParams
@@ -190,6 +203,9 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--model", default=None)
     ap.add_argument("--reply-fd", type=int, default=None)
+    ap.add_argument("--attention-backend", default="CPU_MLA", help=argparse.SUPPRESS)  # worker only
+    ap.add_argument("--backends", nargs="+", default=None, choices=list(BACKENDS),
+                    help="default: all four on an AMX CPU, else stock and mla_ext")
     args = ap.parse_args()
     if args.worker:
         worker_main(args)
@@ -203,16 +219,28 @@ def main() -> None:
     argv = [sys.executable, __file__, "--worker", "--model", str(model), "--dtype", args.dtype,
             "--steps", str(args.steps), "--profile-steps", str(args.profile_steps), "--warmup", str(args.warmup),
             "--contexts", *map(str, args.contexts), "--batches", *map(str, args.batches)]
+    import torch
+
+    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    names = args.backends or (list(BACKENDS) if amx else ["stock", "mla_ext"])
+    default_stock = "stock_amx" if amx else "stock"  # what vLLM runs on this CPU when not told
     load_before = os.getloadavg()
     clients = {}
-    for name in ("stock", "mla_ext"):  # both resident at once, started together
+    for name in names:  # all resident at once, started together
+        backend, opt_in = BACKENDS[name]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), VLLM_ENABLE_V1_MULTIPROCESSING="0")
         env.pop("MLA_EXT_VLLM_CPU", None)
-        if name == "mla_ext":
+        if opt_in:
             env["MLA_EXT_VLLM_CPU"] = "1"
-        clients[name] = Client(name, argv, env)
+        clients[name] = Client(name, argv + ["--attention-backend", backend], env)
     info = {name: c.read() for name, c in clients.items()}
-    names = list(clients)
+    for name, got in info.items():  # never time stock vLLM under mla_ext's name (or the reverse)
+        ours = got["backend_path"].startswith("mla_ext.")
+        if ours != BACKENDS[name][1]:
+            raise SystemExit(
+                f"bench_vllm: worker {name!r} runs {got['backend_path']} for {BACKENDS[name][0]}; expected "
+                f"{'mla_ext' if BACKENDS[name][1] else 'stock vLLM'}. Is mla_ext installed in this venv "
+                f"(`make vllm-venv`; vLLM logs 'Failed to load plugin mla_ext' otherwise)?")
 
     table = []
     for ctx in args.contexts:
@@ -221,8 +249,9 @@ def main() -> None:
             for c in clients.values():  # prefill + warm-up, one after the other (not timed)
                 row.setdefault("_prefill", {})[c.name] = c.call("config", ctx=ctx, batch=batch)["prefill_s"]
             times = {n: [] for n in names}
-            for i in range(args.steps):  # single decode steps, alternating, order swapped each time
-                for n in (names if i % 2 == 0 else names[::-1]):
+            for i in range(args.steps):  # single decode steps, the order rotated every step
+                k = i % len(names)
+                for n in names[k:] + names[:k]:
                     times[n].append(clients[n].call("step")["t"])
             for n in names:
                 prof = clients[n].call("profile", n=args.profile_steps)
@@ -231,18 +260,27 @@ def main() -> None:
                 row[n] = {"tokens_per_s": batch / med, "median_step_ms": 1e3 * med,
                           "step_ms": [round(1e3 * t, 2) for t in times[n]], "prefill_s": row["_prefill"][n], **prof}
             del row["_prefill"]
-            row["speedup"] = row["mla_ext"]["tokens_per_s"] / row["stock"]["tokens_per_s"]
-            print(f"ctx {ctx} batch {batch}: stock {row['stock']['tokens_per_s']:.1f} tok/s, mla_ext "
-                  f"{row['mla_ext']['tokens_per_s']:.1f} tok/s ({row['speedup']:.2f}x); decode kernel "
-                  f"{100 * row['stock']['decode_kernel_share']:.0f}% / {100 * row['mla_ext']['decode_kernel_share']:.0f}% "
-                  f"of a step", flush=True)
+            parts = []
+            for ours, stock in PAIRS.items():
+                if ours in row and stock in row:
+                    key = "speedup" if ours == "mla_ext" else f"speedup_{ours[len('mla_ext_'):]}"
+                    row[key] = row[ours]["tokens_per_s"] / row[stock]["tokens_per_s"]
+                    parts.append(f"{ours} {row[ours]['tokens_per_s']:.1f} vs {stock} "
+                                 f"{row[stock]['tokens_per_s']:.1f} tok/s ({row[key]:.2f}x; decode kernel "
+                                 f"{100 * row[ours]['decode_kernel_share']:.0f}% vs "
+                                 f"{100 * row[stock]['decode_kernel_share']:.0f}% of a step)")
+            ours_best = max((n for n in names if n in PAIRS), key=lambda n: row[n]["tokens_per_s"], default=None)
+            if ours_best and default_stock in row:
+                row["speedup_vs_default"] = row[ours_best]["tokens_per_s"] / row[default_stock]["tokens_per_s"]
+                parts.append(f"best mla_ext ({ours_best}) vs vLLM's default here ({default_stock}): "
+                             f"{row['speedup_vs_default']:.2f}x")
+            print(f"ctx {ctx} batch {batch}: " + "; ".join(parts), flush=True)
             table.append(row)
     for c in clients.values():
         c.send("exit")
     load_after = os.getloadavg()
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    import torch
     import vllm
 
     record = {
@@ -251,9 +289,11 @@ def main() -> None:
         "omp_threads": args.threads, "torch": torch.__version__, "vllm": vllm.__version__,
         "model": {"layers": args.layers, "heads": args.heads, "hidden": args.hidden, "kv_lora_rank": 512,
                   "qk_nope": 128, "qk_rope": 64, "v": 128, "vocab": 1024, "intermediate": 512, "dtype": args.dtype},
-        "method": ("both backends resident in their own processes; after each config's prefill and "
-                   "warm-up steps, single decode steps timed alternately (stock, mla_ext, mla_ext, stock, ...) "
-                   "so that the machine's load swings hit both alike; medians"),
+        "method": ("every backend resident in its own process; after each config's prefill and "
+                   "warm-up steps, single decode steps timed in turn, the order rotated every step, "
+                   "so that the machine's load swings hit all alike; medians"),
+        "backends": {n: {"attention_backend": BACKENDS[n][0], "mla_ext_opt_in": BACKENDS[n][1]} for n in names},
+        "vllm_default_backend": default_stock,
         "warmup_steps": args.warmup, "timed_steps": args.steps,
         "quiet": False,
         "note": args.note or ("NOT a quiet machine: 2 shared cores, other agents ran builds during the run; "

@@ -56,6 +56,8 @@ STYLE = {
     "torch-batched": ("tab:green", "D", "plain torch, batched gather + bmm"),
     "torch": ("tab:olive", "X", "plain torch, per-sequence reference"),
     "stock": ("tab:red", "^", "stock vLLM"),
+    "stock_amx": ("tab:orange", "v", "stock vLLM, AMX_MLA"),
+    "mla_ext_amx": ("tab:purple", "P", "vLLM + mla_ext in AMX_MLA's place"),
 }
 OTHER_COLOURS = ["tab:purple", "tab:brown", "tab:pink", "tab:gray"]
 
@@ -134,7 +136,7 @@ def vllm_rows(entries: list) -> List[dict]:
         if not isinstance(e, dict):
             continue
         # benchmarks/bench_vllm.py: one entry per (context, batch), one dict per backend in it.
-        nested = [k for k in ("stock", "mla_ext") if isinstance(e.get(k), dict)]
+        nested = [k for k in ("stock", "mla_ext", "stock_amx", "mla_ext_amx") if isinstance(e.get(k), dict)]
         if nested and e.get("batch") is not None:
             rows += vllm_rows([{**e[k], "backend": k, "batch": e["batch"], "context": e.get("context")} for k in nested])
             continue
@@ -416,7 +418,8 @@ def vllm_tokens(run: Run, out: str) -> str:
     keys = list(dict.fromkeys((p["backend"], p["context"]) for p in run.points))
     backends = list(dict.fromkeys(b for b, _ in keys))
     ctxs = list(dict.fromkeys(c for _, c in keys))
-    names = {"stock": "stock vLLM", "mla_ext": "vLLM + mla_ext"}
+    names = {"stock": "stock vLLM (CPU_MLA)", "mla_ext": "vLLM + mla_ext (CPU_MLA's place)",
+             "stock_amx": "stock vLLM (AMX_MLA)", "mla_ext_amx": "vLLM + mla_ext (AMX_MLA's place)"}
     for backend, ctx in keys:
         rows = sorted((p for p in run.points if (p["backend"], p["context"]) == (backend, ctx)),
                       key=lambda p: p["batch"])

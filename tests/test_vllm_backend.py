@@ -94,7 +94,13 @@ def test_register_with_opt_in_takes_cpu_mla(clean_registry, monkeypatch):
     mla_vllm.register()
     assert AttentionBackendEnum.CPU_MLA.get_class() is mla_vllm.MlaExtBackend
     # vLLM picks AMX_MLA by itself on AMX CPUs: the opt-in serves it too, never silently stock.
-    assert AttentionBackendEnum.AMX_MLA.get_class() is mla_vllm.MlaExtBackend
+    # It keeps AMX_MLA's prefill and absorption there, so its role is a subclass of AMX_MLA's.
+    assert AttentionBackendEnum.AMX_MLA.get_class() is mla_vllm.MlaExtAmxBackend
+    from vllm.v1.attention.backends.mla.amx_mla import AMXMLABackend, AMXMLAImpl
+
+    assert issubclass(mla_vllm.MlaExtAmxBackend, AMXMLABackend)
+    assert issubclass(mla_vllm.MlaExtAmxBackend.get_impl_cls(), AMXMLAImpl)
+    assert mla_vllm.MlaExtAmxBackend.get_name() == "AMX_MLA"
     assert mla_vllm.MlaExtBackend.get_name() == "CPU_MLA"  # its enum member on CPU
 
 
@@ -219,6 +225,40 @@ def test_cache_update_skips_padding_and_empty_cache(gen):
     impl.do_kv_cache_update(kv_c, k_pe, torch.empty(0, 16, 576), torch.tensor([0]), "auto", torch.tensor(1.0))
 
 
+def test_absorption_weights_made_contiguous_once(gen):
+    """vLLM's MLAAttention holds W_UK_T [N, P, L] and W_UV [N, L, V] as permuted views of
+    kv_b_proj (torch.bmm copies them on every call); forward_mqa swaps in contiguous copies
+    of the same values, once."""
+    n, p, lat, v = HEADS, 128, LATENT, 128
+    w_uk, w_uv = randn((lat, n, p), gen), randn((lat, n, v), gen)
+    layer = torch.nn.Module()
+    layer.W_UK_T = torch.nn.Parameter(w_uk.permute(1, 2, 0), requires_grad=False)  # as vLLM 0.32 leaves them
+    layer.W_UV = torch.nn.Parameter(w_uv.transpose(0, 1), requires_grad=False)
+    layer._k_scale = torch.tensor(1.0)
+    kv = make_paged_kv([9], 16, gen, torch.float32)
+    meta = SimpleNamespace(decode=SimpleNamespace(block_table=kv.block_table, seq_lens=kv.cache_seqlens),
+                           causal=True, num_decodes=1)
+    impl, counters = make_impl(), mla_ext.integrations._vllm_backend.counters
+    before = counters["contiguous_weights"]
+    for _ in range(2):
+        impl.forward_mqa(vllm_query(1, gen, torch.float32), kv.cache, meta, layer)
+    assert counters["contiguous_weights"] - before == 2
+    assert layer.W_UK_T.is_contiguous() and layer.W_UV.is_contiguous()
+    assert torch.equal(layer.W_UK_T, w_uk.permute(1, 2, 0)) and torch.equal(layer.W_UV, w_uv.transpose(0, 1))
+    assert isinstance(layer.W_UK_T, torch.nn.Parameter) and "W_UK_T" in dict(layer.named_parameters())
+
+
+def test_amx_role_refuses_fp8_cache():
+    """In AMX_MLA's place mla_ext keeps AMX_MLA's prefill, which reads a bf16 cache only."""
+    mla = dict(q_lora_rank=None, kv_lora_rank=LATENT, qk_nope_head_dim=128, qk_rope_head_dim=ROPE,
+               qk_head_dim=192, v_head_dim=128, kv_b_proj=None)
+    with pytest.raises(NotImplementedError, match="CPU_MLA"):
+        mla_vllm.MlaExtAmxImpl(HEADS, 576, 0.07, 1, None, None, "fp8", None, "decoder", None, **mla)
+    with pytest.raises(NotImplementedError, match="kv_lora_rank=512"):
+        mla_vllm.MlaExtAmxImpl(HEADS, 576, 0.07, 1, None, None, "auto", None, "decoder", None,
+                               **{**mla, "kv_lora_rank": 256})
+
+
 def test_impl_refuses_other_mla_shapes():
     with pytest.raises(NotImplementedError, match="kv_lora_rank=512"):
         make_impl(kv_lora_rank=256)
@@ -327,7 +367,7 @@ def test_e2e_which_ops_ran(e2e):
     assert stock["backend_path"] == "vllm.v1.attention.backends.mla.cpu_mla.CPUMLABackend"
     assert stock["op_counts"]["_C::mla_decode_kvcache"] >= steps
     assert stock["op_counts"]["mla_ext::decode"] == 0 and stock["op_counts"]["mla_ext::append_kv"] == 0
-    assert stock["counters"] == {"decode": 0, "append_kv": 0}
+    assert stock["counters"] == {"decode": 0, "append_kv": 0, "contiguous_weights": 0}
 
     assert ours["backend_path"] == mla_vllm.BACKEND_PATH
     assert ours["op_counts"]["_C::mla_decode_kvcache"] == 0
@@ -335,6 +375,9 @@ def test_e2e_which_ops_ran(e2e):
     assert ours["op_counts"]["mla_ext::append_kv"] >= steps + 2  # + the prefill's writes
     assert ours["counters"]["decode"] == ours["op_counts"]["mla_ext::decode"]
     assert ours["counters"]["append_kv"] == ours["op_counts"]["mla_ext::append_kv"]
+    # Both absorption weights of both layers were made contiguous, once each (in the warm-up).
+    assert ours["counters_total"]["contiguous_weights"] == 2 * 2 and ours["counters"]["contiguous_weights"] == 0
+    assert stock["counters_total"]["contiguous_weights"] == 0
 
 
 def test_e2e_default_multiprocessing_mode(e2e):
@@ -348,7 +391,7 @@ def test_e2e_default_multiprocessing_mode(e2e):
     assert info["pid"] != run["pid"]
     assert info["impls"] == ["MlaExtImpl"]
     assert info["counters"]["decode"] >= (MAX_TOKENS - 1) * 2 and info["counters"]["append_kv"] > 0
-    assert run["counters"] == {"decode": 0, "append_kv": 0}  # nothing ran in the parent process
+    assert run["counters"] == {"decode": 0, "append_kv": 0, "contiguous_weights": 0}  # nothing ran in the parent
 
 
 def test_e2e_negative_control_wrong_scale(e2e):
@@ -357,6 +400,70 @@ def test_e2e_negative_control_wrong_scale(e2e):
     stock, wrong = e2e["stock_fp32"]["outputs"], e2e["ours_fp32"]["negative_outputs"]
     first = [abs(s["logprobs"][1] - w["logprobs"][1]) for s, w in zip(stock, wrong)]  # first decoded token
     assert min(first) > 10 * FP32_LOGPROB_TOL, first
+
+
+# --------------------------------------------------------------------------- AMX_MLA's place
+
+
+def _amx_cpu() -> bool:
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+# bf16 end to end (AMX_MLA takes bf16 models only): both decode kernels accumulate in fp32
+# but round the attention output to bf16 (2^-9 relative) in different places; through two
+# layers the chosen tokens' logprobs moved by <= 0.045 in our runs (tokens identical over
+# all 24 steps). 0.15 leaves room for a near-tie flip's neighbourhood while a wrong kernel
+# (or the wrong scale, ~0.4) shows.
+BF16_LOGPROB_TOL = 0.15
+BF16_MIN_AGREEING_TOKENS = 8  # a near-tie may flip a later greedy token; not the first 8
+
+
+@pytest.fixture(scope="module")
+def e2e_amx(tmp_path_factory):
+    """Stock AMX_MLA vs mla_ext in its place (MLA_EXT_VLLM_CPU=1), bf16, each in its own process."""
+    if not _amx_cpu():
+        pytest.skip("AMX_MLA needs a CPU with AMX tiles (torch.cpu._is_amx_tile_supported() is False here)")
+    d = tmp_path_factory.mktemp("vllm_e2e_amx")
+    model = d / "model"
+    _run_child(["make-model", str(model)], _child_env(False), d / "make_model.log")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(2, 512) for _ in range(n)] for n in PROMPT_LENS]
+    (d / "prompts.json").write_text(json.dumps(prompts))
+    common = ["generate", str(model), "--prompts", str(d / "prompts.json"), "--max-tokens", str(MAX_TOKENS),
+              "--dtype", "bfloat16", "--attention-backend", "AMX_MLA", "--profile"]
+
+    def one(name_opt_in):
+        name, opt_in = name_opt_in
+        _run_child(common + ["--out", str(d / f"{name}.json")], _child_env(opt_in), d / f"{name}.log")
+        return name, json.loads((d / f"{name}.json").read_text())
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(one, [("stock", False), ("ours", True)]))
+
+
+def test_e2e_amx_role_which_ops_ran(e2e_amx):
+    steps = (MAX_TOKENS - 1) * 2
+    stock, ours = e2e_amx["stock"], e2e_amx["ours"]
+    assert stock["backend_path"] == "vllm.v1.attention.backends.mla.amx_mla.AMXMLABackend"
+    assert stock["op_counts"]["_C::decode_attention_cpu"] >= steps
+    assert stock["op_counts"]["mla_ext::decode"] == 0 and stock["op_counts"]["mla_ext::append_kv"] == 0
+    assert ours["backend_path"] == mla_vllm.AMX_BACKEND_PATH
+    assert ours["op_counts"]["_C::decode_attention_cpu"] == 0 and ours["op_counts"]["_C::concat_and_cache_mla_cpu"] == 0
+    assert ours["op_counts"]["mla_ext::decode"] >= steps and ours["op_counts"]["mla_ext::append_kv"] >= steps + 2
+    assert ours["counters"]["decode"] == ours["op_counts"]["mla_ext::decode"]
+    # AMX_MLA's own packed absorption weights stay in use: the generic ones are never touched.
+    assert ours["counters_total"]["contiguous_weights"] == 0
+
+
+def test_e2e_amx_role_matches_stock_amx(e2e_amx):
+    stock, ours = e2e_amx["stock"]["outputs"], e2e_amx["ours"]["outputs"]
+    assert len(stock) == len(ours) == len(PROMPT_LENS)
+    for i, (s, o) in enumerate(zip(stock, ours)):
+        assert len(s["tokens"]) == len(o["tokens"]) == MAX_TOKENS
+        agree = next((t for t, (x, y) in enumerate(zip(s["tokens"], o["tokens"])) if x != y), MAX_TOKENS)
+        assert agree >= BF16_MIN_AGREEING_TOKENS, f"prompt {i}: greedy tokens differ at step {agree}"
+        diff = max(abs(x - y) for x, y in zip(s["logprobs"][:agree], o["logprobs"][:agree]))
+        assert diff < BF16_LOGPROB_TOL, f"prompt {i}: logprob diff {diff}"
 
 
 def test_e2e_fp8_cache(e2e):

@@ -5,8 +5,9 @@
         [--kv-cache-dtype auto|fp8] [--max-tokens 24] [--negative-scale F] [--fp8-rows-pass] [--worker-info] [--profile]
 
 `generate` runs vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so torch.profiler and
-the backend's counters see the model's ops) with attention_backend="CPU_MLA"; whether
-mla_ext serves it is decided by MLA_EXT_VLLM_CPU in the environment the caller gives.
+the backend's counters see the model's ops) with attention_backend="CPU_MLA" (or
+--attention-backend AMX_MLA); whether mla_ext serves it is decided by MLA_EXT_VLLM_CPU in the
+environment the caller gives.
 Greedy decoding, token ids in and out (no tokenizer), ignore_eos. Writes JSON: tokens and
 the chosen tokens' logprobs per prompt, which attention ops ran (profiler event counts),
 mla_ext's backend counters and the backend class vLLM resolved for CPU_MLA.
@@ -26,7 +27,8 @@ import sys
 import time
 
 # Ops whose profiler events tell which decode / cache write ran.
-OPS = ("mla_ext::decode", "mla_ext::decode_out", "mla_ext::append_kv", "_C::mla_decode_kvcache")
+OPS = ("mla_ext::decode", "mla_ext::decode_out", "mla_ext::append_kv", "_C::mla_decode_kvcache",
+       "_C::decode_attention_cpu", "_C::concat_and_cache_mla_cpu")  # the last two: AMX_MLA's
 
 
 def make_model(path: str, layers: int = 2, heads: int = 4, hidden: int = 256, vocab: int = 512,
@@ -65,12 +67,12 @@ def generate(args) -> dict:
     with open(args.prompts) as f:
         prompts = json.load(f)
     llm = LLM(args.model, skip_tokenizer_init=True, dtype=args.dtype, enforce_eager=True,
-              attention_backend="CPU_MLA", kv_cache_dtype=args.kv_cache_dtype,
+              attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype,
               max_model_len=args.max_model_len, max_num_seqs=max(len(prompts), 1), seed=0,
               enable_prefix_caching=False)
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    backend_path = AttentionBackendEnum.CPU_MLA.get_path()
+    backend_path = AttentionBackendEnum[args.attention_backend].get_path()
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=1, ignore_eos=True,
                         detokenize=False)
     inputs = [{"prompt_token_ids": p} for p in prompts]
@@ -92,6 +94,7 @@ def generate(args) -> dict:
     elapsed = time.perf_counter() - t0
     result = {"backend_path": backend_path, "op_counts": {k: op_counts.get(k, 0) for k in OPS},
               "counters": {k: backend_mod.counters[k] - counters_before[k] for k in backend_mod.counters},
+              "counters_total": dict(backend_mod.counters),  # warm-up included
               "elapsed_s": elapsed, "torch": torch.__version__, "pid": os.getpid(), "outputs": []}
     result["outputs"] = _tokens_and_logprobs(outs)
     if args.worker_info:
@@ -162,6 +165,7 @@ def main() -> None:
     g.add_argument("--out", required=True)
     g.add_argument("--dtype", default="float32")
     g.add_argument("--kv-cache-dtype", default="auto")
+    g.add_argument("--attention-backend", default="CPU_MLA", choices=["CPU_MLA", "AMX_MLA"])
     g.add_argument("--max-tokens", type=int, default=24)
     g.add_argument("--max-model-len", type=int, default=256)
     g.add_argument("--negative-scale", type=float, default=None)

@@ -6,8 +6,11 @@ vLLM process. Then:
 
 * CUDA: `LLM(..., attention_backend="CUSTOM")` selects mla_ext.
 * CPU: vLLM's CPU platform only accepts CPU_MLA / AMX_MLA for MLA models, so mla_ext takes
-  CPU_MLA's place, and only when asked: `MLA_EXT_VLLM_CPU=1` in the environment and
-  `attention_backend="CPU_MLA"`. Without the variable, stock vLLM runs exactly as before.
+  their places, and only when asked: `MLA_EXT_VLLM_CPU=1` in the environment. Then
+  `attention_backend="CPU_MLA"` runs MlaExtBackend (decode and cache writes ours, the rest
+  CPU_MLA's), and AMX_MLA (vLLM's default on AMX CPUs, or asked for by name) runs
+  MlaExtAmxBackend (decode and cache writes ours, AMX_MLA's prefill and absorption).
+  Without the variable, stock vLLM runs exactly as before.
 
 What runs where: decode (the absorbed MQA over the paged latent cache, s_q >= 1, causal or
 not, with the LSE) is `mla_ext.decode`; cache writes are `mla_ext.append_kv` (bf16 / fp16 /
@@ -31,9 +34,12 @@ __all__ = [
     "SUPPORTED_VLLM_VERSIONS",
     "CPU_OPT_IN_ENV",
     "BACKEND_PATH",
+    "AMX_BACKEND_PATH",
     "MlaExtBackend",
     "MlaExtImpl",
     "MlaExtMetadataBuilder",
+    "MlaExtAmxBackend",
+    "MlaExtAmxImpl",
 ]
 
 # Releases whose MLA interfaces (forward_mqa / do_kv_cache_update / MLACommon* in
@@ -42,9 +48,10 @@ __all__ = [
 SUPPORTED_VLLM_VERSIONS = ("0.32",)
 CPU_OPT_IN_ENV = "MLA_EXT_VLLM_CPU"
 BACKEND_PATH = "mla_ext.integrations.vllm.MlaExtBackend"
+AMX_BACKEND_PATH = "mla_ext.integrations.vllm.MlaExtAmxBackend"
 
 _log = logging.getLogger(__name__)
-_LAZY = ("MlaExtBackend", "MlaExtImpl", "MlaExtMetadataBuilder")
+_LAZY = ("MlaExtBackend", "MlaExtImpl", "MlaExtMetadataBuilder", "MlaExtAmxBackend", "MlaExtAmxImpl")
 
 
 def _vllm_version() -> str:
@@ -75,10 +82,10 @@ def register() -> None:
     """The `vllm.general_plugins` entry point (runs in every vLLM process, possibly twice).
 
     Always: registers mla_ext as AttentionBackendEnum.CUSTOM (inert until selected).
-    With MLA_EXT_VLLM_CPU=1: also serves vLLM's two CPU MLA backends, CPU_MLA and AMX_MLA
-    (vLLM picks AMX_MLA by itself on AMX CPUs, so overriding CPU_MLA alone would leave the
-    opt-in silently unused there), after checking the vLLM version: an opt-in on an
-    unsupported release raises here, naming the supported ones.
+    With MLA_EXT_VLLM_CPU=1: also serves vLLM's two CPU MLA backends, CPU_MLA (by
+    MlaExtBackend) and AMX_MLA (by MlaExtAmxBackend; vLLM picks AMX_MLA by itself on AMX CPUs,
+    so overriding CPU_MLA alone would leave the opt-in silently unused there), after checking
+    the vLLM version: an opt-in on an unsupported release raises here, naming the supported ones.
     Never raises without the opt-in, so installing mla_ext cannot break stock vLLM.
     """
     if not cpu_opt_in():
@@ -93,10 +100,11 @@ def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
-    served = [name for name in ("CPU_MLA", "AMX_MLA") if hasattr(AttentionBackendEnum, name)]
-    for name in served:
-        register_backend(getattr(AttentionBackendEnum, name), BACKEND_PATH)
-    _log.info("mla_ext: %s=1, %s served by %s", CPU_OPT_IN_ENV, " and ".join(served), BACKEND_PATH)
+    served = {name: path for name, path in (("CPU_MLA", BACKEND_PATH), ("AMX_MLA", AMX_BACKEND_PATH))
+              if hasattr(AttentionBackendEnum, name)}
+    for name, path in served.items():
+        register_backend(getattr(AttentionBackendEnum, name), path)
+    _log.info("mla_ext: %s=1, served: %s", CPU_OPT_IN_ENV, ", ".join(f"{n} by {p}" for n, p in served.items()))
 
 
 def __getattr__(name: str):
