@@ -84,6 +84,7 @@ def extension():
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     srcs += sources("csrc/api/cuda_ops.cpp") + sources("csrc/cuda/**/*.cu")
+    srcs += sources("csrc/api/sparse_cuda_ops.cpp")
     nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "--use_fast_math", "-Xptxas=-v,-warn-spills",
                   "--expt-relaxed-constexpr"]
     # -idirafter: searched after the toolkit's own include dir, so only headers it lacks come from there.

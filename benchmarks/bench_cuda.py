@@ -14,6 +14,8 @@ device), the cache counted at 1 byte per element, q / out at 2; each carries
 speedup_vs_bf16 = ms(mla_ext, bf16 cache) / ms(mla_ext-fp8), timed in the same run on the
 same data (the fp8 cache is the bf16 one quantized), and rel_err_vs_bf16 between the outputs.
 Target: decode-tp8 speedup >= 1.6.
+Sparse rows (DeepSeek-V3.2 top-k decode, bench_sparse): GB/s of the tokens gathered, for the
+tensor-core ("mla_ext-sparse") and the CUDA-core ("mla_ext-sparse-simple") kernels.
 
 Timing. "ms" is the kernel time per call with the host out of the way: `KERNEL_CALLS` calls
 captured in one CUDA graph, the graph replayed between two events, the median replay divided
@@ -220,6 +222,36 @@ def bench_append(T=65536, dtype=torch.bfloat16, block_size=64):
     return rows
 
 
+SPARSE_SHAPES = [  # name, b, s_q, h, topk, cache tokens (DeepSeek-V3.2 decode: topk 2048, fp8 656-byte cache)
+    ("sparse-v32-tp8", 64, 1, 16, 2048, 65536),
+    ("sparse-v32", 32, 1, 128, 2048, 65536),
+    ("sparse-v32-mtp", 32, 2, 128, 2048, 65536),
+]
+
+
+def bench_sparse(name, b, s_q, h, topk, tokens, block_size=64):
+    """mla_ext.sparse_decode on the 656-byte fp8 cache, tensor-core and CUDA-core kernels.
+    bytes = b * s_q * topk * 656 (the tokens gathered, once per query) + q (2 B) + out (2 B);
+    FLOPs = 2 * b * s_q * h * topk * (576 + 512). Random indices over the whole cache, no -1."""
+    from mla_ext import sparse
+    g = torch.Generator(device="cuda").manual_seed(1)
+    nb = tokens // block_size
+    rows = torch.randn(nb, block_size, D, device="cuda", generator=g)
+    cache = sparse.quantize_cache(rows)
+    del rows
+    q = torch.randn(b, s_q, h, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    idx = torch.randint(0, tokens, (b, s_q, topk), device="cuda", dtype=torch.int32, generator=g)
+    nbytes = b * s_q * topk * 656 + b * s_q * h * (D + DC) * 2
+    flops = 2 * b * s_q * h * topk * (D + DC)
+    rows_out = []
+    for impl in ("auto", "simple"):
+        os.environ["MLA_EXT_SPARSE_IMPL"] = impl
+        rows_out.append(timed_row(lambda: mla_ext.sparse_decode(q, cache, idx, softmax_scale=SCALE), nbytes, flops,
+                                  name=name, impl="mla_ext-sparse" + ("" if impl == "auto" else "-simple")))
+    os.environ.pop("MLA_EXT_SPARSE_IMPL", None)
+    return rows_out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
@@ -242,6 +274,10 @@ def main():
     for i, (name, b, s_q, h, L) in enumerate(shapes):
         progress(f"[{i + 1}/{len(shapes)}] {name}: b={b} s_q={s_q} h={h} L={L} ...", t0)
         results += bench_decode(name, b, s_q, h, L)
+    sparse_shapes = SPARSE_SHAPES[: 1 if args.quick else None]
+    for i, (name, b, s_q, h, topk, tokens) in enumerate(sparse_shapes):
+        progress(f"[{i + 1}/{len(sparse_shapes)}] {name}: b={b} s_q={s_q} h={h} topk={topk} ...", t0)
+        results += bench_sparse(name, b, s_q, h, topk, tokens)
     progress("append ...", t0)
     results += bench_append(T=4096 if args.quick else 65536)
     record["results"] = results

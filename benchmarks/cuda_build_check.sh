@@ -52,7 +52,7 @@ import torch
 import mla_ext
 
 has = torch._C._dispatch_has_kernel_for_dispatch_key
-missing = [f"{op}/{key}" for op in ("decode", "decode_out", "append_kv") for key in ("CPU", "CUDA")
+missing = [f"{op}/{key}" for op in ("decode", "decode_out", "append_kv", "sparse_decode") for key in ("CPU", "CUDA")
            if not has(f"mla_ext::{op}", key)]
 assert not missing, f"ops without kernels: {missing}"
 print(f"   import mla_ext OK from {mla_ext.__file__}; torch {torch.__version__}; CPU+CUDA kernels registered")

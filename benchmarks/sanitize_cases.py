@@ -5,7 +5,8 @@
 Exercises the tensor-core kernel (one and several row blocks, several KV splits + combine),
 the CUDA-core kernel, odd block sizes, causal MTP rows that see no key, out-of-range
 indices with the checks off, and both append paths (16-byte vectors and scalar); the same for
-a float8_e4m3fn cache (fp8 ring + conversion, fp8 append vector / scalar paths)."""
+a float8_e4m3fn cache (fp8 ring + conversion, fp8 append vector / scalar paths); and the
+sparse decode kernels (sparse_cases)."""
 import math
 import os
 
@@ -69,7 +70,31 @@ def main():
     mla_ext.append_kv(rows[:, :DC], rows[:, DC:D], cache8, torch.tensor([64, 10**12, -5, 0, 1, 2], device="cuda"),
                       scale=s8)
     torch.cuda.synchronize()
+    sparse_cases()
     print("sanitize cases done")
+
+
+def sparse_cases():
+    """Sparse decode (csrc/cuda/sparse_decode.cu): both kernels on a few of the shared cases
+    (padded blocks, skipped slots, topk_length, extra cache, splits + combine), then indices
+    outside the cache with the checks off (the kernel skips them, never reads them)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from sparse_cuda_cases import SCALE, SPARSE_CASES, to_device
+    names = ("h16 s_q=2 topk_length", "h64 extra cache, sink", "h128 split topk", "h16 fp16 q, bf16 cache")
+    for impl in ("auto", "simple"):
+        os.environ["MLA_EXT_SPARSE_IMPL"] = impl
+        for case in (c for c in SPARSE_CASES if c.name in names):
+            q, cache, idx, kw = case.inputs()
+            kw = {k: to_device(v, "cuda") for k, v in kw.items()}
+            mla_ext.sparse_decode(q.cuda(), to_device(cache, "cuda"), idx.cuda(), softmax_scale=SCALE, **kw)
+        q, cache, idx, _ = SPARSE_CASES[1].inputs()
+        idx[0, 0, :3] = torch.tensor([10**6, -5, 2**31 - 1], dtype=torch.int32)
+        mla_ext.set_index_checks(False)
+        mla_ext.sparse_decode(q.cuda(), to_device(cache, "cuda"), idx.cuda(), softmax_scale=SCALE)
+        mla_ext.set_index_checks(True)
+    os.environ.pop("MLA_EXT_SPARSE_IMPL", None)
+    torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

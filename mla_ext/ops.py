@@ -110,12 +110,10 @@ def sparse_decode(
     Returns out [b, s_q, h_q, 512] in q's dtype and lse [b, s_q, h_q] float32 (natural log);
     a query with no valid slot gets out = 0 and lse = +inf (FlashMLA's convention).
 
-    CPU only for now: the CUDA kernel is not written yet (a CUDA tensor raises at once).
+    CPU and CUDA tensors (sm_80+; on CUDA both caches share one dtype and every cache's base
+    and block / token strides are multiples of 16 bytes). The CUDA kernel is verified through
+    the CPU emulation of its source (docs/cuda-emulation.md); its first GPU run is pending.
     """
-    if q.device.type != "cpu" or cache.device.type != "cpu":
-        raise NotImplementedError(
-            f"mla_ext.sparse_decode: CPU tensors only for now (q on {q.device}, cache on {cache.device}); "
-            "the CUDA sparse kernel is not written yet")
     return torch.ops.mla_ext.sparse_decode(
         q, cache, indices, float(softmax_scale), topk_length, extra_cache, extra_indices, extra_topk_length, attn_sink
     )

@@ -11,6 +11,7 @@ from mla_ext import reference
 
 from cuda_cases import (APPEND_CASES, D, DC, DECODE_CASES, DR, IMPLS, SCALE, TOL, check_close, make_paged,
                         make_query)
+from sparse_cuda_cases import SCALE as SPARSE_SCALE, SPARSE_CASES, check_sparse, make_cache, to_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -595,3 +596,64 @@ def test_index_checks_off_never_crash(impl):
                       torch.tensor([cache.numel() // D, 2**40, -3], device="cuda"))
     torch.cuda.synchronize()
     assert torch.equal(cache, before)
+
+
+# ------------------------------------------------------------------------------ sparse decode
+
+
+@pytest.mark.parametrize("impl", ["auto", "simple"])
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=lambda c: c.name)
+def test_sparse_decode_shared_cases(case, impl, monkeypatch):
+    """tests/sparse_cuda_cases.py's list, the one tests/test_cuda_emulated_sparse.py runs in the
+    emulator; the CUDA op against the float64 reference and the CPU op."""
+    monkeypatch.setenv("MLA_EXT_SPARSE_IMPL", impl)
+    q, cache, idx, kw = case.inputs()
+    ref_out, ref_lse = case.reference(q, cache, idx, kw)
+    dev = torch.device("cuda")
+    kw_dev = {k: to_device(v, dev) for k, v in kw.items()}
+    out, lse = mla_ext.sparse_decode(q.to(dev), to_device(cache, dev), idx.to(dev), softmax_scale=SPARSE_SCALE,
+                                     **kw_dev)
+    assert out.device.type == "cuda" and out.dtype == q.dtype and lse.dtype == torch.float32
+    ran_tc = case.expected_impl(impl) == "tc"
+    check_sparse(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [{impl}]",
+                 tol=case.tolerance("tc" if ran_tc else "simple"))
+
+
+def test_sparse_decode_padded_cache_keeps_strides_on_gpu():
+    """The shared cases reach the GPU with their padded block strides (656 * (bs + pad) bytes)."""
+    case = SPARSE_CASES[1]
+    _, cache, _, _ = case.inputs()
+    moved = to_device(cache, "cuda")
+    assert moved.stride() == cache.stride() and case.pad > 0
+    assert torch.equal(moved.cpu().view(torch.uint8), cache.view(torch.uint8))
+
+
+def test_sparse_decode_bad_inputs_on_cuda():
+    g = torch.Generator().manual_seed(4)
+    cache = make_cache(g, "fp8", 2, 4, 0).cuda()
+    q = torch.randn(1, 1, 4, 576, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"indices\[0, 0, 1\] = 8 is outside the cache"):
+        mla_ext.sparse_decode(q, cache, torch.tensor([[[0, 8]]], dtype=torch.int32, device="cuda"), softmax_scale=0.1)
+    bf16 = make_cache(g, "bf16", 2, 4, 0).cuda()
+    with pytest.raises(TypeError, match="extra_cache must have cache's dtype"):
+        mla_ext.sparse_decode(q, cache, torch.zeros(1, 1, 2, dtype=torch.int32, device="cuda"), softmax_scale=0.1,
+                              extra_cache=bf16, extra_indices=torch.zeros(1, 1, 2, dtype=torch.int32, device="cuda"))
+
+
+def test_sparse_decode_cuda_graph_replay_with_new_indices():
+    """Planning reads shapes only: a captured sparse decode replays with new index values."""
+    case = SPARSE_CASES[4]  # h128 split topk
+    q, cache, idx, kw = case.inputs()
+    dev = torch.device("cuda")
+    q_d, cache_d, idx_d = q.to(dev), to_device(cache, dev), idx.to(dev)
+    kw_d = {k: to_device(v, dev) for k, v in kw.items()}
+    mla_ext.sparse_decode(q_d, cache_d, idx_d, softmax_scale=SPARSE_SCALE, **kw_d)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = mla_ext.sparse_decode(q_d, cache_d, idx_d, softmax_scale=SPARSE_SCALE, **kw_d)
+    new_idx = idx.flip(-1).contiguous()
+    idx_d.copy_(new_idx)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_out, ref_lse = case.reference(q, cache, new_idx, kw)
+    check_sparse(out, lse, ref_out, ref_lse, case.q_dtype, "graph replay", tol=case.tolerance(case.expected_impl()))

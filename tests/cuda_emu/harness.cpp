@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cuda_kernels.h"  // csrc/cuda (or a mutated copy of it) is on the include path
+#include "sparse_kernels.h"
 #include "emu_runtime.h"
 
 namespace {
@@ -225,6 +226,8 @@ std::string run_decode(Case& c) {
          ", \"num_splits\": " + std::to_string(plan.num_splits);
 }
 
+#include "harness_sparse.h"  // op sparse: run_sparse
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -235,7 +238,10 @@ int main(int argc, char** argv) {
     if (it == c.buffers.end()) die("writeonce names an unknown buffer " + n);
     mla_emu::add_write_once_region(it->second.data, it->second.bytes, n.c_str());
   }
-  std::string json = c.op == "append" ? run_append(c) : c.op == "decode" ? run_decode(c) : (die("bad op"), "");
+  std::string json = c.op == "append"   ? run_append(c)
+                     : c.op == "decode" ? run_decode(c)
+                     : c.op == "sparse" ? run_sparse(c)
+                                        : (die("bad op"), "");
   for (const std::string& n : c.outputs) {
     const Buffer& b = c.buffers.at(n);
     std::FILE* fp = std::fopen((c.dir + "/" + n + ".out").c_str(), "wb");

@@ -97,9 +97,53 @@ MUTATIONS = [
       [("bf16 simple", "plain", "random", "sm90"), ("bf16 simple", "tsan", "forward", "sm90")]),
 ]
 
+# Sparse decode (csrc/cuda/sparse_decode.cu): checks name a tests/sparse_cuda_cases.py case
+# prefixed "sparse:" (run as planned: the tensor-core kernel for bf16 q and an fp8 cache).
+SPARSE = "cuda/sparse_decode.cu"
+MUTATIONS += [
+    M("sparse tc: barrier after the tile's dequantisation deleted", SPARSE,
+      "    __syncthreads();  // the bf16 tile is complete\n", "",
+      [("sparse:h16 s_q=2 topk_length", "plain", "random", "sm90"),
+       ("sparse:h16 s_q=2 topk_length", "tsan", "forward", "sm90")]),
+    M("sparse: topk_length ignored (slots past it read)", SPARSE,
+      "  if (s.topk_length == nullptr) return s.topk;\n", "  return s.topk;\n",
+      [("sparse:h16 s_q=2 topk_length", "plain", "forward", "sm90")]),
+    M("sparse: extra source read at the main slot number", SPARSE,
+      "  const int32_t slot = in_main ? v : v - n_main;\n", "  const int32_t slot = v;\n",
+      [("sparse:h16 split, extra, lengths", "plain", "forward", "sm90"),
+       ("sparse:h16 split, extra, lengths", "asan", "forward", "sm90")]),
+    M("sparse tc: fp8 dequantisation takes the scale of the wrong 128-value group", SPARSE,
+      "      const float scale = *reinterpret_cast<const float*>(tok + kFp8ScaleOffset + 4 * (c / 16));\n",
+      "      const float scale = *reinterpret_cast<const float*>(tok + kFp8ScaleOffset + 4 * (c / 32));\n",
+      [("sparse:h16 s_q=2 topk_length", "plain", "forward", "sm90")]),
+    M("sparse combine: attention sink dropped", SPARSE,
+      "  if (p.attn_sink != nullptr) factor *= 1.f / (1.f + exp2f((p.attn_sink[head] - lse) * kLog2e));\n", "",
+      [("sparse:h128 split topk", "plain", "forward", "sm90")]),
+]
+
+
+def run_sparse_check(case_name: str, flavor: str, order: str, device: str, exe: Path) -> str | None:
+    from sparse_cuda_cases import SCALE as SPARSE_SCALE, SPARSE_CASES, check_sparse
+    case = {c.name: c for c in SPARSE_CASES}[case_name]
+    q, cache, idx, kw = case.inputs()
+    try:
+        out, lse, info = runner.run_sparse_decode(q, cache, idx, SPARSE_SCALE, **kw, impl=case.impl, device=device,
+                                                  order=order, seed=11, flavor=flavor, exe=exe)
+    except runner.EmulatorError as e:
+        lines = [ln for ln in str(e).splitlines() if "ERROR" in ln or "error" in ln or "SUMMARY" in ln]
+        return "error: " + (lines[0] if lines else str(e).splitlines()[0])[:110]
+    ref_out, ref_lse = case.reference(q, cache, idx, kw)
+    try:
+        check_sparse(out, lse, ref_out, ref_lse, case.q_dtype, case.name, tol=case.tolerance(info["impl"]))
+    except AssertionError as e:
+        return "wrong result: " + str(e).splitlines()[0][:100]
+    return None
+
 
 def run_check(case_name: str, flavor: str, order: str, device: str, exe: Path) -> str | None:
     """None if the run passed, else how it failed (first line)."""
+    if case_name.startswith("sparse:"):
+        return run_sparse_check(case_name[len("sparse:"):], flavor, order, device, exe)
     case = NAN_BAND if case_name == "nan band" else CASES[case_name]
     q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
     if case is NAN_BAND:

@@ -44,7 +44,7 @@ FLAVORS = {
 # (its bookkeeping is shared by all fibers by design) but annotating the kernel's traffic.
 RUNTIME_FLAGS = {"plain": ["-O2"], "asan": ["-O2"], "tsan": ["-O2", "-fno-sanitize=thread", "-DMLA_EMU_TSAN=1"]}
 KERNEL_SOURCES = ["append_kv.cu", "decode.cu", "decode_tc_bf16.cu", "decode_tc_fp16.cu", "decode_tc_fp8_bf16.cu",
-                  "decode_tc_fp8_fp16.cu"]
+                  "decode_tc_fp8_fp16.cu", "sparse_decode.cu"]
 EMU_SOURCES = ["emu_runtime.cpp", "harness.cpp"]
 ERROR_EXIT = 86  # mla_emu::kErrorExitCode
 
@@ -305,3 +305,55 @@ def run_append(kv_c, k_pe, cache, slot_mapping, scale=None, *, order="forward", 
     result = torch.empty(0, dtype=cache.dtype).set_(new_storage.untyped_storage(), cache.storage_offset(),
                                                      cache.shape, cache.stride())
     return result, info
+
+
+def run_sparse_decode(q, cache, indices, softmax_scale, topk_length=None, extra_cache=None, extra_indices=None,
+                      extra_topk_length=None, attn_sink=None, *, impl="auto", device="sm90", sms=None,
+                      order="forward", seed=1, flavor="plain", exe: Path | None = None):
+    """mla_ext.sparse_decode through the emulated CUDA kernels (csrc/cuda/sparse_decode.cu).
+    q [b, s_q, h, 576] contiguous; cache float8_e4m3fn [NB, BS, (1,) 656] or 16 / 32-bit
+    [NB, BS, (1,) 576] (padded block strides fine); indices [b, s_q, topk] int32.
+    Returns (out [b, s_q, h, 512] in q's dtype, lse [b, s_q, h] float32, info)."""
+    exe = exe or build(flavor)
+    b, s_q, h, _ = q.shape
+    assert q.is_contiguous(), "q must be contiguous"
+    with tempfile.TemporaryDirectory(prefix="emu-") as d:
+        w = _CaseWriter(Path(d))
+        w.lines.append("op sparse")
+        w.lines.append(f"impl {impl}")
+        dev_sms, optin = DEVICES[device]
+        _common(w, order, seed, sms or dev_sms, optin)
+        w.tensor("q", q)
+        cache_dtype = None
+        for prefix, c, idx, length in (("main_", cache, indices, topk_length),
+                                       ("extra_", extra_cache, extra_indices, extra_topk_length)):
+            if c is None:
+                continue
+            c3 = c.squeeze(2) if c.dim() == 4 else c
+            assert c3.stride(-1) == 1, "cache: the last dim must be contiguous"
+            assert cache_dtype in (None, c3.dtype), "both caches must share a dtype"
+            cache_dtype = c3.dtype
+            es = c3.element_size()
+            w.tensor(prefix + "cache", c3.view(torch.uint8) if c3.dtype == torch.float8_e4m3fn else c3)
+            assert idx.dtype == torch.int32 and idx.is_contiguous() and idx.shape[:2] == (b, s_q)
+            if idx.numel():
+                w.tensor(prefix + "indices", idx)
+            if length is not None:
+                assert length.dtype == torch.int32 and length.is_contiguous()
+                w.tensor(prefix + "topk_length", length)
+            for k, v in dict(block_stride=c3.stride(0) * es, token_stride=c3.stride(1) * es, topk=idx.shape[2],
+                             block_size=c3.shape[1], num_tokens=c3.shape[0] * c3.shape[1]).items():
+                w.set("int", prefix + k, v)
+        if attn_sink is not None:
+            w.tensor("attn_sink", attn_sink.to(torch.float32).contiguous())
+        out_name = w.output("out", b * s_q * h * 512 * q.element_size())
+        lse_name = w.output("lse", b * s_q * h * 4)
+        for k, v in dict(batch=b, seqlen_q=s_q, num_heads=h, has_extra=int(extra_cache is not None),
+                         q_dtype=DTYPE_CODE[q.dtype], cache_dtype=DTYPE_CODE[cache_dtype]).items():
+            w.set("int", k, v)
+        w.set("float", "softmax_scale", repr(float(softmax_scale)))
+        w.write()
+        info = _run(exe, Path(d), flavor)
+        out = torch.from_numpy(np.fromfile(Path(d) / f"{out_name}.out", dtype=np.uint8)).view(q.dtype)
+        lse = torch.from_numpy(np.fromfile(Path(d) / f"{lse_name}.out", dtype=np.uint8)).view(torch.float32)
+    return out.reshape(b, s_q, h, 512), lse.reshape(b, s_q, h), info
