@@ -200,6 +200,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default=None)
     ap.add_argument("--note", default="")
+    ap.add_argument("--quiet", action="store_true", help="record that nothing else ran on the machine")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--model", default=None)
     ap.add_argument("--reply-fd", type=int, default=None)
@@ -295,7 +296,7 @@ def main() -> None:
         "backends": {n: {"attention_backend": BACKENDS[n][0], "mla_ext_opt_in": BACKENDS[n][1]} for n in names},
         "vllm_default_backend": default_stock,
         "warmup_steps": args.warmup, "timed_steps": args.steps,
-        "quiet": False,
+        "quiet": args.quiet,
         "note": args.note or ("NOT a quiet machine: 2 shared cores, other agents ran builds during the run; "
                               "medians reported"),
         "loadavg_before": load_before, "loadavg_after": load_after,
