@@ -1,0 +1,22 @@
+// Launcher of the Hopper decode kernel (decode_sm90.cuh, the design and its limits).
+#include "decode_sm90.cuh"
+#include "decode_sm90.h"
+
+namespace mla::cuda::sm90 {
+
+static_assert(kDecodeSmemBytes == kSmemBytes && kDecodeBlockM == kBlockM && kDecodeBlockN == kBlockN,
+              "decode_sm90.h mirrors the kernel's configuration");
+
+cudaError_t launch_decode_sm90_bf16(const DecodeParams& p, cudaStream_t stream) {
+  if (p.q_dtype != DType::kBFloat16 || p.cache_dtype != DType::kBFloat16) return cudaErrorInvalidValue;
+  auto kernel = decode_sm90_bf16_kernel;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
+  if (err != cudaSuccess) return err;
+  const int32_t M = p.seqlen_q * p.num_heads;
+  const dim3 grid(ceil_div(M, kBlockM) * p.num_splits, p.batch);
+  MLA_LAUNCH(kernel, grid, kThreads, kSmemBytes, stream, p);
+  return cudaGetLastError();
+}
+
+}  // namespace mla::cuda::sm90
