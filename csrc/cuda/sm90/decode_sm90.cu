@@ -19,4 +19,22 @@ cudaError_t launch_decode_sm90_bf16(const DecodeParams& p, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
+#if !defined(MLA_CUDA_EMULATION)
+bool decode_sm90_available(int device) {
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess || major != 9 ||
+      minor != 0)
+    return false;
+  // The sm_90a body needs well over 100 registers; the stub another sm_90 image holds (the
+  // kernel compiled without __CUDA_ARCH_FEAT_SM90_ALL) only traps and needs a handful.
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, decode_sm90_bf16_kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return attr.numRegs >= 64;
+}
+#endif
+
 }  // namespace mla::cuda::sm90

@@ -19,4 +19,8 @@ constexpr size_t kDecodeSmemBytes = 1024 + 3 * 9 * 64 * 128 + 4 * 8;
 // only when asked to (MLA_EXT_CUDA_SM90=1 on an sm_90 device).
 cudaError_t launch_decode_sm90_bf16(const DecodeParams& p, cudaStream_t stream);
 
+// Whether `device` is an sm_90 GPU and this build holds the kernel's sm_90a code (an extension
+// built without 9.0a in TORCH_CUDA_ARCH_LIST has only the trapping stub). GPU builds only.
+bool decode_sm90_available(int device);
+
 }  // namespace mla::cuda::sm90
