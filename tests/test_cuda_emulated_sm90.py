@@ -234,6 +234,44 @@ def test_decode_sm90(case, flavor, order, harness):
     check_close(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [sm90 {flavor} {order}]", tol=case.tolerance())
 
 
+# Where the NaN sits (as in tests/test_cuda_emulated.py): V column 5 (WG 0's output columns),
+# 300 (WG 1's), 540 (rope only: the score is NaN, V is finite), and a split-KV run.
+SM90_NAN_VARIANTS = {
+    "col 5": (dict(), 5),
+    "col 300": (dict(), 300),
+    "rope col 540": (dict(), 540),
+    "col 300 split-KV": (dict(lens=(700, 70), extra_cols=30), 300),
+    "col 300 s_q=4 h=16": (dict(s_q=4, h=16, lens=(100, 70)), 300),
+}
+
+
+@pytest.mark.parametrize("variant", list(SM90_NAN_VARIANTS))
+def test_decode_sm90_masked_key_with_nan_stays_masked(variant, harness):
+    """A key that query j = 0 must not see (causal, s_q >= 2) holds NaN: query 0's output stays
+    finite and equal to the reference; the last query (which sees it) is NaN in every column,
+    as in the reference. The sm90 kernel's band path (decode_sm90.cuh) is what makes this hold."""
+    kw, col = SM90_NAN_VARIANTS[variant]
+    case = DecodeCase(f"sm90 nan in a causally masked key {variant}", **{"s_q": 2, "lens": (40, 70), **kw})
+    q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+    last = int(seqlens[0]) - 1  # visible to the last query only
+    block, slot = int(table[0, last // case.block_size]), last % case.block_size
+    cache[block, slot, col] = float("nan")
+    out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, impl="sm90",
+                                       device="sm90", exe=harness("plain"))
+    ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
+    assert info["impl"] == "sm90", info
+    if "split" in variant:
+        assert info["num_splits"] > 1, info
+    j = case.s_q - 1
+    assert torch.isnan(ref_out[0, j]).all() and torch.isnan(ref_lse[0, j]).all()
+    assert torch.isnan(out[0, j]).all(), "the last query sees the NaN key: its whole output must be NaN"
+    assert torch.isnan(lse[0, j]).all(), "the last query sees the NaN key: its lse must be NaN"
+    tol = case.tolerance()
+    check_close(out[:, :j], lse[:, :j], ref_out[:, :j], ref_lse[:, :j], case.q_dtype, "earlier queries (key masked)",
+                tol=tol)
+    check_close(out[1:], lse[1:], ref_out[1:], ref_lse[1:], case.q_dtype, "sequence 1 (no NaN)", tol=tol)
+
+
 @pytest.mark.parametrize("name", ["fp16 s_q=2 causal", "fp8 cache, bf16 q"])
 def test_decode_sm90_unsupported_falls_back(name, harness):
     """Asked for the Hopper kernel, a config it does not support (fp16, fp8 cache) gets the sm80

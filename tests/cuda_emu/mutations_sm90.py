@@ -81,6 +81,9 @@ MUTATIONS = [
 # The Hopper decode kernel: checks are (DECODE_CASES name, flavor, order). "bf16 s_q=2 causal" has a
 # 300-key sequence (5 tiles: both ring stages refilled) and causal MTP rows; "bf16 split-KV" 4 splits.
 MAIN = "bf16 s_q=2 causal"
+# Not a DECODE_CASES name: tests/test_cuda_emulated_sm90.py's NaN case (a NaN in V column 300 of
+# the last key, which query 0 of 2 must not see); checked on both queries' rows.
+NAN_CHECK = "nan in a causally masked key, col 300"
 DECODE_MUTATIONS = [
     M("decode: V descriptor LBO 4096 instead of 8192 (64-column blocks)", DECODE,
       "make_smem_desc(kv + 4 * wg * kChunkBytes, 8192, 1024, Swizzle::k128B)",
@@ -103,6 +106,12 @@ DECODE_MUTATIONS = [
     M("decode: keys past the split's end loaded instead of zero-filled (NaN-poisoned slots)", DECODE,
       "key < range.key_end ? cache_row<T>(p, b, key) : nullptr", "key < range.tile_end * kBlockN ? cache_row<T>(p, b, key) : nullptr",
       [(MAIN, "plain", "forward")]),
+    M("decode: band path adds the non-finite V entries but never zeroes them (0 x NaN reaches masked rows)", DECODE,
+      "              *v2 = __floats2bfloat162_rn(nonfinite(v0) ? 0.f : v0, nonfinite(v1) ? 0.f : v1);\n",
+      "              (void)v2;\n",
+      [(NAN_CHECK, "plain", "forward")]),
+    M("decode: band path skipped (no scalar add, no zeroing)", DECODE,
+      "    if (fix_lo < fix_hi) {\n", "    if (false) {\n", [(NAN_CHECK, "plain", "forward")]),
     M("decode: split partial written to split 0's slot", DECODE,
       "const int64_t base = (static_cast<int64_t>(b) * p.num_splits + split) * M;",
       "const int64_t base = (static_cast<int64_t>(b) * p.num_splits + 0) * M;", [("bf16 split-KV", "plain", "forward")]),
@@ -111,9 +120,15 @@ DECODE_MUTATIONS = [
 
 def run_decode_check(name: str, flavor: str, order: str, exe: Path) -> str | None:
     """None if the shared decode case passed through the sm90 kernel, else how it failed."""
-    from cuda_cases import DECODE_CASES, SCALE, check_close
-    case = next(c for c in DECODE_CASES if c.name == name)
-    q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+    from cuda_cases import DECODE_CASES, SCALE, DecodeCase, check_close
+    if name == NAN_CHECK:
+        case = DecodeCase("sm90 nan in a causally masked key col 300", s_q=2, lens=(40, 70))
+        q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+        last = int(seqlens[0]) - 1
+        cache[int(table[0, last // case.block_size]), last % case.block_size, 300] = float("nan")
+    else:
+        case = next(c for c in DECODE_CASES if c.name == name)
+        q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
     try:
         out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
                                            impl="sm90", order=order, seed=3, flavor=flavor, exe=exe)
@@ -124,7 +139,12 @@ def run_decode_check(name: str, flavor: str, order: str, exe: Path) -> str | Non
         return f"ran {info['impl']}, not sm90"
     ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
     try:
-        check_close(out, lse, ref_out, ref_lse, case.q_dtype, name, tol=case.tolerance())
+        if name == NAN_CHECK:  # query 0 of sequence 0 must not see the NaN; query 1 must be all NaN
+            if not torch.isnan(out[0, 1]).all():
+                return "wrong result: query 1 sees the NaN key but its output is not all NaN"
+            check_close(out[:, 0], lse[:, 0], ref_out[:, 0], ref_lse[:, 0], case.q_dtype, "query 0", tol=case.tolerance())
+        else:
+            check_close(out, lse, ref_out, ref_lse, case.q_dtype, name, tol=case.tolerance())
     except AssertionError as e:
         return "wrong result: " + str(e).splitlines()[0][:150]
     return None

@@ -26,10 +26,12 @@
 //   V (MN-major B of P V):  chunks 4 g..4 g + 3 for WG g, LBO 8192 (64-column blocks),
 //                           SBO 1024 (8-key groups), k-step (16 keys) +2048 bytes.
 //
-// Not handled (the sm80 kernel is): an inf / NaN inside the causal band of a tile (a key that
-// a later MTP query sees but an earlier one must not) reaches the earlier rows as 0 x NaN,
-// since the P V wgmma multiplies every key of the tile. Unused (poisoned) slots are not
-// affected: they are zero-filled.
+// A masked (row, key) pair has P = 0, but the P V wgmma still multiplies it by V, and 0 x inf /
+// NaN is NaN. Unused (poisoned) slots are zero-filled, so this only concerns the causal band
+// [band_lo, key_end) (keys some MTP rows of the block see and others must not; at most
+// s_q - 1 keys): in a tile that holds band keys, after both consumers' S wgmmas are done, each
+// consumer adds the non-finite V entries of the band keys in its columns by hand to the rows
+// that see them, then zeroes those entries, so the wgmma adds 0 for every row.
 #pragma once
 #include "ptx_sm90.cuh"
 
@@ -55,6 +57,25 @@ constexpr size_t kSmemBytes = 1024 + kBarOffset + 2 * kStages * 8;  // 222240 (s
 __device__ __forceinline__ uint32_t swizzled_offset(int row, int unit) {
   return (unit / 8) * kChunkBytes + row * 128 + (((unit % 8) ^ (row % 8)) * 16);
 }
+
+// a[idx] for a register array without dynamic indexing (no local memory): a select chain.
+template <int N>
+__device__ __forceinline__ float pick(const float (&a)[N], int idx) {
+  float v = 0.f;
+#pragma unroll
+  for (int i = 0; i < N; ++i) v = i == idx ? a[i] : v;
+  return v;
+}
+
+// The value v of lane (lane & ~3) | q of this lane's quad (butterfly shuffles: uniform lane masks).
+__device__ __forceinline__ float quad_get(float v, int q, int lane) {
+  const float x1 = __shfl_xor_sync(0xffffffffu, v, 1), x2 = __shfl_xor_sync(0xffffffffu, v, 2);
+  const float x3 = __shfl_xor_sync(0xffffffffu, x1, 2);
+  const int d = (lane % 4) ^ q;
+  return d == 0 ? v : d == 1 ? x1 : d == 2 ? x2 : x3;
+}
+
+__device__ __forceinline__ bool nonfinite(float x) { return (__float_as_uint(x) & 0x7f800000u) == 0x7f800000u; }
 
 // Online-softmax state of one thread's two rows (r_lo, r_hi = r_lo + 8 of the block).
 struct Sm90Rows {
@@ -153,6 +174,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_bf16_kernel(const Dec
   rows.m_lo = rows.m_hi = -INFINITY;
   rows.l_lo = rows.l_hi = 0.f;
   const float scale_log2 = p.softmax_scale * kLog2e;
+  // The causal band: keys the block's first row does not see but its last row does.
+  const int32_t band_lo = min(range.key_end, visible_keys(L, p.seqlen_q, m0 / h, p.causal)), band_hi = range.key_end;
 
   float o[kOCols / 2];  // O fragment, 64 x 256: value i at row 16 warp + lane / 4 + 8 ((i % 4) / 2),
                         // column 256 wg + 8 (i / 4) + 2 (lane % 4) + i % 2
@@ -222,6 +245,51 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_bf16_kernel(const Dec
     rows.l_hi = rows.l_hi * alpha_hi + sum_hi;
 #pragma unroll
     for (int i = 0; i < kOCols / 2; ++i) o[i] *= (i % 4) >= 2 ? alpha_hi : alpha_lo;
+
+    // Band keys of this tile (uniform across the block): non-finite V entries by hand, then zeroed.
+    const int32_t fix_lo = max(band_lo, tile * kBlockN), fix_hi = min(band_hi, (tile + 1) * kBlockN);
+    if (fix_lo < fix_hi) {
+      named_barrier_sync(1, 256);  // both consumers' S wgmmas are complete: V may change
+      unsigned char* v_tile = ring + s * kTileBytes;
+#pragma unroll 1
+      for (int32_t key = fix_lo; key < fix_hi; ++key) {
+        const int kr = key - tile * kBlockN;
+        // The scores of this key for my two rows sit with lane (kr % 8) / 2 of my quad.
+        const float s_lo = quad_get(pick(sc, 4 * (kr / 8) + kr % 2), (kr % 8) / 2, lane);
+        const float s_hi = quad_get(pick(sc, 4 * (kr / 8) + kr % 2 + 2), (kr % 8) / 2, lane);
+        const bool see_lo = key < rows.lim_lo, see_hi = key < rows.lim_hi;
+        const float p_lo = exp2f(s_lo - use_lo), p_hi = exp2f(s_hi - use_hi);
+#pragma unroll
+        for (int t = 0; t < kOCols / 8; ++t) {
+          const __nv_bfloat162 v2 =
+              *reinterpret_cast<const __nv_bfloat162*>(v_tile + swizzled_offset(kr, 32 * wg + t) + 4 * (lane % 4));
+          const float v0 = __low2float(v2), v1 = __high2float(v2);
+          if (nonfinite(v0)) {
+            if (see_lo) o[4 * t] += p_lo * v0;
+            if (see_hi) o[4 * t + 2] += p_hi * v0;
+          }
+          if (nonfinite(v1)) {
+            if (see_lo) o[4 * t + 1] += p_lo * v1;
+            if (see_hi) o[4 * t + 3] += p_hi * v1;
+          }
+        }
+      }
+      named_barrier_sync(2 + wg, 128);  // this warpgroup has read its columns of the band keys
+      if (warp == 0 && lane < 4) {      // lanes 0-3 of warp 0 cover the warpgroup's 256 columns
+#pragma unroll 1
+        for (int32_t key = fix_lo; key < fix_hi; ++key)
+#pragma unroll 1
+          for (int t = 0; t < kOCols / 8; ++t) {
+            __nv_bfloat162* v2 = reinterpret_cast<__nv_bfloat162*>(
+                v_tile + swizzled_offset(key - tile * kBlockN, 32 * wg + t) + 4 * lane);
+            const float v0 = __low2float(*v2), v1 = __high2float(*v2);
+            if (nonfinite(v0) || nonfinite(v1))
+              *v2 = __floats2bfloat162_rn(nonfinite(v0) ? 0.f : v0, nonfinite(v1) ? 0.f : v1);
+          }
+        fence_proxy_async();  // the generic-proxy stores before the wgmma (async proxy) reads
+      }
+      named_barrier_sync(2 + wg, 128);  // the zeroed entries are visible to the warpgroup's wgmma
+    }
 
     // O += P V for this warpgroup's 256 columns.
     const uint64_t v_desc = make_smem_desc(kv + 4 * wg * kChunkBytes, 8192, 1024, Swizzle::k128B);
