@@ -30,14 +30,15 @@ bool run_index_checks() { return index_checks_enabled() && !capturing(); }
 // MLA_EXT_DECODE_IMPL=simple forces the CUDA-core decode kernel (debugging, comparisons);
 // read on every call so tests can switch it.
 // MLA_EXT_CUDA_SM90=1 opts into the Hopper kernel (csrc/cuda/sm90/decode_sm90.cuh) on sm_90
-// devices when the build holds its sm_90a code; the planner falls back to the default kernels
-// for the configs it does not support. Opt-in until benchmarks/device_check.sh has a GPU record.
+// devices when the build holds its sm_90a code (an explicit MLA_EXT_DECODE_IMPL wins); the
+// planner falls back to the default kernels for the configs it does not support. Opt-in until
+// benchmarks/device_check.sh has a GPU record of it.
 cuda::DecodeImpl requested_impl(int device) {
   const char* env = std::getenv("MLA_EXT_DECODE_IMPL");
   if (env && std::strcmp(env, "simple") == 0) return cuda::DecodeImpl::kSimple;
+  if (env && std::strcmp(env, "tc") == 0) return cuda::DecodeImpl::kTensorCore;
   const char* sm90 = std::getenv("MLA_EXT_CUDA_SM90");
   if (sm90 && std::strcmp(sm90, "1") == 0 && cuda::sm90::decode_sm90_available(device)) return cuda::DecodeImpl::kSm90;
-  if (env && std::strcmp(env, "tc") == 0) return cuda::DecodeImpl::kTensorCore;
   return cuda::DecodeImpl::kAuto;
 }
 
