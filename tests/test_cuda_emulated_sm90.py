@@ -190,15 +190,16 @@ def test_generated_wgmma_header_is_current():
 
 # ------------------------------------------------------------------------------ the sm90 decode kernel
 
-# Every shared case the kernel supports (bf16 query and cache; the planner falls back to the sm80
-# kernel for the others), plus shapes that exercise its 64-row blocks and 64-key tiles.
-SM90_CASES = [c for c in DECODE_CASES if c.q_dtype == torch.bfloat16 and not c.fp8 and c.impl == "auto"] + [
+# Every shared case the kernel supports (bf16 query; bf16 or fp8 cache; the planner falls back to
+# the sm80 kernel for the others), plus shapes that exercise its 64-row blocks and 64-key tiles.
+SM90_CASES = [c for c in DECODE_CASES if c.q_dtype == torch.bfloat16 and c.impl == "auto"] + [
     DecodeCase("sm90 bf16 s_q=4 h=16: one full 64-row block", s_q=4, h=16, lens=(0, 1, 64, 129)),
     DecodeCase("sm90 bf16 s_q=3 h=32: padded second row block", s_q=3, h=32, lens=(1, 77), block_size=64),
     DecodeCase("sm90 bf16 h=64 s_q=1, block_size=64, tiles of exactly 64 keys", h=64, lens=(64, 128, 1),
                block_size=64),
+    DecodeCase("sm90 fp8 s_q=4 h=16, block_size=1", fp8=True, s_q=4, h=16, lens=(0, 1, 150), block_size=1),
 ]
-assert len(SM90_CASES) >= 9, [c.name for c in SM90_CASES]
+assert len(SM90_CASES) >= 13 and sum(c.fp8 for c in SM90_CASES) >= 4, [c.name for c in SM90_CASES]
 
 
 @pytest.fixture(scope="session")
@@ -242,6 +243,8 @@ SM90_NAN_VARIANTS = {
     "rope col 540": (dict(), 540),
     "col 300 split-KV": (dict(lens=(700, 70), extra_cols=30), 300),
     "col 300 s_q=4 h=16": (dict(s_q=4, h=16, lens=(100, 70)), 300),
+    "fp8 col 300": (dict(fp8=True), 300),
+    "fp8 col 5 split-KV": (dict(fp8=True, lens=(700, 70), extra_cols=30), 5),
 }
 
 
@@ -255,9 +258,12 @@ def test_decode_sm90_masked_key_with_nan_stays_masked(variant, harness):
     q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
     last = int(seqlens[0]) - 1  # visible to the last query only
     block, slot = int(table[0, last // case.block_size]), last % case.block_size
-    cache[block, slot, col] = float("nan")
-    out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, impl="sm90",
-                                       device="sm90", exe=harness("plain"))
+    if case.fp8:
+        cache.view(torch.uint8)[block, slot, col] = 0x7F  # the e4m3fn NaN code
+    else:
+        cache[block, slot, col] = float("nan")
+    out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
+                                       impl="sm90", device="sm90", exe=harness("plain"))
     ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
     assert info["impl"] == "sm90", info
     if "split" in variant:
@@ -272,19 +278,19 @@ def test_decode_sm90_masked_key_with_nan_stays_masked(variant, harness):
     check_close(out[1:], lse[1:], ref_out[1:], ref_lse[1:], case.q_dtype, "sequence 1 (no NaN)", tol=tol)
 
 
-@pytest.mark.parametrize("name", ["fp16 s_q=2 causal", "fp8 cache, bf16 q"])
+@pytest.mark.parametrize("name", ["fp16 s_q=2 causal", "fp8 cache, fp16 q, block_size=7", "fp32 simple"])
 def test_decode_sm90_unsupported_falls_back(name, harness):
-    """Asked for the Hopper kernel, a config it does not support (fp16, fp8 cache) gets the sm80
-    tensor-core kernel, with correct results."""
+    """Asked for the Hopper kernel, a config it does not support (fp16 query, with a 16-bit or an
+    fp8 cache; fp32) gets the sm80 tensor-core kernel (or the CUDA-core one), with correct results."""
     case = next(c for c in DECODE_CASES if c.name == name)
     out, lse, ref_out, ref_lse, info = run_sm90(case, harness)
-    assert info["impl"] == "tc", info
+    assert info["impl"] == ("simple" if case.q_dtype == torch.float32 else "tc"), info
     check_close(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [sm90 fallback]", tol=case.tolerance())
 
 
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
 def test_decode_sm90_compiles_for_sm90a():
-    """csrc/cuda/sm90/decode_sm90.cu through plain nvcc for sm_90a: no spills or local memory, and
+    """csrc/cuda/sm90/decode_sm90.cu (bf16 and fp8 cache) through plain nvcc for sm_90a: no spills or local memory, and
     the SASS holds the instructions the design means: HGMMA 64x64 (S, A and B from shared memory),
     HGMMA 64x256 with A in registers (O += P V), LDGSTS (the cp.async gather), mbarrier SYNCS,
     USETMAXREG (producer down, consumers up)."""
@@ -304,16 +310,18 @@ def test_decode_sm90_compiles_for_sm90a():
         assert r.returncode == 0, f"nvcc failed:\n{(r.stdout + r.stderr)[-4000:]}"
         os.replace(str(obj) + ".tmp", obj)
     text = log.read_text()
-    assert re.findall(r"Compiling entry function '([^']+)'", text) == ["_ZN3mla4cuda4sm9023decode_sm90_bf16_kernelENS_12DecodeParamsE"], text[-2000:]
-    assert re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text) == [("0", "0")], text[-2000:]
-    assert "0 bytes stack frame" in text, text[-2000:]
+    entries = re.findall(r"Compiling entry function '([^']+)'", text)
+    assert sorted(entries) == ["_ZN3mla4cuda4sm9018decode_sm90_kernelILb0EEEvNS_12DecodeParamsE",
+                               "_ZN3mla4cuda4sm9018decode_sm90_kernelILb1EEEvNS_12DecodeParamsE"], text[-2000:]  # bf16, fp8
+    assert re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text) == [("0", "0")] * 2, text[-2000:]
+    assert text.count("0 bytes stack frame") == 2, text[-2000:]
     print("ptxas:", re.findall(r"Used \d+ registers[^\n]*", text))
     cuobjdump = next(iter(sorted(ROOT.glob(".venv/lib/python3*/site-packages/nvidia/cu*/bin/cuobjdump"))), None)
     cuobjdump = cuobjdump or shutil.which("cuobjdump")
     if cuobjdump is None:
         pytest.skip("compiled; no cuobjdump to read the SASS (make cuda-tools)")
     sass = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
-    for op, want in [("HGMMA.64x64x16.F32.BF16", 36), ("HGMMA.64x256x16.F32.BF16", 4), ("LDGSTS.E", 2),
+    for op, want in [("HGMMA.64x64x16.F32.BF16", 72), ("HGMMA.64x256x16.F32.BF16", 8), ("LDGSTS.E", 4),
                      ("SYNCS.PHASECHK.TRANS64.TRYWAIT", 2), ("SYNCS.ARRIVE.TRANS64", 2),
                      ("USETMAXREG.TRY_ALLOC", 1), ("USETMAXREG.DEALLOC", 1), ("WARPGROUP.ARRIVE", 2)]:
         assert sass.count(op) >= want, f"{op}: {sass.count(op)} in the SASS, want >= {want}"

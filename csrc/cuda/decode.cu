@@ -262,7 +262,7 @@ DecodePlan plan_decode(const DecodeParams& p, int device, DecodeImpl requested) 
                        stride16(p.cache_block_stride, cache_elt) && stride16(p.cache_token_stride, cache_elt) &&
                        reinterpret_cast<uintptr_t>(p.out) % 4 == 0;  // the kernel stores column pairs
   if (requested == DecodeImpl::kSm90 && aligned && p.q_dtype == DType::kBFloat16 &&
-      p.cache_dtype == DType::kBFloat16 && sm90::kDecodeSmemBytes <= static_cast<size_t>(info.smem_optin)) {
+      (p.cache_dtype == DType::kBFloat16 || fp8) && sm90::kDecodeSmemBytes <= static_cast<size_t>(info.smem_optin)) {
     plan.impl = DecodeImpl::kSm90;
   } else if (requested != DecodeImpl::kSimple && half_type && aligned) {
     for (int c = 0; c < kNumTcConfigs; ++c) {  // largest first

@@ -32,8 +32,17 @@
 // s_q - 1 keys): in a tile that holds band keys, after both consumers' S wgmmas are done, each
 // consumer adds the non-finite V entries of the band keys in its columns by hand to the rows
 // that see them, then zeroes those entries, so the wgmma adds 0 for every row.
+//
+// float8_e4m3fn cache (kFp8): the ring holds the raw fp8 rows (576 B, unswizzled: half the bytes
+// of a bf16 stage); at each tile both consumers (after a named barrier: the previous tile's
+// wgmmas are complete) convert the stage into ONE bf16 tile in the swizzled layout above
+// (exact: every e4m3 value is a bf16 number), release the fp8 stage to the producer at once,
+// and run the same wgmmas on the converted tile. kv_scale is folded as in decode_tc.cuh: into
+// the score scale, and once into the output.
 #pragma once
 #include "ptx_sm90.cuh"
+// (after ptx_sm90.cuh, which brings common.cuh: fp8.cuh builds on it)
+#include "../fp8.cuh"
 
 namespace mla::cuda::sm90 {
 
@@ -49,7 +58,10 @@ constexpr uint32_t kChunkBytes = 64 * 128;        // [64 rows x 128 B]
 constexpr uint32_t kTileBytes = kChunks * kChunkBytes;  // 73728: Q or one ring stage
 constexpr int kUnitsPerRow = kHeadDim / 8;        // 72 16-byte units per row
 constexpr int kOCols = kLatentDim / 2;            // output columns per consumer warpgroup
-// Dynamic shared memory: 1024 bytes of alignment slack, Q, the ring, 2 x kStages mbarriers.
+constexpr uint32_t kFp8StageBytes = kBlockN * kHeadDim;  // 36864: one raw fp8 ring stage
+// Dynamic shared memory: 1024 bytes of alignment slack, Q, the ring (fp8: the converted tile,
+// then the 2 raw stages: the same bytes), 2 x kStages mbarriers.
+static_assert(kTileBytes + kStages * kFp8StageBytes == kStages * kTileBytes, "fp8 layout reuses the bf16 one");
 constexpr uint32_t kBarOffset = (1 + kStages) * kTileBytes;
 constexpr size_t kSmemBytes = 1024 + kBarOffset + 2 * kStages * 8;  // 222240 (sm_90 opt-in: 232448)
 
@@ -85,14 +97,20 @@ struct Sm90Rows {
   float l_lo, l_hi;        // this thread's partial row sums
 };
 
-__global__ void __launch_bounds__(kThreads, 1) decode_sm90_bf16_kernel(const DecodeParams p) {
+// kFp8 = false: bf16 cache; true: float8_e4m3fn cache (p.kv_scale). Query and output bf16.
+template <bool kFp8>
+__global__ void __launch_bounds__(kThreads, 1) decode_sm90_kernel(const DecodeParams p) {
 #if defined(MLA_CUDA_EMULATION) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = __nv_bfloat16;
   unsigned char* raw = dynamic_smem();
   // 1024-align the tiles in the shared window (the swizzle acts on address bits 4-9).
   unsigned char* smem = raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
   unsigned char* q_tile = smem;                   // [64 x 576] swizzled
-  unsigned char* ring = smem + kTileBytes;         // [kStages][64 x 576] swizzled
+  // bf16: ring = [kStages][64 x 576] swizzled tiles. fp8: conv = the converted [64 x 576]
+  // swizzled bf16 tile, ring = [kStages][64 rows x 576 bytes] raw fp8 rows.
+  unsigned char* conv = smem + kTileBytes;
+  unsigned char* ring = kFp8 ? conv + kTileBytes : conv;
+  constexpr uint32_t kStageBytes = kFp8 ? kFp8StageBytes : kTileBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarOffset);  // [kStages] the tile landed
   uint64_t* empty = full + kStages;                                  // [kStages] both consumers done
 
@@ -143,17 +161,21 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_bf16_kernel(const Dec
     // ---- Producer warpgroup: thread t loads half of key row t / 2 of each tile.
     setmaxnreg_dec<40>();
     const int t = threadIdx.x - 256;
-    const int row = t / 2, unit0 = (t % 2) * (kUnitsPerRow / 2);
+    using CacheT = std::conditional_t<kFp8, uint8_t, T>;
+    constexpr int kRowUnits = kHeadDim * sizeof(CacheT) / 16;  // 16-byte units per cache row: 72 / 36
+    constexpr int kElemsPerUnit = 16 / sizeof(CacheT);
+    const int row = t / 2, unit0 = (t % 2) * (kRowUnits / 2);
     for (int it = 0, tile = range.tile_begin; tile < range.tile_end; ++it, ++tile) {
       const int s = it % kStages;
       if (it >= kStages) mbarrier_wait_parity(&empty[s], ((it / kStages) - 1) & 1);
       const int32_t key = tile * kBlockN + row;
-      const T* src = key < range.key_end ? cache_row<T>(p, b, key) : nullptr;  // nullptr: bad block id too
+      const CacheT* src = key < range.key_end ? cache_row<CacheT>(p, b, key) : nullptr;  // nullptr: bad block id too
       const bool valid = src != nullptr;
-      if (!valid) src = static_cast<const T*>(p.cache);  // never read (source size 0): a zero row
-      unsigned char* dst = ring + s * kTileBytes;
-      for (int u = unit0; u < unit0 + kUnitsPerRow / 2; ++u)
-        cp_async_16(dst + swizzled_offset(row, u), src + (valid ? u * 8 : 0), valid);
+      if (!valid) src = static_cast<const CacheT*>(p.cache);  // never read (source size 0): a zero row
+      unsigned char* dst = ring + s * kStageBytes;
+      for (int u = unit0; u < unit0 + kRowUnits / 2; ++u)
+        cp_async_16(dst + (kFp8 ? row * kHeadDim + u * 16 : swizzled_offset(row, u)), src + (valid ? u * kElemsPerUnit : 0),
+                    valid);
       cp_async_commit();
       cp_async_wait<0>();
       fence_proxy_async();
@@ -173,7 +195,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_bf16_kernel(const Dec
   rows.lim_hi = m0 + rows.r_hi < M ? min(range.key_end, visible_keys(L, p.seqlen_q, (m0 + rows.r_hi) / h, p.causal)) : 0;
   rows.m_lo = rows.m_hi = -INFINITY;
   rows.l_lo = rows.l_hi = 0.f;
-  const float scale_log2 = p.softmax_scale * kLog2e;
+  // fp8: the dequantization scale, folded into the scores here and the output at the end.
+  const float kv_scale = kFp8 ? __ldg(p.kv_scale) : 1.f;
+  const float scale_log2 = p.softmax_scale * kv_scale * kLog2e;
   // The causal band: keys the block's first row does not see but its last row does.
   const int32_t band_lo = min(range.key_end, visible_keys(L, p.seqlen_q, m0 / h, p.causal)), band_hi = range.key_end;
 
@@ -186,7 +210,24 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_bf16_kernel(const Dec
   for (int it = 0, tile = range.tile_begin; tile < range.tile_end; ++it, ++tile) {
     const int s = it % kStages;
     mbarrier_wait_parity(&full[s], (it / kStages) & 1);
-    const unsigned char* kv = ring + s * kTileBytes;
+    unsigned char* kv = ring + s * kTileBytes;
+    if constexpr (kFp8) {
+      // Both consumers' wgmmas of the previous tile are complete (each waited before this
+      // barrier): the converted tile may be overwritten. 18 units of 8 fp8 -> 8 bf16 per thread.
+      named_barrier_sync(1, 256);
+      const unsigned char* raw8 = ring + s * kFp8StageBytes;
+#pragma unroll 2
+      for (int c = threadIdx.x; c < kBlockN * kUnitsPerRow; c += 256) {
+        const int row = c / kUnitsPerRow, unit = c % kUnitsPerRow;
+        uint4 v;
+        e4m3x8_to<T>(*reinterpret_cast<const uint2*>(raw8 + row * kHeadDim + unit * 8), v);
+        *reinterpret_cast<uint4*>(conv + swizzled_offset(row, unit)) = v;
+      }
+      mbarrier_arrive(&empty[s]);  // the raw stage is consumed: the producer may refill it now
+      fence_proxy_async();         // the converted tile (generic stores) before the wgmma reads
+      named_barrier_sync(1, 256);
+      kv = conv;
+    }
 
     // S = Q K^T [64 x 64]: 9 chunks x 4 k-steps of 16.
     float sc[kBlockN / 2];
@@ -250,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_bf16_kernel(const Dec
     const int32_t fix_lo = max(band_lo, tile * kBlockN), fix_hi = min(band_hi, (tile + 1) * kBlockN);
     if (fix_lo < fix_hi) {
       named_barrier_sync(1, 256);  // both consumers' S wgmmas are complete: V may change
-      unsigned char* v_tile = ring + s * kTileBytes;
+      unsigned char* v_tile = kv;
 #pragma unroll 1
       for (int32_t key = fix_lo; key < fix_hi; ++key) {
         const int kr = key - tile * kBlockN;
@@ -301,7 +342,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_bf16_kernel(const Dec
     wgmma_commit_group();
     wgmma_wait_group<0>();
     wgmma_fence_operand(o);
-    mbarrier_arrive(&empty[s]);  // this thread's wgmmas no longer read stage s
+    if constexpr (!kFp8) mbarrier_arrive(&empty[s]);  // this thread's wgmmas no longer read stage s
   }
 
   // ---- Epilogue: full row sums over the quad; normalised rows (and lse) to out or the split's slot.
@@ -319,7 +360,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_bf16_kernel(const Dec
     if (row >= M) continue;
     const bool empty_row = (half ? rows.lim_hi : rows.lim_lo) <= split_key0;
     const float tot = half ? l_hi : l_lo, mrow = half ? rows.m_hi : rows.m_lo;
-    const float inv = empty_row ? 0.f : 1.f / tot;
+    const float inv = empty_row ? 0.f : kv_scale / tot;
     const float lse = empty_row ? -INFINITY : (mrow + __log2f(tot)) * kLn2;
     const int col0 = kOCols * wg + 2 * (lane % 4);
     if (p.num_splits == 1) {
