@@ -173,9 +173,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_kernel(const DecodePa
       const bool valid = src != nullptr;
       if (!valid) src = static_cast<const CacheT*>(p.cache);  // never read (source size 0): a zero row
       unsigned char* dst = ring + s * kStageBytes;
-      for (int u = unit0; u < unit0 + kRowUnits / 2; ++u)
-        cp_async_16(dst + (kFp8 ? row * kHeadDim + u * 16 : swizzled_offset(row, u)), src + (valid ? u * kElemsPerUnit : 0),
-                    valid);
+      for (int u = unit0; u < unit0 + kRowUnits / 2; ++u) {
+        const uint32_t off = kFp8 ? row * kHeadDim + u * 16 : swizzled_offset(row, u);  // fp8: raw rows
+        cp_async_16(dst + off, src + (valid ? u * kElemsPerUnit : 0), valid);
+      }
       cp_async_commit();
       cp_async_wait<0>();
       fence_proxy_async();
@@ -191,8 +192,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_kernel(const DecodePa
   Sm90Rows rows;
   rows.r_lo = 16 * warp + lane / 4;
   rows.r_hi = rows.r_lo + 8;
-  rows.lim_lo = m0 + rows.r_lo < M ? min(range.key_end, visible_keys(L, p.seqlen_q, (m0 + rows.r_lo) / h, p.causal)) : 0;
-  rows.lim_hi = m0 + rows.r_hi < M ? min(range.key_end, visible_keys(L, p.seqlen_q, (m0 + rows.r_hi) / h, p.causal)) : 0;
+  auto row_limit = [&](int r) {  // keys row r of the block sees within the split (0: padding row)
+    return m0 + r < M ? min(range.key_end, visible_keys(L, p.seqlen_q, (m0 + r) / h, p.causal)) : 0;
+  };
+  rows.lim_lo = row_limit(rows.r_lo);
+  rows.lim_hi = row_limit(rows.r_hi);
   rows.m_lo = rows.m_hi = -INFINITY;
   rows.l_lo = rows.l_hi = 0.f;
   // fp8: the dequantization scale, folded into the scores here and the output at the end.
