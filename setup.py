@@ -2,7 +2,7 @@
 
 A CPU-only extension is built when torch has no CUDA or nvcc is missing; a CUDA
 extension otherwise. MLA_EXT_CUDA=0/1 forces either way. TORCH_CUDA_ARCH_LIST picks the
-GPU architectures (default: sm_80, sm_86, sm_89, sm_90). MAX_JOBS caps ninja's jobs.
+GPU architectures (default: sm_80, sm_86, sm_89, sm_90a). MAX_JOBS caps ninja's jobs.
 """
 import glob
 import os
@@ -31,7 +31,7 @@ from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0a"  # 9.0a: sm_90 SASS plus the wgmma / setmaxnreg of csrc/cuda/sm90
 
 
 def want_cuda() -> bool:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI (no GPU needed): compile every csrc/cuda/*.cu with plain nvcc (no torch) for sm_80 and
-# sm_90a, fail on any register spill or local-memory use, and print the ptxas resource
+# sm_90a (csrc/cuda/sm90/*.cu for sm_90a only), fail on any register spill or local-memory use, and print the ptxas resource
 # report per kernel; then the host self-test of the fp8 conversion helpers.
 #
 #   benchmarks/cuda_compile_check.sh                 # archs: sm_80 sm_90a, MAX_JOBS=2
@@ -23,6 +23,10 @@ for cu in "$ROOT"/csrc/cuda/*.cu; do
   for arch in $ARCHS; do
     echo "$cu $arch" >>"$jobs_file"
   done
+done
+# The Hopper kernels (csrc/cuda/sm90/*.cu: wgmma, setmaxnreg) exist for sm_90a only.
+for cu in "$ROOT"/csrc/cuda/sm90/*.cu; do
+  case " $ARCHS " in *" sm_90a "*) echo "$cu sm_90a" >>"$jobs_file" ;; esac
 done
 
 compile_one() {

@@ -8,7 +8,14 @@
 #   OUT=/tmp/out benchmarks/device_check.sh          # here, without a GPU: dry run, GPU stages skipped
 #
 # Files under $OUT (at most 8 come back): record.json, build.log, tests.log, sanitizer.log,
-# bench.log, bench.json (benchmarks/bench_decode.py, if present), bench_cuda.json.
+# bench.log, bench.json (benchmarks/bench_decode.py, if present), bench_cuda.json,
+# bench_cuda_sm90.json (sm_90 only: bench_cuda.py --quick with MLA_EXT_CUDA_SM90=1).
+#
+# On an sm_90 GPU the build is for 9.0a, and an sm90 stage runs after the CUDA tests (capped,
+# ~4 min at most, within the deadline): the stage-1 GEMM probe on the hardware
+# (benchmarks/native/sm90_gemm_probe_gpu.cu), which kernel mla_ext.decode runs with
+# MLA_EXT_CUDA_SM90=1 (benchmarks/sm90_dispatch_check.py: must be the Hopper one), and
+# tests/test_cuda.py -k decode with MLA_EXT_CUDA_SM90=1.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -57,6 +64,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then 
 BUILD_OK=0
 if [ $HAVE_GPU = 1 ]; then
   ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  [ "$ARCH" = "9.0" ] && ARCH=9.0a  # the Hopper kernels (csrc/cuda/sm90) need the arch-specific target
   export TORCH_CUDA_ARCH_LIST=$ARCH MLA_EXT_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
   if stage build 240 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps -v -e .; then BUILD_OK=1; fi
   grep -E "spill|Used [0-9]+ registers" "$OUT/build.log" | grep -v " 0 bytes spill stores, 0 bytes spill loads" \
@@ -71,6 +79,15 @@ fi
 if [ $BUILD_OK = 1 ]; then
   stage tests 230 "$OUT/tests.log" "$PY" -m pytest -q --maxfail=30 -p no:cacheprovider -o addopts="" \
     --junitxml="$WORK/junit.xml" tests/test_cuda.py
+  # The Hopper kernel (opt-in MLA_EXT_CUDA_SM90=1): the GEMM probe on hardware, the dispatch,
+  # the decode tests with it.
+  if [ "${ARCH:-}" = "9.0a" ]; then
+    stage sm90_probe 60 "$OUT/tests.log" bash -c "nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a \
+      -Icsrc/cuda benchmarks/native/sm90_gemm_probe_gpu.cu -o '$WORK/sm90_gemm_probe_gpu' && '$WORK/sm90_gemm_probe_gpu'"
+    stage sm90_dispatch 45 "$OUT/tests.log" env MLA_EXT_CUDA_SM90=1 "$PY" benchmarks/sm90_dispatch_check.py
+    stage sm90_tests 120 "$OUT/tests.log" env MLA_EXT_CUDA_SM90=1 "$PY" -m pytest -q --maxfail=10 -p no:cacheprovider \
+      -o addopts="" --junitxml="$WORK/junit_sm90.xml" tests/test_cuda.py -k decode
+  fi
   # The rest of the suite (its tests run on CPU and CUDA), if time allows. The CPU-only
   # native checks (kernel cross-checks, the SIMT emulator and layout oracle: marker
   # `emulated`; they build C++ and never touch the GPU) run in CI instead.
@@ -111,6 +128,10 @@ if [ $BUILD_OK = 1 ]; then
     echo "== bench_decode: benchmarks/bench_decode.py absent, skipped" >>"$OUT/bench.log"
   fi
   stage bench_cuda 150 "$OUT/bench.log" "$PY" benchmarks/bench_cuda.py --json "$OUT/bench_cuda.json"
+  if [ "${ARCH:-}" = "9.0a" ]; then  # the same shapes (quick) with the Hopper kernel, next to the run above
+    stage bench_cuda_sm90 90 "$OUT/bench.log" env MLA_EXT_CUDA_SM90=1 "$PY" benchmarks/bench_cuda.py --quick \
+      --json "$OUT/bench_cuda_sm90.json"
+  fi
 else
   echo "== bench: skipped (no GPU build)" >"$OUT/bench.log"; echo "bench skipped 0" >>"$STAGES"
 fi
@@ -150,6 +171,11 @@ for line in open(os.path.join(work, "stages")):
 
 tests = junit(os.path.join(work, "junit.xml")) or {"passed": 0, "failed": 0, "skipped": 0}
 rest = junit(os.path.join(work, "junit_rest.xml"))
+tests_sm90 = junit(os.path.join(work, "junit_sm90.xml"))
+results_sm90 = None
+bs = os.path.join(out, "bench_cuda_sm90.json")
+if os.path.exists(bs):
+    results_sm90 = [{k: r.get(k) for k in ("name", "impl", "ms", "gbps", "tflops")} for r in json.load(open(bs))["results"]]
 
 san_log = open(os.path.join(out, "sanitizer.log")).read() if os.path.exists(os.path.join(out, "sanitizer.log")) else ""
 per_tool = {}
@@ -192,7 +218,7 @@ record = {
     "device": device,
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "commit": commit, "dirty": dirty,
-    "tests": tests, "tests_rest": rest,
+    "tests": tests, "tests_rest": rest, "tests_sm90": tests_sm90, "results_sm90": results_sm90,
     "sanitizer": sanitizer,
     "ceilings": ceil,
     "results": results,

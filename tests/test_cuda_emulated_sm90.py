@@ -9,6 +9,10 @@ SIMT emulator's sm_90 model (tests/cuda_emu/emu_sm90.cpp, docs/cuda-emulation.md
 - test_gemm_probe_compiles_for_sm90a: the same source (plus two wgmma_rs kernels) through plain nvcc
   for sm_90a: no spills, and the SASS holds the Hopper instructions the wrappers mean (HGMMA with A
   from shared memory and from registers, UTMALDG, SYNCS, USETMAXREG, WARPGROUP).
+- test_decode_sm90: the Hopper decode kernel (csrc/cuda/sm90/decode_sm90.cuh, DecodeImpl::kSm90)
+  through the real host code (planner, split-KV workspace, combine) on the shared bf16 DECODE_CASES
+  and a few Hopper-specific shapes, against the float64 reference; its sm_90a nvcc build (no spills,
+  the HGMMA / LDGSTS / SYNCS / USETMAXREG the source means) in test_decode_sm90_compiles_for_sm90a.
 - The descriptor / accumulator semantics themselves are checked against CuTe's GMMA layouts in
   tests/test_cute_layouts.py; tests/cuda_emu/mutations_sm90.py plants bugs that must be caught.
 """
@@ -24,6 +28,7 @@ import pytest
 import torch
 
 from conftest import randn
+from cuda_cases import DECODE_CASES, SCALE, DecodeCase, check_close
 from cuda_emu import runner, sm90_runner
 
 pytestmark = [
@@ -181,3 +186,147 @@ def test_generated_wgmma_header_is_current():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert (ROOT / "csrc" / "cuda" / "sm90" / "wgmma_gen.cuh").read_text() == mod.main()
+
+
+# ------------------------------------------------------------------------------ the sm90 decode kernel
+
+# Every shared case the kernel supports (bf16 query; bf16 or fp8 cache; the planner falls back to
+# the sm80 kernel for the others), plus shapes that exercise its 64-row blocks and 64-key tiles.
+SM90_CASES = [c for c in DECODE_CASES if c.q_dtype == torch.bfloat16 and c.impl == "auto"] + [
+    DecodeCase("sm90 bf16 s_q=4 h=16: one full 64-row block", s_q=4, h=16, lens=(0, 1, 64, 129)),
+    DecodeCase("sm90 bf16 s_q=3 h=32: padded second row block", s_q=3, h=32, lens=(1, 77), block_size=64),
+    DecodeCase("sm90 bf16 h=64 s_q=1, block_size=64, tiles of exactly 64 keys", h=64, lens=(64, 128, 1),
+               block_size=64),
+    DecodeCase("sm90 fp8 s_q=4 h=16, block_size=1", fp8=True, s_q=4, h=16, lens=(0, 1, 150), block_size=1),
+]
+assert len(SM90_CASES) >= 13 and sum(c.fp8 for c in SM90_CASES) >= 4, [c.name for c in SM90_CASES]
+
+
+@pytest.fixture(scope="session")
+def harness():
+    built = {}
+
+    def get(flavor):
+        if flavor not in built:
+            built[flavor] = runner.build(flavor)
+        return built[flavor]
+
+    return get
+
+
+def run_sm90(case: DecodeCase, harness, flavor="plain", order="forward"):
+    q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+    out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
+                                       impl="sm90", device="sm90", order=order, seed=11, flavor=flavor,
+                                       exe=harness(flavor))
+    ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
+    return out, lse, ref_out, ref_lse, info
+
+
+@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+@pytest.mark.parametrize("case", SM90_CASES, ids=[c.name for c in SM90_CASES])
+def test_decode_sm90(case, flavor, order, harness):
+    out, lse, ref_out, ref_lse, info = run_sm90(case, harness, flavor, order)
+    assert info["impl"] == "sm90", info  # the Hopper kernel ran, not a fallback
+    if "split" in case.name:
+        assert info["num_splits"] > 1 and info["launches"] == 2, info  # sm90 partials + the shared combine
+    # The tolerances of tests/cuda_cases.py TOL (bf16: 2e-2 norm-wise): P is rounded to bf16 before
+    # P V, as in the sm80 kernel; the wgmma products are exact, fp32 accumulation.
+    check_close(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [sm90 {flavor} {order}]", tol=case.tolerance())
+
+
+# Where the NaN sits (as in tests/test_cuda_emulated.py): V column 5 (WG 0's output columns),
+# 300 (WG 1's), 540 (rope only: the score is NaN, V is finite), and a split-KV run.
+SM90_NAN_VARIANTS = {
+    "col 5": (dict(), 5),
+    "col 300": (dict(), 300),
+    "rope col 540": (dict(), 540),
+    "col 300 split-KV": (dict(lens=(700, 70), extra_cols=30), 300),
+    "col 300 s_q=4 h=16": (dict(s_q=4, h=16, lens=(100, 70)), 300),
+    "fp8 col 300": (dict(fp8=True), 300),
+    "fp8 col 5 split-KV": (dict(fp8=True, lens=(700, 70), extra_cols=30), 5),
+}
+
+
+@pytest.mark.parametrize("variant", list(SM90_NAN_VARIANTS))
+def test_decode_sm90_masked_key_with_nan_stays_masked(variant, harness):
+    """A key that query j = 0 must not see (causal, s_q >= 2) holds NaN: query 0's output stays
+    finite and equal to the reference; the last query (which sees it) is NaN in every column,
+    as in the reference. The sm90 kernel's band path (decode_sm90.cuh) is what makes this hold."""
+    kw, col = SM90_NAN_VARIANTS[variant]
+    case = DecodeCase(f"sm90 nan in a causally masked key {variant}", **{"s_q": 2, "lens": (40, 70), **kw})
+    q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+    last = int(seqlens[0]) - 1  # visible to the last query only
+    block, slot = int(table[0, last // case.block_size]), last % case.block_size
+    if case.fp8:
+        cache.view(torch.uint8)[block, slot, col] = 0x7F  # the e4m3fn NaN code
+    else:
+        cache[block, slot, col] = float("nan")
+    out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
+                                       impl="sm90", device="sm90", exe=harness("plain"))
+    ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
+    assert info["impl"] == "sm90", info
+    if "split" in variant:
+        assert info["num_splits"] > 1, info
+    j = case.s_q - 1
+    assert torch.isnan(ref_out[0, j]).all() and torch.isnan(ref_lse[0, j]).all()
+    assert torch.isnan(out[0, j]).all(), "the last query sees the NaN key: its whole output must be NaN"
+    assert torch.isnan(lse[0, j]).all(), "the last query sees the NaN key: its lse must be NaN"
+    tol = case.tolerance()
+    check_close(out[:, :j], lse[:, :j], ref_out[:, :j], ref_lse[:, :j], case.q_dtype, "earlier queries (key masked)",
+                tol=tol)
+    check_close(out[1:], lse[1:], ref_out[1:], ref_lse[1:], case.q_dtype, "sequence 1 (no NaN)", tol=tol)
+
+
+@pytest.mark.parametrize("name", ["fp16 s_q=2 causal", "fp8 cache, fp16 q, block_size=7", "fp32 simple"])
+def test_decode_sm90_unsupported_falls_back(name, harness):
+    """Asked for the Hopper kernel, a config it does not support (fp16 query, with a 16-bit or an
+    fp8 cache; fp32) gets the sm80 tensor-core kernel (or the CUDA-core one), with correct results."""
+    case = next(c for c in DECODE_CASES if c.name == name)
+    out, lse, ref_out, ref_lse, info = run_sm90(case, harness)
+    assert info["impl"] == ("simple" if case.q_dtype == torch.float32 else "tc"), info
+    check_close(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [sm90 fallback]", tol=case.tolerance())
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+def test_decode_sm90_compiles_for_sm90a():
+    """csrc/cuda/sm90/decode_sm90.cu (bf16 and fp8 cache) through plain nvcc for sm_90a: no spills or local memory, and
+    the SASS holds the instructions the design means: HGMMA 64x64 (S, A and B from shared memory),
+    HGMMA 64x256 with A in registers (O += P V), LDGSTS (the cp.async gather), mbarrier SYNCS,
+    USETMAXREG (producer down, consumers up)."""
+    src = ROOT / "csrc" / "cuda" / "sm90" / "decode_sm90.cu"
+    inputs = [src] + sorted((ROOT / "csrc" / "cuda" / "sm90").glob("*.cuh")) + sorted(
+        (ROOT / "csrc" / "cuda" / "sm90").glob("*.h")) + [ROOT / "csrc" / "cuda" / "common.cuh", ROOT / "csrc" / "mla_params.h"]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in inputs)).hexdigest()[:16]
+    out = ROOT / "build" / "sm90" / f"decode-{key}"
+    out.mkdir(parents=True, exist_ok=True)
+    obj, log = out / "decode_sm90.o", out / "ptxas.log"
+    if not obj.exists():
+        cmd = [_nvcc(), "-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
+               "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas=-v,-warn-spills,-warn-lmem-usage,-Werror",
+               f"-I{ROOT / 'csrc' / 'cuda'}", "-c", str(src), "-o", str(obj) + ".tmp"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        log.write_text(r.stdout + r.stderr)
+        assert r.returncode == 0, f"nvcc failed:\n{(r.stdout + r.stderr)[-4000:]}"
+        os.replace(str(obj) + ".tmp", obj)
+    text = log.read_text()
+    entries = re.findall(r"Compiling entry function '([^']+)'", text)
+    assert sorted(entries) == ["_ZN3mla4cuda4sm9018decode_sm90_kernelILb0EEEvNS_12DecodeParamsE",
+                               "_ZN3mla4cuda4sm9018decode_sm90_kernelILb1EEEvNS_12DecodeParamsE"], text[-2000:]  # bf16, fp8
+    assert re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text) == [("0", "0")] * 2, text[-2000:]
+    assert text.count("0 bytes stack frame") == 2, text[-2000:]
+    print("ptxas:", re.findall(r"Used \d+ registers[^\n]*", text))
+    cuobjdump = next(iter(sorted(ROOT.glob(".venv/lib/python3*/site-packages/nvidia/cu*/bin/cuobjdump"))), None)
+    cuobjdump = cuobjdump or shutil.which("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("compiled; no cuobjdump to read the SASS (make cuda-tools)")
+    sass = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
+    for op, want in [("HGMMA.64x64x16.F32.BF16", 72), ("HGMMA.64x256x16.F32.BF16", 8), ("LDGSTS.E", 4),
+                     ("SYNCS.PHASECHK.TRANS64.TRYWAIT", 2), ("SYNCS.ARRIVE.TRANS64", 2),
+                     ("USETMAXREG.TRY_ALLOC", 1), ("USETMAXREG.DEALLOC", 1), ("WARPGROUP.ARRIVE", 2)]:
+        assert sass.count(op) >= want, f"{op}: {sass.count(op)} in the SASS, want >= {want}"
+    assert re.search(r"HGMMA\.64x256x16\.F32\.BF16 R\d+, R\d+", sass), "O += P V must take A (P) from registers"
+    # The consumers' register budget after setmaxnreg.inc is 232: the highest register the SASS names.
+    top = max(int(x) for x in re.findall(r"\bR(\d+)\b", sass))
+    print("highest register named in the SASS:", top)
+    assert top < 232, top

@@ -15,6 +15,7 @@
 #include <cstring>
 
 #include "../cuda/cuda_kernels.h"
+#include "../cuda/sm90/decode_sm90.h"
 #include "checks.h"
 
 namespace mla::api {
@@ -28,10 +29,16 @@ bool run_index_checks() { return index_checks_enabled() && !capturing(); }
 
 // MLA_EXT_DECODE_IMPL=simple forces the CUDA-core decode kernel (debugging, comparisons);
 // read on every call so tests can switch it.
-cuda::DecodeImpl requested_impl() {
+// MLA_EXT_CUDA_SM90=1 opts into the Hopper kernel (csrc/cuda/sm90/decode_sm90.cuh) on sm_90
+// devices when the build holds its sm_90a code (an explicit MLA_EXT_DECODE_IMPL wins); the
+// planner falls back to the default kernels for the configs it does not support. Opt-in until
+// benchmarks/device_check.sh has a GPU record of it.
+cuda::DecodeImpl requested_impl(int device) {
   const char* env = std::getenv("MLA_EXT_DECODE_IMPL");
   if (env && std::strcmp(env, "simple") == 0) return cuda::DecodeImpl::kSimple;
   if (env && std::strcmp(env, "tc") == 0) return cuda::DecodeImpl::kTensorCore;
+  const char* sm90 = std::getenv("MLA_EXT_CUDA_SM90");
+  if (sm90 && std::strcmp(sm90, "1") == 0 && cuda::sm90::decode_sm90_available(device)) return cuda::DecodeImpl::kSm90;
   return cuda::DecodeImpl::kAuto;
 }
 
@@ -73,7 +80,7 @@ void run_decode(DecodeParams p, const at::Tensor& cache3d, const at::Tensor& q_n
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   if (p.batch == 0) return;
-  const cuda::DecodePlan plan = cuda::plan_decode(p, cache3d.get_device(), requested_impl());
+  const cuda::DecodePlan plan = cuda::plan_decode(p, cache3d.get_device(), requested_impl(cache3d.get_device()));
   at::Tensor o_accum, lse_accum;
   p.num_splits = plan.num_splits;
   if (plan.num_splits > 1) {

@@ -19,6 +19,9 @@ enum class DecodeImpl : int32_t {
   kAuto = 0,        // tensor cores for bf16/fp16 with 16-byte aligned rows, else the simple kernel
   kTensorCore = 1,  // mma.sync + ldmatrix + cp.async pipeline (falls back to kSimple where it cannot run)
   kSimple = 2,      // CUDA-core kernel: any dtype, any alignment
+  kSm90 = 3,        // Hopper wgmma + mbarrier kernel (sm90/decode_sm90.cuh): bf16 q and cache, 16-byte
+                    // aligned rows, an sm_90a build; otherwise planned as kAuto. Opt-in only
+                    // (MLA_EXT_CUDA_SM90=1) until it has run on a GPU.
 };
 
 struct DecodePlan {

@@ -6,6 +6,7 @@
 
 #include "cuda_kernels.h"
 #include "decode_tc.cuh"
+#include "sm90/decode_sm90.h"
 
 namespace mla::cuda {
 namespace {
@@ -260,7 +261,10 @@ DecodePlan plan_decode(const DecodeParams& p, int device, DecodeImpl requested) 
                        stride16(p.q_pe_seq_stride, 2) && stride16(p.q_pe_head_stride, 2) &&
                        stride16(p.cache_block_stride, cache_elt) && stride16(p.cache_token_stride, cache_elt) &&
                        reinterpret_cast<uintptr_t>(p.out) % 4 == 0;  // the kernel stores column pairs
-  if (requested != DecodeImpl::kSimple && half_type && aligned) {
+  if (requested == DecodeImpl::kSm90 && aligned && p.q_dtype == DType::kBFloat16 &&
+      (p.cache_dtype == DType::kBFloat16 || fp8) && sm90::kDecodeSmemBytes <= static_cast<size_t>(info.smem_optin)) {
+    plan.impl = DecodeImpl::kSm90;
+  } else if (requested != DecodeImpl::kSimple && half_type && aligned) {
     for (int c = 0; c < kNumTcConfigs; ++c) {  // largest first
       const size_t smem = fp8 ? kTcConfigs[c].smem_fp8 : kTcConfigs[c].smem_16bit;
       if (smem <= static_cast<size_t>(info.smem_optin)) {
@@ -272,7 +276,11 @@ DecodePlan plan_decode(const DecodeParams& p, int device, DecodeImpl requested) 
   }
 
   int64_t base_ctas, slots, tile;
-  if (plan.impl == DecodeImpl::kTensorCore) {
+  if (plan.impl == DecodeImpl::kSm90) {
+    tile = sm90::kDecodeBlockN;
+    base_ctas = static_cast<int64_t>(p.batch) * ((M + sm90::kDecodeBlockM - 1) / sm90::kDecodeBlockM);
+    slots = info.sms;  // one CTA per SM (shared memory)
+  } else if (plan.impl == DecodeImpl::kTensorCore) {
     const int64_t bm = kTcConfigs[plan.config].block_m;
     tile = kTcConfigs[plan.config].block_n;
     base_ctas = static_cast<int64_t>(p.batch) * ((M + bm - 1) / bm);
@@ -295,7 +303,9 @@ cudaError_t decode(const DecodeParams& params, const DecodePlan& plan, cudaStrea
   DecodeParams p = params;
   p.num_splits = plan.num_splits;
   cudaError_t err = cudaSuccess;
-  if (plan.impl == DecodeImpl::kTensorCore) {
+  if (plan.impl == DecodeImpl::kSm90) {
+    err = sm90::launch_decode_sm90_bf16(p, stream);
+  } else if (plan.impl == DecodeImpl::kTensorCore) {
     const bool bf16 = p.q_dtype == DType::kBFloat16;
     if (p.cache_dtype == DType::kFloat8E4M3)
       err = bf16 ? launch_decode_tc_fp8_bf16(p, plan.config, stream) : launch_decode_tc_fp8_fp16(p, plan.config, stream);

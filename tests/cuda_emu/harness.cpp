@@ -5,7 +5,7 @@
 //   case.txt   one directive per line
 //     op decode | append
 //     order forward | reverse | random      seed N      sms N      smem_optin BYTES
-//     impl auto | tc | simple                (decode: the DecodeImpl requested from the planner)
+//     impl auto | tc | simple | sm90         (decode: the DecodeImpl requested from the planner)
 //     buffer NAME BYTES FILE | -             a buffer of exactly BYTES (its own allocation, so ASan
 //                                            sees its real bounds); "-": an output, filled with 0xff
 //     output NAME                            written back as NAME.out after the call
@@ -202,7 +202,8 @@ std::string run_decode(Case& c) {
   p.cache_dtype = dtype(c.i("cache_dtype"));
 
   using mla::cuda::DecodeImpl;
-  const DecodeImpl requested = c.impl == "tc" ? DecodeImpl::kTensorCore
+  const DecodeImpl requested = c.impl == "sm90" ? DecodeImpl::kSm90
+                               : c.impl == "tc" ? DecodeImpl::kTensorCore
                                : c.impl == "simple" ? DecodeImpl::kSimple
                                                     : DecodeImpl::kAuto;
   const mla::cuda::DecodePlan plan = mla::cuda::plan_decode(p, 0, requested);
@@ -221,7 +222,7 @@ std::string run_decode(Case& c) {
   }
   const cudaError_t err = mla::cuda::decode(p, plan, nullptr);
   if (err != cudaSuccess) die(std::string("decode returned ") + cudaGetErrorString(err));
-  const char* impl = plan.impl == DecodeImpl::kTensorCore ? "tc" : "simple";
+  const char* impl = plan.impl == DecodeImpl::kSm90 ? "sm90" : plan.impl == DecodeImpl::kTensorCore ? "tc" : "simple";
   return std::string("{\"op\": \"decode\", \"impl\": \"") + impl + "\", \"config\": " + std::to_string(plan.config) +
          ", \"num_splits\": " + std::to_string(plan.num_splits);
 }

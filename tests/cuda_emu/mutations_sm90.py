@@ -1,6 +1,8 @@
 """Mutation check of the Hopper emulation (emu_sm90.cpp): each mutation plants one known bug in a
-copy of csrc/ (the sm_90a GEMM probe, csrc/cuda/sm90/gemm_probe.cuh, or its PTX wrappers), rebuilds
-the probe from it and runs the listed cases; the bug is caught when a run reports an emulator or
+copy of csrc/ (the sm_90a GEMM probe, csrc/cuda/sm90/gemm_probe.cuh, or its PTX wrappers; or the
+Hopper decode kernel, csrc/cuda/sm90/decode_sm90.cuh, run through the harness on shared
+DECODE_CASES against the float64 reference), rebuilds the probe or harness from it and runs the
+listed cases; the bug is caught when a run reports an emulator or
 sanitizer error or a result that differs from the float64 matmul. Every mutation must be caught.
 
     python tests/cuda_emu/mutations_sm90.py              # all; exit 1 if one survives
@@ -27,6 +29,7 @@ import torch  # noqa: E402
 from cuda_emu import runner, sm90_runner  # noqa: E402
 
 PROBE = "cuda/sm90/gemm_probe.cuh"
+DECODE = "cuda/sm90/decode_sm90.cuh"
 
 
 @dataclass
@@ -35,7 +38,7 @@ class Mutation:
     path: str                                # relative to csrc/
     old: str                                 # must occur exactly once
     new: str
-    checks: List[Tuple[int, bool, str, str]]  # (N, B MN-major, flavor, order)
+    checks: List[tuple]                      # (N, B MN-major, flavor, order); decode: (case, flavor, order)
 
 
 M = Mutation
@@ -75,6 +78,88 @@ MUTATIONS = [
 ]
 
 
+# The Hopper decode kernel: checks are (DECODE_CASES name, flavor, order). "bf16 s_q=2 causal" has a
+# 300-key sequence (5 tiles: both ring stages refilled) and causal MTP rows; "bf16 split-KV" 4 splits.
+MAIN = "bf16 s_q=2 causal"
+# Not a DECODE_CASES name: tests/test_cuda_emulated_sm90.py's NaN case (a NaN in V column 300 of
+# the last key, which query 0 of 2 must not see); checked on both queries' rows.
+NAN_CHECK = "nan in a causally masked key, col 300"
+DECODE_MUTATIONS = [
+    M("decode: V descriptor LBO 4096 instead of 8192 (64-column blocks)", DECODE,
+      "make_smem_desc(kv + 4 * wg * kChunkBytes, 8192, 1024, Swizzle::k128B)",
+      "make_smem_desc(kv + 4 * wg * kChunkBytes, 4096, 1024, Swizzle::k128B)", [(MAIN, "plain", "forward")]),
+    M("decode: V k-step advance 1024 bytes instead of 2048 (16 keys)", DECODE,
+      "desc_advance(v_desc, ks * 2048)", "desc_advance(v_desc, ks * 1024)", [(MAIN, "plain", "forward")]),
+    M("decode: P register fragment with its row and key halves swapped", DECODE,
+      "const int i = 4 * (2 * ks + j / 2) + 2 * (j % 2);", "const int i = 4 * (2 * ks + j % 2) + 2 * (j / 2);",
+      [(MAIN, "plain", "forward")]),
+    M("decode: O rescaled with the other row's alpha", DECODE,
+      "o[i] *= (i % 4) >= 2 ? alpha_hi : alpha_lo;", "o[i] *= (i % 4) < 2 ? alpha_hi : alpha_lo;",
+      [(MAIN, "plain", "forward")]),
+    M("decode: loader writes the tile unswizzled", DECODE,
+      "(((unit % 8) ^ (row % 8)) * 16)", "((unit % 8) * 16)", [(MAIN, "plain", "forward")]),
+    M("decode: producer skips the empty-barrier wait (refills a stage in use)", DECODE,
+      "      if (it >= kStages) mbarrier_wait_parity(&empty[s], ((it / kStages) - 1) & 1);\n", "",
+      [(MAIN, "plain", "forward")]),
+    M("decode: empty barrier counts 128 arrivals, not 256 (one consumer warpgroup frees the stage)", DECODE,
+      "mbarrier_init(&empty[s], 256);", "mbarrier_init(&empty[s], 128);", [(MAIN, "plain", "forward")]),
+    M("decode: keys past the split's end loaded instead of zero-filled (NaN-poisoned slots)", DECODE,
+      "key < range.key_end ? cache_row<CacheT>(p, b, key) : nullptr",
+      "key < range.tile_end * kBlockN ? cache_row<CacheT>(p, b, key) : nullptr",
+      [(MAIN, "plain", "forward")]),
+    M("decode: band path adds the non-finite V entries but never zeroes them (0 x NaN reaches masked rows)", DECODE,
+      "              *v2 = __floats2bfloat162_rn(nonfinite(v0) ? 0.f : v0, nonfinite(v1) ? 0.f : v1);\n",
+      "              (void)v2;\n",
+      [(NAN_CHECK, "plain", "forward")]),
+    M("decode: band path skipped (no scalar add, no zeroing)", DECODE,
+      "    if (fix_lo < fix_hi) {\n", "    if (false) {\n", [(NAN_CHECK, "plain", "forward")]),
+    M("decode fp8: kv_scale not folded into the output", DECODE,
+      "const float inv = empty_row ? 0.f : kv_scale / tot;", "const float inv = empty_row ? 0.f : 1.f / tot;",
+      [("fp8 cache, bf16 q", "plain", "forward")]),
+    M("decode fp8: no barrier before the conversion (overwrites the tile the other warpgroup's wgmma reads)", DECODE,
+      "      named_barrier_sync(1, 256);\n      const unsigned char* raw8", "      const unsigned char* raw8",
+      [("fp8 cache, bf16 q", "plain", "forward"), ("fp8 cache, bf16 q", "plain", "random")]),
+    M("decode fp8: converted tile written unswizzled", DECODE,
+      "*reinterpret_cast<uint4*>(conv + swizzled_offset(row, unit)) = v;",
+      "*reinterpret_cast<uint4*>(conv + row * 128 * kChunks + unit * 16) = v;", [("fp8 cache, bf16 q", "plain", "forward")]),
+    M("decode: split partial written to split 0's slot", DECODE,
+      "const int64_t base = (static_cast<int64_t>(b) * p.num_splits + split) * M;",
+      "const int64_t base = (static_cast<int64_t>(b) * p.num_splits + 0) * M;", [("bf16 split-KV", "plain", "forward")]),
+]
+
+
+def run_decode_check(name: str, flavor: str, order: str, exe: Path) -> str | None:
+    """None if the shared decode case passed through the sm90 kernel, else how it failed."""
+    from cuda_cases import DECODE_CASES, SCALE, DecodeCase, check_close
+    if name == NAN_CHECK:
+        case = DecodeCase("sm90 nan in a causally masked key col 300", s_q=2, lens=(40, 70))
+        q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+        last = int(seqlens[0]) - 1
+        cache[int(table[0, last // case.block_size]), last % case.block_size, 300] = float("nan")
+    else:
+        case = next(c for c in DECODE_CASES if c.name == name)
+        q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+    try:
+        out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
+                                           impl="sm90", order=order, seed=3, flavor=flavor, exe=exe)
+    except runner.EmulatorError as e:
+        lines = [ln for ln in str(e).splitlines() if "error" in ln or "WARNING" in ln or "SUMMARY" in ln]
+        return "error: " + (lines[0] if lines else str(e).splitlines()[0])[:150]
+    if info["impl"] != "sm90":
+        return f"ran {info['impl']}, not sm90"
+    ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
+    try:
+        if name == NAN_CHECK:  # query 0 of sequence 0 must not see the NaN; query 1 must be all NaN
+            if not torch.isnan(out[0, 1]).all():
+                return "wrong result: query 1 sees the NaN key but its output is not all NaN"
+            check_close(out[:, 0], lse[:, 0], ref_out[:, 0], ref_lse[:, 0], case.q_dtype, "query 0", tol=case.tolerance())
+        else:
+            check_close(out, lse, ref_out, ref_lse, case.q_dtype, name, tol=case.tolerance())
+    except AssertionError as e:
+        return "wrong result: " + str(e).splitlines()[0][:150]
+    return None
+
+
 def run_check(n: int, b_mn: bool, flavor: str, order: str, exe: Path) -> str | None:
     """None if the run passed, else how it failed (first line)."""
     gen = torch.Generator().manual_seed(n * 2 + b_mn)
@@ -99,7 +184,7 @@ def main() -> int:
     args = ap.parse_args()
     src = runner.REPO / "csrc"
     survivors, rows = 0, 0
-    for m in MUTATIONS:
+    for m in MUTATIONS + DECODE_MUTATIONS:
         if args.only not in m.name:
             continue
         rows += 1
@@ -115,10 +200,15 @@ def main() -> int:
                 continue
             target.write_text(text.replace(m.old, m.new))
             verdicts = []
-            for n, b_mn, flavor, order in m.checks:
-                exe = runner.build(flavor, csrc=mutant, program="sm90_gemm_probe")
-                verdicts.append((f"N={n} {'B MN' if b_mn else 'B K'} [{flavor} {order}]",
-                                 run_check(n, b_mn, flavor, order, exe)))
+            if m.path == DECODE:
+                for name, flavor, order in m.checks:
+                    exe = runner.build(flavor, csrc=mutant)
+                    verdicts.append((f"{name} [{flavor} {order}]", run_decode_check(name, flavor, order, exe)))
+            else:
+                for n, b_mn, flavor, order in m.checks:
+                    exe = runner.build(flavor, csrc=mutant, program="sm90_gemm_probe")
+                    verdicts.append((f"N={n} {'B MN' if b_mn else 'B K'} [{flavor} {order}]",
+                                     run_check(n, b_mn, flavor, order, exe)))
         caught = any(v for _, v in verdicts)
         survivors += not caught
         print(f"{'caught' if caught else 'SURVIVED':8} {m.name} ({time.time() - t0:.0f} s)", flush=True)

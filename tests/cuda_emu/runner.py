@@ -44,8 +44,8 @@ FLAVORS = {
 # (its bookkeeping is shared by all fibers by design) but annotating the kernel's traffic.
 RUNTIME_FLAGS = {"plain": ["-O2"], "asan": ["-O2"], "tsan": ["-O2", "-fno-sanitize=thread", "-DMLA_EMU_TSAN=1"]}
 KERNEL_SOURCES = ["append_kv.cu", "decode.cu", "decode_tc_bf16.cu", "decode_tc_fp16.cu", "decode_tc_fp8_bf16.cu",
-                  "decode_tc_fp8_fp16.cu", "sparse_decode.cu"]
-EMU_SOURCES = ["emu_runtime.cpp", "harness.cpp"]
+                  "decode_tc_fp8_fp16.cu", "sparse_decode.cu", "sm90/decode_sm90.cu"]
+EMU_SOURCES = ["emu_runtime.cpp", "emu_sm90.cpp", "harness.cpp"]
 ERROR_EXIT = 86  # mla_emu::kErrorExitCode
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float8_e4m3fn: 3}
