@@ -3,7 +3,7 @@
 # that the library loads and registers CUDA kernels for every op.
 #
 #   benchmarks/cuda_build_check.sh            # venv: $MLA_EXT_CUDA_VENV or /root/.cache/mla_ext/venv-cuda
-#   MAX_JOBS=2 TORCH_CUDA_ARCH_LIST="8.0;9.0" benchmarks/cuda_build_check.sh
+#   MAX_JOBS=2 TORCH_CUDA_ARCH_LIST="8.0;9.0a" benchmarks/cuda_build_check.sh
 #   MLA_EXT_INCREMENTAL=1 benchmarks/cuda_build_check.sh   # reuse the last objects
 #
 # The build goes to build/cuda-check/ and
@@ -20,7 +20,7 @@ PY=$VENV/bin/python
 export PATH="$VENV/bin:$PATH"  # ninja
 export MLA_EXT_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-2}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;8.6;8.9;9.0"}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;8.6;8.9;9.0a"}  # setup.py's default: 9.0a builds the real sm_90a kernel
 OUTDIR=$ROOT/build/cuda-check
 # A clean build by default, so ptxas reports on every kernel (the spill check reads it);
 # MLA_EXT_INCREMENTAL=1 keeps the objects of the last run.
