@@ -239,10 +239,13 @@ def by_machine(runs: List[Run], kind: Tuple[str, ...]) -> Dict[str, Run]:
         if r.kind in kind:
             groups.setdefault(r.slug, []).append(r)
     if kind == ("vllm",):
-        # A repeat of one (context, batch) point must not hide the full sweep: the record with
-        # the most points, the newest of those.
-        return {slug: newest([r for r in rs if len(r.points) == max(len(x.points) for x in rs)])
-                for slug, rs in sorted(groups.items())}
+        # A quiet record (bench_vllm.py --quiet) before any that is not; then a repeat of one
+        # (context, batch) point must not hide the full sweep: the most points, the newest.
+        def pick(rs):
+            rs = [r for r in rs if r.data.get("quiet") is True] or rs
+            return newest([r for r in rs if len(r.points) == max(len(x.points) for x in rs)])
+
+        return {slug: pick(rs) for slug, rs in sorted(groups.items())}
     return {slug: newest(rs) for slug, rs in sorted(groups.items())}
 
 
@@ -415,22 +418,29 @@ def scaling_L(run: Run, out: str) -> str:
 
 def vllm_tokens(run: Run, out: str) -> str:
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    keys = list(dict.fromkeys((p["backend"], p["context"]) for p in run.points))
-    backends = list(dict.fromkeys(b for b, _ in keys))
-    ctxs = list(dict.fromkeys(c for _, c in keys))
     names = {"stock": "stock vLLM (CPU_MLA)", "mla_ext": "vLLM + mla_ext (CPU_MLA's place)",
              "stock_amx": "stock vLLM (AMX_MLA)", "mla_ext_amx": "vLLM + mla_ext (AMX_MLA's place)"}
+    batches = sorted({p["batch"] for p in run.points})
+    ctxs_all = sorted({p["context"] for p in run.points if p["context"] is not None})
+    # One batch size and several contexts (a --batches 8 record): context on the x axis,
+    # one line per backend; otherwise batch on the x axis, one line per backend and context.
+    by_context = len(batches) == 1 and len(ctxs_all) > 1
+    x_of = (lambda p: p["context"]) if by_context else (lambda p: p["batch"])  # noqa: E731
+    keys = list(dict.fromkeys((p["backend"], None if by_context else p["context"]) for p in run.points))
+    backends = list(dict.fromkeys(b for b, _ in keys))
+    ctxs = list(dict.fromkeys(c for _, c in keys))
     for backend, ctx in keys:
-        rows = sorted((p for p in run.points if (p["backend"], p["context"]) == (backend, ctx)),
-                      key=lambda p: p["batch"])
+        rows = sorted((p for p in run.points if p["backend"] == backend and (by_context or p["context"] == ctx)),
+                      key=x_of)
         colour, marker, _ = style(backend, backends.index(backend))
         ls = ["-", "--", "-.", ":"][ctxs.index(ctx) % 4]
-        ax.plot([p["batch"] for p in rows], [p["tokens_per_s"] for p in rows], color=colour, marker=marker, ls=ls,
+        ax.plot([x_of(p) for p in rows], [p["tokens_per_s"] for p in rows], color=colour, marker=marker, ls=ls,
                 label=names.get(backend, backend) + (f", context {ctx}" if ctx is not None else ""))
-    batches = sorted({p["batch"] for p in run.points})
+    xs = ctxs_all if by_context else batches
     ax.set_xscale("log", base=2)
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.set_xlabel("batch size (sequences decoding together)")
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel(f"context length (tokens), batch {batches[0]}" if by_context
+                  else "batch size (sequences decoding together)")
     ax.set_ylabel("decode tokens/s (prefill excluded)")
     ax.set_title(f"vLLM decode throughput, stock vs mla_ext: {run.machine}", fontsize=9)
     ax.grid(True, which="both", alpha=0.25)

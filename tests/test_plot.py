@@ -166,3 +166,18 @@ def test_bench_vllm_records_plotted_fullest_first(tmp_path):
     assert_png(out / "vllm-tokens-cpu-test-xeon.png")
     index = (out / "index.md").read_text()
     assert "vllm-full.json" in index and "vllm-repeat.json" not in index
+
+
+def test_bench_vllm_quiet_record_preferred_and_context_axis(tmp_path):
+    """A quiet record (bench_vllm.py --quiet) is drawn before a fuller one that is not; a
+    record of one batch size over several contexts is drawn against context."""
+    res, out = tmp_path / "results", tmp_path / "img"
+    write(res, "vllm-full-noisy.json", bench_vllm_record([(512, 1), (512, 8), (2048, 1), (2048, 8)]))
+    quiet = bench_vllm_record([(512, 8), (2048, 8)])
+    quiet.update(quiet=True, date="2026-12-01T03:00:00+00:00")  # older, fewer points, but quiet
+    write(res, "vllm-quiet.json", quiet)
+    p = run_plot(res, out)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert_png(out / "vllm-tokens-cpu-test-xeon.png")
+    index = (out / "index.md").read_text()
+    assert "vllm-quiet.json" in index and "vllm-full-noisy.json" not in index
