@@ -10,96 +10,34 @@
 #include "../cpu/cpu_kernels.h"
 #include "../cpu/sparse_kernels.h"
 #include "checks.h"
+#include "sparse_checks.h"
 
 namespace mla::api {
 namespace {
 
-constexpr const char* kOp = "mla_ext.sparse_decode";
-constexpr int64_t kFp8TokenBytes = 656;
+using sparse::kFp8TokenBytes;
+using sparse::kOp;
 
-struct SourceTensors {
-  at::Tensor cache3d;
-  at::Tensor indices;
-  std::optional<at::Tensor> topk_length;
-};
-
-// Checks one (cache, indices, topk_length) source and fills its SparseSource; `which`
-// is "" or "extra_" for the messages.
+// One (cache, indices, topk_length) source checked (sparse_checks.h, index values on the
+// host: CPU tensors), as the kernel reads it; `which` is "" or "extra_".
 SparseSource check_source(const std::string& which, const at::Tensor& cache, const at::Tensor& indices,
-                          const std::optional<at::Tensor>& topk_length, const at::Tensor& q, SourceTensors& keep) {
-  const std::string cname = which + "cache", iname = which + "indices", lname = which + "topk_length";
-  const int64_t b = q.size(0), s_q = q.size(1);
-  TORCH_CHECK_VALUE(cache.device() == q.device(), kOp, ": ", cname, " is on ", cache.device(), " but q is on ",
-                    q.device());
-  const bool fp8 = cache.scalar_type() == at::kFloat8_e4m3fn;
-  const auto st = cache.scalar_type();
-  TORCH_CHECK_TYPE(fp8 || st == at::kBFloat16 || st == at::kHalf || st == at::kFloat, kOp, ": ", cname,
-                   " must be float8_e4m3fn (656-byte tokens) or bfloat16 / float16 / float32, got ", st);
-  const int64_t width = fp8 ? kFp8TokenBytes : kHeadDim;
-  TORCH_CHECK_VALUE(cache.dim() == 3 || (cache.dim() == 4 && cache.size(2) == 1), kOp, ": ", cname,
-                    " must be [num_blocks, block_size, ", width, "] or [num_blocks, block_size, 1, ", width, "], got ",
-                    cache.sizes());
-  TORCH_CHECK_VALUE(cache.size(-1) == width, kOp, ": ", cname, "'s last dim must be ", width,
-                    fp8 ? " (a float8_e4m3fn cache holds DeepSeek-V3.2's 656-byte tokens)" : " (512 latent + 64 rope)",
-                    ", got ", cache.size(-1));
-  at::Tensor c = cache.dim() == 4 ? cache.select(2, 0) : cache;
-  TORCH_CHECK_VALUE(c.size(1) >= 1, kOp, ": ", cname, "'s block_size must be >= 1");
-  // A dim of size 1 may carry any stride (torch does not normalise them): with block_size 1
-  // the token stride is never used, with one block the block stride neither.
-  const bool one_token_per_block = c.size(1) == 1, one_block = c.size(0) == 1;
-  TORCH_CHECK_VALUE(c.numel() == 0 || (c.stride(2) == 1 && (one_token_per_block || c.stride(1) >= width) &&
-                                       (one_block || c.stride(0) >= 0)),
-                    kOp, ": ", cname, " must have a contiguous last dim and non-overlapping tokens, got strides ",
-                    cache.strides());
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt, kOp, ": ", iname, " must be int32, got ", indices.scalar_type());
-  TORCH_CHECK_VALUE(indices.dim() == 3 && indices.size(0) == b && indices.size(1) == s_q, kOp, ": ", iname,
-                    " must be [b, s_q, topk] = [", b, ", ", s_q, ", topk], got ", indices.sizes());
-  TORCH_CHECK_VALUE(indices.device() == q.device(), kOp, ": ", iname, " is on ", indices.device(), " but q is on ",
-                    q.device());
-  keep.cache3d = c;
-  keep.indices = indices.contiguous();
-  const int64_t topk = indices.size(2);
-  TORCH_CHECK_VALUE(topk < (int64_t{1} << 31), kOp, ": ", iname, ".shape[-1] (topk) = ", topk,
-                    " does not fit int32");
-  const int64_t num_tokens = c.size(0) * c.size(1);
-  TORCH_CHECK_VALUE(num_tokens < (int64_t{1} << 31), kOp, ": ", cname, " holds ", num_tokens,
-                    " tokens; int32 indices address at most 2^31 - 1");
-  if (topk_length.has_value()) {
-    const at::Tensor& len = *topk_length;
-    TORCH_CHECK_TYPE(len.scalar_type() == at::kInt, kOp, ": ", lname, " must be int32, got ", len.scalar_type());
-    TORCH_CHECK_VALUE(len.dim() == 1 && len.size(0) == b, kOp, ": ", lname, " must be [b] = [", b, "], got ",
-                      len.sizes());
-    TORCH_CHECK_VALUE(len.device() == q.device(), kOp, ": ", lname, " is on ", len.device(), " but q is on ",
-                      q.device());
-    keep.topk_length = len.contiguous();
-    const int32_t* l = keep.topk_length->data_ptr<int32_t>();
-    for (int64_t i = 0; i < b; ++i)
-      TORCH_CHECK_VALUE(l[i] >= 0 && l[i] <= topk, kOp, ": ", lname, "[", i, "] = ", l[i],
-                        " is outside [0, topk] = [0, ", topk, "] (topk = ", iname, ".shape[-1])");
-  }
-  // Every slot that is read must name a token of the cache (-1 = skip).
-  const int32_t* idx = keep.indices.data_ptr<int32_t>();
-  const int32_t* l = keep.topk_length.has_value() ? keep.topk_length->data_ptr<int32_t>() : nullptr;
-  for (int64_t i = 0; i < b; ++i) {
-    const int64_t used = l ? l[i] : topk;
-    for (int64_t j = 0; j < s_q; ++j)
-      for (int64_t k = 0; k < used; ++k) {
-        const int32_t t = idx[(i * s_q + j) * topk + k];
-        TORCH_CHECK_VALUE(t == -1 || (t >= 0 && t < num_tokens), kOp, ": ", iname, "[", i, ", ", j, ", ", k, "] = ", t,
-                          " is outside the cache (", num_tokens, " tokens = ", c.size(0), " blocks x ", c.size(1),
-                          "; -1 skips a slot)");
-      }
-  }
-  SparseSource s{};
+                          const std::optional<at::Tensor>& topk_length, const at::Tensor& q,
+                          sparse::CheckedSource& keep) {
+  keep = sparse::check_source_shapes(which, cache, indices, topk_length, q);
+  const int32_t* idx = keep.indices.numel() ? keep.indices.data_ptr<int32_t>() : nullptr;
+  const int32_t* l = keep.topk_length.defined() ? keep.topk_length.data_ptr<int32_t>() : nullptr;
+  sparse::check_index_values(which, keep, idx, l, q.size(0), q.size(1));
+  const at::Tensor& c = keep.cache3d;
   const int64_t esize = c.element_size();
+  SparseSource s{};
   s.cache = c.numel() ? static_cast<const uint8_t*>(c.data_ptr()) : nullptr;
   s.block_stride = c.stride(0) * esize;
-  s.token_stride = one_token_per_block ? width * esize : c.stride(1) * esize;
+  s.token_stride = keep.one_token_per_block ? keep.width * esize : c.stride(1) * esize;
   s.indices = idx;
   s.topk_length = l;
-  s.topk = static_cast<int32_t>(topk);
+  s.topk = static_cast<int32_t>(keep.topk);
   s.block_size = static_cast<int32_t>(c.size(1));
-  s.dtype = to_dtype(st);
+  s.dtype = to_dtype(c.scalar_type());
   return s;
 }
 
@@ -108,38 +46,20 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_cpu(
     const std::optional<at::Tensor>& topk_length, const std::optional<at::Tensor>& extra_cache,
     const std::optional<at::Tensor>& extra_indices, const std::optional<at::Tensor>& extra_topk_length,
     const std::optional<at::Tensor>& attn_sink) {
-  TORCH_CHECK_VALUE(q.dim() == 4 && q.size(3) == kHeadDim, kOp, ": q must be [b, s_q, h_q, ", kHeadDim, "], got ",
-                    q.sizes());
+  sparse::check_query_and_options(q, softmax_scale, extra_cache, extra_indices, extra_topk_length);
   const auto qt = q.scalar_type();
-  TORCH_CHECK_TYPE(qt == at::kBFloat16 || qt == at::kHalf || qt == at::kFloat, kOp,
-                   ": q must be bfloat16, float16 or float32, got ", qt);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), kOp, ": softmax_scale must be finite, got ", softmax_scale);
-  TORCH_CHECK_VALUE(extra_cache.has_value() == extra_indices.has_value(), kOp,
-                    ": extra_cache and extra_indices go together (got ", extra_cache.has_value() ? "extra_cache" : "extra_indices",
-                    " alone)");
-  TORCH_CHECK_VALUE(!extra_topk_length.has_value() || extra_cache.has_value(), kOp,
-                    ": extra_topk_length needs extra_cache and extra_indices");
   const int64_t b = q.size(0), s_q = q.size(1), h = q.size(2);
   TORCH_CHECK_VALUE(b < (int64_t{1} << 31) && s_q < (int64_t{1} << 31) && h < (int64_t{1} << 31), kOp,
                     ": q's dims must fit int32, got ", q.sizes());
-  SourceTensors keep_main, keep_extra;
+  sparse::CheckedSource keep_main, keep_extra;
   SparseDecodeParams p{};
   p.main = check_source("", cache, indices, topk_length, q, keep_main);
   if (extra_cache.has_value()) {
     p.extra = check_source("extra_", *extra_cache, *extra_indices, extra_topk_length, q, keep_extra);
     p.has_extra = true;
   }
-  at::Tensor sink;
-  if (attn_sink.has_value()) {
-    TORCH_CHECK_TYPE(attn_sink->scalar_type() == at::kFloat, kOp, ": attn_sink must be float32, got ",
-                     attn_sink->scalar_type());
-    TORCH_CHECK_VALUE(attn_sink->dim() == 1 && attn_sink->size(0) == h, kOp, ": attn_sink must be [h_q] = [", h,
-                      "], got ", attn_sink->sizes());
-    TORCH_CHECK_VALUE(attn_sink->device() == q.device(), kOp, ": attn_sink is on ", attn_sink->device(),
-                      " but q is on ", q.device());
-    sink = attn_sink->contiguous();
-    p.attn_sink = sink.data_ptr<float>();
-  }
+  const at::Tensor sink = sparse::check_attn_sink(attn_sink, q);
+  if (sink.defined()) p.attn_sink = sink.data_ptr<float>();
   at::Tensor q32 = q.to(at::kFloat).contiguous();
   at::Tensor out32 = at::empty({b, s_q, h, kLatentDim}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({b, s_q, h}, q.options().dtype(at::kFloat));
