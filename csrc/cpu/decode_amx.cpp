@@ -20,17 +20,20 @@
 //      reference max of a row moves only when a block's max exceeds it by more than
 //      2^kLazyRescale (P <= 256 meanwhile, harmless in fp32 and bf16), so the rescale
 //      pass over O is rare after the first block.
-//   4. P[rows, keys] for the A operand of P.V, as THREE bf16 parts P = hi + mid + lo (each
-//      rounded from the exact fp32 residual of the ones before: 24 significant bits, fp32's
-//      own precision). Why: SPEC asks for "softmax and accumulation in fp32" and the
-//      contract tests hold every CPU kernel to fp32-level errors; P rounded to bf16 alone,
-//      as GPU kernels do, gave errors up to 2e-3, and two parts (2^-18 P) still moved
-//      bf16 outputs across rounding boundaries. Pairs of keys are packed per row, then a
+//   4. P[rows, keys] for the A operand of P.V, as TWO bf16 parts P = hi + mid, mid rounded
+//      from the exact fp32 residual P - hi: 16 significant bits, |P - hi - mid| <= 2^-16 P.
+//      Why two: SPEC asks for "softmax and accumulation in fp32" and the contract tests hold
+//      every CPU kernel to fp32-level output errors (2e-5 on O(1) values); P rounded to bf16
+//      alone, as GPU kernels do, gave errors up to 2e-3, while a 2^-16 relative weight error
+//      moves an output by at most 2^-16 max|V| and in practice (~1000 weights with random
+//      rounding signs) ~1e-6. A third part bought nothing the tests or an fp32 kernel can
+//      see and cost a third more P . V products. Pairs of keys are packed per row, then a
 //      16 x 16 dword transpose per part (the softmax produced P^T).
-//   5. V = the first 512 columns of the block's rows, repacked ONCE per block into the
-//      VNNI layout (rows 2k and 2k+1 interleaved) and reused by every row tile.
-//   6. O[rows, 512] += (P_lo + P_mid + P_hi) . V with TDPBF16PS, O in fp32 in memory (loaded
-//      and stored per 16 x 16 tile and key-pair tile, three products per load / store).
+//   5-6. O[rows, 512] += (P_mid + P_hi) . V, 32 output columns at a time: V (those columns of
+//      the block's rows) is repacked into a 4 KB VNNI buffer (rows 2k and 2k+1 interleaved)
+//      that stays in L1, then every row tile runs its products on it (pv_block). O lives in
+//      scratch as whole 1 KB tiles, its columns in the order the cheap interleave makes;
+//      both are undone once per item (unpermute_o).
 //
 // Queries: a bf16 query (bf16 cache) is used exactly. An fp32 query (fp8 caches) is split
 // into three bf16 parts q = hi + mid + lo (24 significant bits, fp32's own precision), and
@@ -39,7 +42,7 @@
 // mid and lo are zero and the item runs the one-part score product instead.
 //
 // fp16 / fp32 caches are not handled here (rounding their tiles to bf16 would change their
-// precision); decode.cpp gives them the AVX2 kernel.
+// precision); decode.cpp gives them the avx512-fp32 kernel.
 //
 // The AMX intrinsics of GCC 12 do not tell the compiler that TILELOADD reads memory and
 // LDTILECFG reads 64 bytes, so this file issues the instructions through inline assembly
@@ -88,7 +91,7 @@ inline int32_t pad16(int32_t rows) { return (rows + 15) / 16 * 16; }
 
 // Byte offsets of the per-thread scratch areas (64-byte aligned), for mpad query rows.
 struct Layout {
-  size_t q_hi, q_mid, q_lo, kbuf, vnni, st, p_hi, p_mid, p_lo, obuf, ref_max, sum, limit, krow, zero, total;
+  size_t q_hi, q_mid, q_lo, kbuf, vbuf, st, p_hi, p_mid, obuf, ref_max, sum, limit, krow, zero, total;
   explicit Layout(int32_t max_rows) {
     const size_t mpad = static_cast<size_t>(pad16(max_rows));
     size_t o = 0;
@@ -96,12 +99,11 @@ struct Layout {
     q_mid = o; o = align64(o + sizeof(uint32_t) * kPairs * mpad);           // fp32 q only: the residuals
     q_lo = o;  o = align64(o + sizeof(uint32_t) * kPairs * mpad);
     kbuf = o;  o = align64(o + sizeof(uint16_t) * kBlockKeys * kHeadDim);  // copied / widened key rows
-    vnni = o;  o = align64(o + sizeof(uint16_t) * kBlockKeys * kLatentDim); // V: [32 key pairs][512 x 2]
+    vbuf = o;  o = align64(o + sizeof(uint16_t) * kBlockKeys * 32);         // V chunk: [32 key pairs][32 x 2]
     st = o;    o = align64(o + sizeof(float) * kBlockKeys * mpad);          // S^T: [64 keys][mpad]
     p_hi = o;  o = align64(o + sizeof(uint16_t) * mpad * kBlockKeys);       // P: [mpad][64 keys] bf16
     p_mid = o; o = align64(o + sizeof(uint16_t) * mpad * kBlockKeys);       // P - P_hi in bf16
-    p_lo = o;  o = align64(o + sizeof(uint16_t) * mpad * kBlockKeys);       // P - P_hi - P_mid in bf16
-    obuf = o;  o = align64(o + sizeof(float) * mpad * kLatentDim);          // O when rows % 16 != 0
+    obuf = o;  o = align64(o + sizeof(float) * mpad * kLatentDim);          // O, tiled (see o_tile)
     ref_max = o; o = align64(o + sizeof(float) * mpad);
     sum = o;   o = align64(o + sizeof(float) * mpad);
     limit = o; o = align64(o + sizeof(int32_t) * mpad);
@@ -205,6 +207,14 @@ inline void transpose16x16(__m512i r[16]) {
 
 // ---------------------------------------------------------------- query
 
+// Q^T is kept as whole B tiles, [row tile][18 chunks of 16 column pairs][16 pairs][16 rows]
+// dwords, so each tile is 1 KB of consecutive bytes: with row-major Q^T ([288 pairs][mpad]
+// rows) a tile's 16 rows lay mpad * 4 bytes apart, and 128 query rows (147 KB, in L2) made
+// every score tile load 16 scattered lines. Index of pair i of query row r:
+inline int64_t qt_index(int i, int r) {
+  return ((static_cast<int64_t>(r / 16) * kChunks + i / 16) * 16 + i % 16) * 16 + r % 16;
+}
+
 // Q^T in the VNNI layout of a B operand: q_hi[p * mpad + r] = the bf16 pair (q[r][2p],
 // q[r][2p + 1]) of query row r; rows >= rows are zero. An fp32 query is split into three
 // bf16 parts, q = hi + mid + lo exactly up to 2^-24 |q| (8 + 8 + 8 significant bits).
@@ -217,8 +227,8 @@ bool load_q(const DecodeParams& p, int32_t seq, int32_t row_begin, int32_t rows,
   for (int32_t r = 0; r < mpad; ++r) {
     if (r >= rows) {
       for (int i = 0; i < kPairs; ++i) {
-        q_hi[i * mpad + r] = 0;
-        if constexpr (sizeof(QT) == 4) q_mid[i * mpad + r] = q_lo[i * mpad + r] = 0;
+        q_hi[qt_index(i, r)] = 0;
+        if constexpr (sizeof(QT) == 4) q_mid[qt_index(i, r)] = q_lo[qt_index(i, r)] = 0;
       }
       continue;
     }
@@ -227,15 +237,15 @@ bool load_q(const DecodeParams& p, int32_t seq, int32_t row_begin, int32_t rows,
       const int d = 2 * i;
       const QT* x = d < kLatentDim ? src.nope + d : src.pe + (d - kLatentDim);
       if constexpr (sizeof(QT) == 2) {
-        q_hi[i * mpad + r] = static_cast<uint32_t>(x[0]) | (static_cast<uint32_t>(x[1]) << 16);
+        q_hi[qt_index(i, r)] = static_cast<uint32_t>(x[0]) | (static_cast<uint32_t>(x[1]) << 16);
       } else {
         const uint16_t h0 = bf16_bits(x[0]), h1 = bf16_bits(x[1]);
         const float r0 = x[0] - bf16_value(h0), r1 = x[1] - bf16_value(h1);  // exact in fp32
         const uint16_t m0 = bf16_bits(r0), m1 = bf16_bits(r1);
         const uint16_t l0 = bf16_bits(r0 - bf16_value(m0)), l1 = bf16_bits(r1 - bf16_value(m1));
-        q_hi[i * mpad + r] = static_cast<uint32_t>(h0) | (static_cast<uint32_t>(h1) << 16);
-        q_mid[i * mpad + r] = static_cast<uint32_t>(m0) | (static_cast<uint32_t>(m1) << 16);
-        q_lo[i * mpad + r] = static_cast<uint32_t>(l0) | (static_cast<uint32_t>(l1) << 16);
+        q_hi[qt_index(i, r)] = static_cast<uint32_t>(h0) | (static_cast<uint32_t>(h1) << 16);
+        q_mid[qt_index(i, r)] = static_cast<uint32_t>(m0) | (static_cast<uint32_t>(m1) << 16);
+        q_lo[qt_index(i, r)] = static_cast<uint32_t>(l0) | (static_cast<uint32_t>(l1) << 16);
         residual_bits |= (m0 | m1 | l0 | l1) & 0x7fffu;  // -0 counts as zero
       }
     }
@@ -340,31 +350,6 @@ inline void scores_2x2(const KeyTiles& kt, int k0, const uint32_t* q0, const uin
   MLA_TILE_STORE(3, st1 + (k0 + 1) * kstep, st_stride);
 }
 
-// O[row tile] += (P_hi + P_mid + P_lo) . V over one key-pair tile (32 keys), one row
-// tile: A = tmm2 / 3 / 4 (P_lo, P_mid, P_hi: smallest first), loaded once; two column tiles
-// at a time, C = tmm0 / 1 and B (V) = tmm6 / 7, so the two accumulation chains interleave.
-inline void pv_1row(const uint16_t* p_hi, const uint16_t* p_mid, const uint16_t* p_lo, const uint16_t* vnni,
-                    float* o) {
-  constexpr long kPStride = kBlockKeys * 2, kVStride = kLatentDim * 2 * 2, kOStride = kLatentDim * 4;
-  MLA_TILE_LOAD(2, p_lo, kPStride);
-  MLA_TILE_LOAD(3, p_mid, kPStride);
-  MLA_TILE_LOAD(4, p_hi, kPStride);
-  for (int ct = 0; ct < kColTiles; ct += 2) {
-    MLA_TILE_LOAD(0, o + 16 * ct, kOStride);
-    MLA_TILE_LOAD(6, vnni + 32 * ct, kVStride);
-    MLA_TILE_LOAD(1, o + 16 * (ct + 1), kOStride);
-    MLA_TILE_LOAD(7, vnni + 32 * (ct + 1), kVStride);
-    MLA_TILE_DP(0, 2, 6);
-    MLA_TILE_DP(1, 2, 7);
-    MLA_TILE_DP(0, 3, 6);
-    MLA_TILE_DP(1, 3, 7);
-    MLA_TILE_DP(0, 4, 6);
-    MLA_TILE_DP(1, 4, 7);
-    MLA_TILE_STORE(0, o + 16 * ct, kOStride);
-    MLA_TILE_STORE(1, o + 16 * (ct + 1), kOStride);
-  }
-}
-
 // ---------------------------------------------------------------- block steps
 
 // Prefetches the next block's cache rows (into L2) while the current block computes, a few
@@ -375,42 +360,105 @@ inline void pv_1row(const uint16_t* p_hi, const uint16_t* p_mid, const uint16_t*
 // kept for caches that live in DRAM (to be measured quiet).
 struct BlockPrefetcher {
   const char* rows[kBlockKeys];
-  int num_rows = 0, lines_per_row = 0, per_step = 0, row = 0, line = 0;
+  int num_rows = 0, lines_per_row = 0, rows_per_step = 0, row = 0;
   void start(int n, int row_bytes, int steps) {
     num_rows = n;
     lines_per_row = row_bytes / 64;
-    per_step = steps > 0 ? (n * lines_per_row + steps - 1) / steps : 0;
+    rows_per_step = steps > 0 ? (n + steps - 1) / steps : 0;
     row = 0;
-    line = 0;
   }
+  // Whole rows per step: per-line bookkeeping (a counter pair per prefetch) cost a third of
+  // a 16-row block's time.
   void step() {
-    for (int i = 0; i < per_step && row < num_rows; ++i) {
-      __builtin_prefetch(rows[row] + 64 * line, 0, 2);  // into L2 (prefetcht1)
-      if (++line == lines_per_row) {
-        line = 0;
-        ++row;
-      }
-    }
+    const int end = row + rows_per_step < num_rows ? row + rows_per_step : num_rows;
+    for (; row < end; ++row)
+      for (int l = 0; l < lines_per_row; ++l) __builtin_prefetch(rows[row] + 64 * l, 0, 2);  // into L2 (prefetcht1)
   }
 };
 
-// V (the first 512 columns of the block's key rows, bf16) in the VNNI layout of a B operand:
-// vnni[k][2c + e] = V[2k + e][c], k = key pair. Rows point at the zero row past the block's
-// keys, so the P . V product never meets an unset value.
-inline void repack_v(const uint16_t* const* krow, uint16_t* vnni, BlockPrefetcher& pf) {
-  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
-                                      5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-  for (int k = 0; k < kBlockKeys / 2; ++k) {
-    const uint16_t* a = krow[2 * k];
-    const uint16_t* b = krow[2 * k + 1];
-    uint16_t* dst = vnni + k * 2 * kLatentDim;
-    for (int c = 0; c < kLatentDim; c += 32) {
-      const __m512i va = _mm512_loadu_si512(a + c), vb = _mm512_loadu_si512(b + c);
-      _mm512_storeu_si512(dst + 2 * c, _mm512_permutex2var_epi16(va, lo, vb));
-      _mm512_storeu_si512(dst + 2 * c + 32, _mm512_permutex2var_epi16(va, hi, vb));
+// O lives in scratch as whole tiles, [row tile][32 column tiles][16 rows][16 fp32], so each
+// tile is 1 KB of consecutive bytes: row-major O rows (2 KB apart) made every tile load and
+// store touch 16 lines two sets apart in L1, and P . V ran at a quarter of the tile rate.
+inline float* o_tile(float* o, int rt, int ct) { return o + (static_cast<int64_t>(rt) * (kLatentDim / 16) + ct) * 256; }
+
+// O[rows, 512] += (P_hi + P_mid) . V over one block, 32 output columns at a time. Per chunk,
+// V (those 32 columns of the block's 64 key rows, bf16) is first written into vbuf in the VNNI
+// layout of a B operand, vbuf[k][2n + e] = V[2k + e][col(n)] (k = key pair), 4 KB that stay in
+// L1; then every row tile runs its products on it. Why per chunk: a whole-block V buffer
+// (64 KB) does not fit L1, and writing then re-reading it cost as much as the products.
+// Columns are in the "unpack order": within a 32-column chunk the first 16-column tile holds
+// columns {0-3, 8-11, 16-19, 24-27} and the second {4-7, 12-15, 20-23, 28-31}, which is what
+// vpunpcklwd / vpunpckhwd (one cheap uop each) make of two rows, where the natural order needs
+// vpermt2w (three uops). O's columns come out in that order; unpermute_o restores them once
+// per item. Rows past the block's keys point at a zero row, so the products never meet an
+// unset value.
+// Tiles: C = tmm0 / 1 (the chunk's two O column tiles), A = tmm2 / 3 (P_hi / P_mid, key-pair
+// tile 0) and tmm4 / 5 (key-pair tile 1), B = tmm6 / 7 (V). With one row tile the P tiles are
+// loaded once per block.
+inline void pv_block(const uint16_t* const* krow, const uint16_t* p_hi, const uint16_t* p_mid,
+                                        int row_tiles, int pair_tiles, float* o, uint16_t* vbuf, BlockPrefetcher& pf) {
+  constexpr long kPStride = kBlockKeys * 2, kVStride = 64 * 2, kOStride = 16 * 4;
+  const auto load_p = [&](int rt) {
+    const int64_t pr = static_cast<int64_t>(rt) * 16 * kBlockKeys;
+    MLA_TILE_LOAD(2, p_hi + pr, kPStride);
+    MLA_TILE_LOAD(3, p_mid + pr, kPStride);
+    if (pair_tiles > 1) {
+      MLA_TILE_LOAD(4, p_hi + pr + 32, kPStride);
+      MLA_TILE_LOAD(5, p_mid + pr + 32, kPStride);
+    }
+  };
+  if (row_tiles == 1) load_p(0);
+  for (int c = 0; c < kLatentDim; c += 32) {
+    for (int k = 0; k < 16 * pair_tiles; ++k) {
+      const __m512i va = _mm512_loadu_si512(krow[2 * k] + c), vb = _mm512_loadu_si512(krow[2 * k + 1] + c);
+      _mm512_storeu_si512(vbuf + k * 64, _mm512_unpacklo_epi16(va, vb));
+      _mm512_storeu_si512(vbuf + k * 64 + 32, _mm512_unpackhi_epi16(va, vb));
     }
     pf.step();
+    for (int rt = 0; rt < row_tiles; ++rt) {
+      float* orow = o_tile(o, rt, c / 16);
+      if (row_tiles > 1) load_p(rt);
+      MLA_TILE_LOAD(0, orow, kOStride);
+      MLA_TILE_LOAD(1, orow + 256, kOStride);
+      MLA_TILE_LOAD(6, vbuf, kVStride);
+      MLA_TILE_LOAD(7, vbuf + 32, kVStride);
+      MLA_TILE_DP(0, 3, 6);
+      MLA_TILE_DP(1, 3, 7);
+      MLA_TILE_DP(0, 2, 6);
+      MLA_TILE_DP(1, 2, 7);
+      if (pair_tiles > 1) {
+        MLA_TILE_LOAD(6, vbuf + 16 * 64, kVStride);
+        MLA_TILE_LOAD(7, vbuf + 16 * 64 + 32, kVStride);
+        MLA_TILE_DP(0, 5, 6);
+        MLA_TILE_DP(1, 5, 7);
+        MLA_TILE_DP(0, 4, 6);
+        MLA_TILE_DP(1, 4, 7);
+      }
+      MLA_TILE_STORE(0, orow, kOStride);
+      MLA_TILE_STORE(1, orow + 256, kOStride);
+    }
+  }
+}
+
+// Where O holds column d (0..511) in the unpack order of pv_block.
+inline int unpack_order_position(int d) {
+  const int w = d % 32, lane = w / 8, half = (w % 8) / 4;
+  return d - w + 16 * half + 4 * lane + w % 4;
+}
+
+// O (tiled, columns in the unpack order) -> dst [rows, 512] fp32, rows and columns in order.
+inline void unpermute_o(float* o, float* dst, int32_t rows) {
+  for (int32_t r = 0; r < rows; ++r) {
+    for (int c = 0; c < kLatentDim; c += 32) {
+      // lo = columns {0-3, 8-11, 16-19, 24-27}, hi = {4-7, 12-15, 20-23, 28-31}: 128-bit lanes.
+      const __m512 lo = _mm512_loadu_ps(o_tile(o, r / 16, c / 16) + (r % 16) * 16);
+      const __m512 hi = _mm512_loadu_ps(o_tile(o, r / 16, c / 16 + 1) + (r % 16) * 16);
+      const __m512 first = _mm512_shuffle_f32x4(lo, hi, 0x44);   // lo0 lo1 hi0 hi1
+      const __m512 second = _mm512_shuffle_f32x4(lo, hi, 0xee);  // lo2 lo3 hi2 hi3
+      float* out = dst + static_cast<int64_t>(r) * kLatentDim + c;
+      _mm512_storeu_ps(out, _mm512_shuffle_f32x4(first, first, 0xd8));        // lo0 hi0 lo1 hi1
+      _mm512_storeu_ps(out + 16, _mm512_shuffle_f32x4(second, second, 0xd8));  // lo2 hi2 lo3 hi3
+    }
   }
 }
 
@@ -421,7 +469,7 @@ inline void repack_v(const uint16_t* const* krow, uint16_t* vnni, BlockPrefetche
 // (P = hi + mid + lo exactly up to 2^-24 P: fp32's own precision), for the 64 keys of the
 // block (0 past n), and adds the fp32 P to the sums.
 inline void softmax_tile(float* st, int mpad, int n, int32_t t0, const int32_t* limit, float s2scale, float* ref_max,
-                         float* sum, uint16_t* p_hi, uint16_t* p_mid, uint16_t* p_lo, float* o) {
+                         float* sum, uint16_t* p_hi, uint16_t* p_mid, float* o) {
   const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
   const __m512i lim = _mm512_loadu_si512(limit);
   const __m512 scale = _mm512_set1_ps(s2scale);
@@ -455,14 +503,16 @@ inline void softmax_tile(float* st, int mpad, int n, int32_t t0, const int32_t* 
     for (int r = 0; r < 16; ++r) {
       if (!(scale_rows >> r & 1)) continue;
       const __m512 cr = _mm512_set1_ps(c[r]);
-      float* orow = o + r * kLatentDim;
-      for (int d = 0; d < kLatentDim; d += 16) _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(orow + d), cr));
+      for (int ct = 0; ct < kLatentDim / 16; ++ct) {
+        float* x = o_tile(o, 0, ct) + r * 16;
+        _mm512_storeu_ps(x, _mm512_mul_ps(_mm512_loadu_ps(x), cr));
+      }
     }
   }
   // P for pairs of keys: dword lane r = (bf16 p[r][2j], bf16 p[r][2j + 1]); 16 pairs per
   // transpose = one 16 x 32 A tile. Each part is rounded from the exact fp32 residual of
   // the parts before it.
-  uint16_t* const parts_out[3] = {p_hi, p_mid, p_lo};
+  uint16_t* const parts_out[2] = {p_hi, p_mid};
   for (int kk = 0; kk < kPairTiles; ++kk) {
     __m512 p0[16], p1[16];
     for (int j = 0; j < 16; ++j) {
@@ -480,13 +530,13 @@ inline void softmax_tile(float* st, int mpad, int n, int32_t t0, const int32_t* 
       }
       vsum = _mm512_add_ps(vsum, _mm512_add_ps(p0[j], p1[j]));
     }
-    for (int part = 0; part < 3; ++part) {
+    for (int part = 0; part < 2; ++part) {
       __m512i pairs[16];
       for (int j = 0; j < 16; ++j) {
         const __m512i b0 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p0[j]));
         const __m512i b1 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p1[j]));
         pairs[j] = _mm512_or_si512(b0, _mm512_slli_epi32(b1, 16));
-        if (part < 2) {  // the residual, exact in fp32
+        if (part == 0) {  // the residual, exact in fp32
           p0[j] = _mm512_sub_ps(p0[j], _mm512_castsi512_ps(_mm512_slli_epi32(b0, 16)));
           p1[j] = _mm512_sub_ps(p1[j], _mm512_castsi512_ps(_mm512_slli_epi32(b1, 16)));
         }
@@ -524,18 +574,17 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
   uint32_t* q_mid = reinterpret_cast<uint32_t*>(base + lay.q_mid);
   uint32_t* q_lo = reinterpret_cast<uint32_t*>(base + lay.q_lo);
   uint16_t* kbuf = reinterpret_cast<uint16_t*>(base + lay.kbuf);
-  uint16_t* vnni = reinterpret_cast<uint16_t*>(base + lay.vnni);
+  uint16_t* vbuf = reinterpret_cast<uint16_t*>(base + lay.vbuf);
   float* st = reinterpret_cast<float*>(base + lay.st);
   uint16_t* p_hi = reinterpret_cast<uint16_t*>(base + lay.p_hi);
   uint16_t* p_mid = reinterpret_cast<uint16_t*>(base + lay.p_mid);
-  uint16_t* p_lo = reinterpret_cast<uint16_t*>(base + lay.p_lo);
   float* ref_max = reinterpret_cast<float*>(base + lay.ref_max);
   float* sum = reinterpret_cast<float*>(base + lay.sum);
   int32_t* limit = reinterpret_cast<int32_t*>(base + lay.limit);
   const uint16_t** krow = reinterpret_cast<const uint16_t**>(base + lay.krow);
   uint16_t* zero = reinterpret_cast<uint16_t*>(base + lay.zero);
   // O in fp32: the partial itself when its rows fill whole tiles, else a padded copy.
-  float* o = rows == mpad ? out.acc : reinterpret_cast<float*>(base + lay.obuf);
+  float* o = reinterpret_cast<float*>(base + lay.obuf);  // tiled: o_tile
 
   for (int d = 0; d < kHeadDim; ++d) zero[d] = 0;
   for (int64_t i = 0; i < static_cast<int64_t>(mpad) * kLatentDim; ++i) o[i] = 0.f;
@@ -566,13 +615,13 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
     }
     return row;
   };
-  const long q_stride = static_cast<long>(mpad) * 4;  // bytes per pair row of Q^T
+  const long q_stride = 64;  // bytes per pair row of a Q^T tile (qt_index)
   const long st_stride = static_cast<long>(mpad) * 4;
   const T* raw[kBlockKeys];
   BlockPrefetcher pf;
-  // Steps per block: one per score call, per key pair of the repack, per P . V call.
+  // Steps per block: one per score call, one per 32-column chunk of P . V.
   const int score_calls = split_q ? row_tiles : row_tiles / 2 * (kKeyTiles / 2) + row_tiles % 2;
-  const int prefetch_steps = score_calls + kBlockKeys / 2 + row_tiles * kPairTiles;
+  const int prefetch_steps = score_calls + kLatentDim / 32;
   int n_next = it.key_end - it.key_begin < kBlockKeys ? it.key_end - it.key_begin : kBlockKeys;
   for (int i = 0; i < n_next; ++i) pf.rows[i] = reinterpret_cast<const char*>(next_row());
   const uint16_t* bad_rows[kBlockKeys];  // band keys with a non-finite V value: original rows
@@ -619,17 +668,17 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
     int rt = 0;
     if (kSplitQ && split_q) {
       for (; rt < row_tiles; ++rt) {
-        scores_1row_split(kt, q_hi + rt * 16, q_mid + rt * 16, q_lo + rt * 16, q_stride, st + rt * 16, st_stride);
+        scores_1row_split(kt, q_hi + qt_index(0, 16 * rt), q_mid + qt_index(0, 16 * rt), q_lo + qt_index(0, 16 * rt), q_stride, st + rt * 16, st_stride);
         pf.step();
       }
     } else {
       for (; rt + 2 <= row_tiles; rt += 2)
         for (int k = 0; k < kKeyTiles; k += 2) {
-          scores_2x2(kt, k, q_hi + rt * 16, q_hi + (rt + 1) * 16, q_stride, st + rt * 16, st + (rt + 1) * 16, st_stride);
+          scores_2x2(kt, k, q_hi + qt_index(0, 16 * rt), q_hi + qt_index(0, 16 * rt + 16), q_stride, st + rt * 16, st + (rt + 1) * 16, st_stride);
           pf.step();
         }
       for (; rt < row_tiles; ++rt) {
-        scores_1row(kt, q_hi + rt * 16, q_stride, st + rt * 16, st_stride);
+        scores_1row(kt, q_hi + qt_index(0, 16 * rt), q_stride, st + rt * 16, st_stride);
         pf.step();
       }
     }
@@ -637,8 +686,8 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
     // 3-4. Online softmax and P, per row tile.
     for (rt = 0; rt < row_tiles; ++rt)
       softmax_tile(st + rt * 16, mpad, n, t0, limit + rt * 16, s2scale, ref_max + rt * 16, sum + rt * 16,
-                   p_hi + rt * 16 * kBlockKeys, p_mid + rt * 16 * kBlockKeys, p_lo + rt * 16 * kBlockKeys,
-                   o + static_cast<int64_t>(rt) * 16 * kLatentDim);
+                   p_hi + rt * 16 * kBlockKeys, p_mid + rt * 16 * kBlockKeys,
+                   o_tile(o, rt, 0));
 
     // A masked key has P = 0, but 0 * inf / NaN is NaN: a key of the causal band whose V
     // holds a non-finite value leaves the tile product (its V row reads as zeros) and is
@@ -652,35 +701,23 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
       }
     }
 
-    // 5. V in the VNNI layout, once per block.
-    repack_v(krow, vnni, pf);
-
-    // 6. O += P . V.
-    const int pair_tiles = (n + 31) / 32;  // a tail block may fill only the first
-    for (rt = 0; rt < row_tiles; ++rt) {
-      const int64_t pr = static_cast<int64_t>(rt) * 16 * kBlockKeys;
-      for (int kk = 0; kk < pair_tiles; ++kk) {
-        pv_1row(p_hi + pr + 32 * kk, p_mid + pr + 32 * kk, p_lo + pr + 32 * kk, vnni + kk * 16 * 2 * kLatentDim,
-                o + static_cast<int64_t>(rt) * 16 * kLatentDim);
-        pf.step();
-      }
-    }
-
+    // 5-6. O += P . V, V repacked per 32-column chunk.
+    pv_block(krow, p_hi, p_mid, row_tiles, (n + 31) / 32, o, vbuf, pf);
     for (int b = 0; b < n_bad; ++b) {
       const int t = bad_keys[b];
       for (int32_t r = 0; r < rows; ++r) {
         if (t0 + t >= limit[r]) continue;
-        const float pr = bf16_value(p_hi[r * kBlockKeys + t]) + bf16_value(p_mid[r * kBlockKeys + t]) +
-                         bf16_value(p_lo[r * kBlockKeys + t]);
-        float* orow = o + static_cast<int64_t>(r) * kLatentDim;
-        for (int d = 0; d < kLatentDim; ++d) orow[d] += pr * bf16_value(bad_rows[b][d]);
+        const float pr = bf16_value(p_hi[r * kBlockKeys + t]) + bf16_value(p_mid[r * kBlockKeys + t]);
+        for (int d = 0; d < kLatentDim; ++d) {
+          const int pos = unpack_order_position(d);
+          o_tile(o, r / 16, pos / 16)[(r % 16) * 16 + pos % 16] += pr * bf16_value(bad_rows[b][d]);
+        }
       }
     }
   }
   release_tiles();
 
-  if (o != out.acc)
-    for (int64_t i = 0; i < static_cast<int64_t>(rows) * kLatentDim; ++i) out.acc[i] = o[i];
+  unpermute_o(o, out.acc, rows);
   for (int32_t r = 0; r < rows; ++r) {
     out.max[r] = ref_max[r];
     out.sum[r] = sum[r];
