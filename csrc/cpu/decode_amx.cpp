@@ -1,4 +1,4 @@
-// CPU decode kernel on Intel AMX (TDPBF16PS tiles): bf16 and fp8 (e4m3) caches.
+// CPU decode kernel on Intel AMX (TDPBF16PS tiles): bf16, fp16 and fp8 (e4m3) caches.
 //
 // Sapphire Rapids and later cores have eight 1 KiB tile registers and a matrix unit whose
 // TDPBF16PS multiplies a 16 x 32 bf16 tile by a 32 x 16 bf16 tile into a 16 x 16 fp32
@@ -41,8 +41,11 @@
 // value is a bf16 number (a bf16 query the glue widened for the fp8 cache: the usual case)
 // mid and lo are zero and the item runs the one-part score product instead.
 //
-// fp16 / fp32 caches are not handled here (rounding their tiles to bf16 would change their
-// precision); decode.cpp gives them the avx512-fp32 kernel.
+// fp16 caches ("amx-bf16x2"): every fp16 value is exactly hi + lo in bf16 (8 + at most 4
+// significant bits), so K, V and the fp16 query are split once and the products run on the
+// parts: scores K_hi q_hi + K_hi q_lo + K_lo q_hi + K_lo q_lo (exact), P . V with P_hi V_hi +
+// P_hi V_lo + P_mid V_hi. fp32 caches are not handled here (a three-way split would cost 9
+// products); decode.cpp gives them the avx512-fp32 kernel.
 //
 // The AMX intrinsics of GCC 12 do not tell the compiler that TILELOADD reads memory and
 // LDTILECFG reads 64 bytes, so this file issues the instructions through inline assembly
@@ -91,7 +94,7 @@ inline int32_t pad16(int32_t rows) { return (rows + 15) / 16 * 16; }
 
 // Byte offsets of the per-thread scratch areas (64-byte aligned), for mpad query rows.
 struct Layout {
-  size_t q_hi, q_mid, q_lo, kbuf, vbuf, st, p_hi, p_mid, obuf, ref_max, sum, limit, krow, zero, total;
+  size_t q_hi, q_mid, q_lo, kbuf, kbuf_lo, vbuf, vbuf_lo, st, p_hi, p_mid, obuf, ref_max, sum, limit, krow, krow_lo, zero, total;
   explicit Layout(int32_t max_rows) {
     const size_t mpad = static_cast<size_t>(pad16(max_rows));
     size_t o = 0;
@@ -99,7 +102,9 @@ struct Layout {
     q_mid = o; o = align64(o + sizeof(uint32_t) * kPairs * mpad);           // fp32 q only: the residuals
     q_lo = o;  o = align64(o + sizeof(uint32_t) * kPairs * mpad);
     kbuf = o;  o = align64(o + sizeof(uint16_t) * kBlockKeys * kHeadDim);  // copied / widened key rows
+    kbuf_lo = o; o = align64(o + sizeof(uint16_t) * kBlockKeys * kHeadDim); // fp16 only: their lo parts
     vbuf = o;  o = align64(o + sizeof(uint16_t) * kBlockKeys * 32);         // V chunk: [32 key pairs][32 x 2]
+    vbuf_lo = o; o = align64(o + sizeof(uint16_t) * kBlockKeys * 32);       // fp16 only: lo parts
     st = o;    o = align64(o + sizeof(float) * kBlockKeys * mpad);          // S^T: [64 keys][mpad]
     p_hi = o;  o = align64(o + sizeof(uint16_t) * mpad * kBlockKeys);       // P: [mpad][64 keys] bf16
     p_mid = o; o = align64(o + sizeof(uint16_t) * mpad * kBlockKeys);       // P - P_hi in bf16
@@ -108,6 +113,7 @@ struct Layout {
     sum = o;   o = align64(o + sizeof(float) * mpad);
     limit = o; o = align64(o + sizeof(int32_t) * mpad);
     krow = o;  o = align64(o + sizeof(void*) * kBlockKeys);
+    krow_lo = o; o = align64(o + sizeof(void*) * kBlockKeys);
     zero = o;  o = align64(o + sizeof(uint16_t) * kHeadDim);
     total = o;
   }
@@ -155,6 +161,25 @@ inline void row_to_bf16(const typename CT::T* src, uint16_t* dst) {
     static_assert(CT::kType == DType::kFloat8E4M3, "bf16 and fp8 caches only");
     for (int d = 0; d < kHeadDim; d += 32) _mm512_storeu_si512(dst + d, fp8x32_to_bf16(src + d));
   }
+}
+
+// 16 fp16 values -> their two bf16 parts x = hi + lo, exactly: fp16 has 11 significant bits,
+// hi (round to nearest) takes 8 and leaves a residual of at most 4 bits, which fp32
+// computes exactly and bf16 holds exactly (bf16's exponent range covers fp16's subnormals).
+// inf: hi = inf and lo = 0 (inf - inf would be NaN); NaN stays NaN in hi.
+inline void fp16x16_to_bf16_parts(const uint16_t* src, uint16_t* hi, uint16_t* lo) {
+  const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
+  const __m512 hx = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(__builtin_inff()), _CMP_LT_OQ);
+  const __m512 r = _mm512_maskz_sub_ps(finite, x, hx);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), h);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), (__m256i)_mm512_cvtneps_pbh(r));
+}
+
+// One fp16 cache row (576 values) as two bf16 rows.
+inline void row_to_bf16_parts(const uint16_t* src, uint16_t* hi, uint16_t* lo) {
+  for (int d = 0; d < kHeadDim; d += 16) fp16x16_to_bf16_parts(src + d, hi + d, lo + d);
 }
 
 // 2^x for x <= ~kLazyRescale (or -inf -> 0): 2^round(x) via vscalefps times a degree-7
@@ -220,7 +245,9 @@ inline int64_t qt_index(int i, int r) {
 // bf16 parts, q = hi + mid + lo exactly up to 2^-24 |q| (8 + 8 + 8 significant bits).
 // Returns whether some row needs mid / lo (false: every value of q is a bf16 number, as
 // when the caller's query was bf16 and the glue widened it for an fp8 cache).
-template <class QT>
+// An fp16 query (kFp16: QT holds fp16 bits) is split into two parts, hi and mid, exactly
+// (fp16x16_to_bf16_parts); q_lo is left unused.
+template <class QT, bool kFp16 = false>
 bool load_q(const DecodeParams& p, int32_t seq, int32_t row_begin, int32_t rows, int32_t mpad, uint32_t* q_hi,
             uint32_t* q_mid, uint32_t* q_lo) {
   uint32_t residual_bits = 0;
@@ -229,10 +256,23 @@ bool load_q(const DecodeParams& p, int32_t seq, int32_t row_begin, int32_t rows,
       for (int i = 0; i < kPairs; ++i) {
         q_hi[qt_index(i, r)] = 0;
         if constexpr (sizeof(QT) == 4) q_mid[qt_index(i, r)] = q_lo[qt_index(i, r)] = 0;
+        if constexpr (kFp16) q_mid[qt_index(i, r)] = 0;
       }
       continue;
     }
     const QueryRow<QT> src = query_row<QT>(p, seq, row_begin + r);
+    if constexpr (kFp16) {
+      alignas(64) uint16_t hi[kHeadDim], lo[kHeadDim];
+      for (int d = 0; d < kLatentDim; d += 16) fp16x16_to_bf16_parts(src.nope + d, hi + d, lo + d);
+      for (int d = 0; d < kHeadDim - kLatentDim; d += 16)
+        fp16x16_to_bf16_parts(src.pe + d, hi + kLatentDim + d, lo + kLatentDim + d);
+      for (int i = 0; i < kPairs; ++i) {
+        q_hi[qt_index(i, r)] = static_cast<uint32_t>(hi[2 * i]) | (static_cast<uint32_t>(hi[2 * i + 1]) << 16);
+        q_mid[qt_index(i, r)] = static_cast<uint32_t>(lo[2 * i]) | (static_cast<uint32_t>(lo[2 * i + 1]) << 16);
+        residual_bits |= (lo[2 * i] | lo[2 * i + 1]) & 0x7fffu;
+      }
+      continue;
+    }
     for (int i = 0; i < kPairs; ++i) {
       const int d = 2 * i;
       const QT* x = d < kLatentDim ? src.nope + d : src.pe + (d - kLatentDim);
@@ -316,6 +356,42 @@ inline void scores_1row_split(const KeyTiles& kt, const uint32_t* qh, const uint
     MLA_TILE_DP(3, 7, 5);
     MLA_TILE_DP(3, 7, 4);
   }
+  MLA_TILE_STORE(0, st + 0 * 16 * st_stride / 4, st_stride);
+  MLA_TILE_STORE(1, st + 1 * 16 * st_stride / 4, st_stride);
+  MLA_TILE_STORE(2, st + 2 * 16 * st_stride / 4, st_stride);
+  MLA_TILE_STORE(3, st + 3 * 16 * st_stride / 4, st_stride);
+}
+
+// S^T for one row tile of an fp16 cache: K = K_hi + K_lo and q = q_hi + q_lo exactly (two
+// bf16 parts each), so all four products run and the scores are exact products summed in
+// fp32, as in an fp32 kernel. C = tmm0-3 (key tiles), B = tmm4 / 5 (q_hi / q_lo),
+// A = tmm6 / 7 (K_hi / K_lo of one key tile). Without any q_lo bit (q_two_parts false) the
+// q_lo products are skipped.
+inline void scores_1row_fp16(const KeyTiles& hi, const KeyTiles& lo, const uint32_t* qh, const uint32_t* ql,
+                             bool q_two_parts, long q_stride, float* st, long st_stride) {
+  MLA_TILE_ZERO(0);
+  MLA_TILE_ZERO(1);
+  MLA_TILE_ZERO(2);
+  MLA_TILE_ZERO(3);
+  const long q_step = 16 * q_stride / 4;
+#define MLA_FP16_KEY_TILE(k)                                \
+  MLA_TILE_LOAD(6, hi.base[k] + 32 * c, hi.stride[k]);      \
+  MLA_TILE_LOAD(7, lo.base[k] + 32 * c, lo.stride[k]);      \
+  if (q_two_parts) {                                        \
+    MLA_TILE_DP(k, 7, 5);                                   \
+    MLA_TILE_DP(k, 6, 5);                                   \
+  }                                                         \
+  MLA_TILE_DP(k, 7, 4);                                     \
+  MLA_TILE_DP(k, 6, 4);
+  for (int c = 0; c < kChunks; ++c) {
+    MLA_TILE_LOAD(4, qh + c * q_step, q_stride);
+    if (q_two_parts) MLA_TILE_LOAD(5, ql + c * q_step, q_stride);
+    MLA_FP16_KEY_TILE(0)
+    MLA_FP16_KEY_TILE(1)
+    MLA_FP16_KEY_TILE(2)
+    MLA_FP16_KEY_TILE(3)
+  }
+#undef MLA_FP16_KEY_TILE
   MLA_TILE_STORE(0, st + 0 * 16 * st_stride / 4, st_stride);
   MLA_TILE_STORE(1, st + 1 * 16 * st_stride / 4, st_stride);
   MLA_TILE_STORE(2, st + 2 * 16 * st_stride / 4, st_stride);
@@ -440,6 +516,50 @@ inline void pv_block(const uint16_t* const* krow, const uint16_t* p_hi, const ui
   }
 }
 
+// pv_block for an fp16 cache: V = V_hi + V_lo (exact), and O += P_hi V_hi + P_hi V_lo +
+// P_mid V_hi; P_mid V_lo (<= 2^-16 of P V, the size of P's own truncation) is left out.
+// Tiles: C = tmm0 / 1, A = tmm2 / 3 (P_hi / P_mid of one key-pair tile, reloaded per chunk
+// and pair tile from L1), B = tmm4 / 5 (V_hi) and tmm6 / 7 (V_lo) of the two column tiles.
+inline void pv_block_fp16(const uint16_t* const* krow, const uint16_t* const* krow_lo, const uint16_t* p_hi,
+                          const uint16_t* p_mid, int row_tiles, int pair_tiles, float* o, uint16_t* vbuf,
+                          uint16_t* vbuf_lo, BlockPrefetcher& pf) {
+  constexpr long kPStride = kBlockKeys * 2, kVStride = 64 * 2, kOStride = 16 * 4;
+  for (int c = 0; c < kLatentDim; c += 32) {
+    for (int k = 0; k < 16 * pair_tiles; ++k) {
+      __m512i va = _mm512_loadu_si512(krow[2 * k] + c), vb = _mm512_loadu_si512(krow[2 * k + 1] + c);
+      _mm512_storeu_si512(vbuf + k * 64, _mm512_unpacklo_epi16(va, vb));
+      _mm512_storeu_si512(vbuf + k * 64 + 32, _mm512_unpackhi_epi16(va, vb));
+      va = _mm512_loadu_si512(krow_lo[2 * k] + c);
+      vb = _mm512_loadu_si512(krow_lo[2 * k + 1] + c);
+      _mm512_storeu_si512(vbuf_lo + k * 64, _mm512_unpacklo_epi16(va, vb));
+      _mm512_storeu_si512(vbuf_lo + k * 64 + 32, _mm512_unpackhi_epi16(va, vb));
+    }
+    pf.step();
+    for (int rt = 0; rt < row_tiles; ++rt) {
+      float* orow = o_tile(o, rt, c / 16);
+      const int64_t pr = static_cast<int64_t>(rt) * 16 * kBlockKeys;
+      MLA_TILE_LOAD(0, orow, kOStride);
+      MLA_TILE_LOAD(1, orow + 256, kOStride);
+      for (int kk = 0; kk < pair_tiles; ++kk) {
+        MLA_TILE_LOAD(2, p_hi + pr + 32 * kk, kPStride);
+        MLA_TILE_LOAD(3, p_mid + pr + 32 * kk, kPStride);
+        MLA_TILE_LOAD(4, vbuf + kk * 16 * 64, kVStride);
+        MLA_TILE_LOAD(5, vbuf + kk * 16 * 64 + 32, kVStride);
+        MLA_TILE_LOAD(6, vbuf_lo + kk * 16 * 64, kVStride);
+        MLA_TILE_LOAD(7, vbuf_lo + kk * 16 * 64 + 32, kVStride);
+        MLA_TILE_DP(0, 3, 4);
+        MLA_TILE_DP(1, 3, 5);
+        MLA_TILE_DP(0, 2, 6);
+        MLA_TILE_DP(1, 2, 7);
+        MLA_TILE_DP(0, 2, 4);
+        MLA_TILE_DP(1, 2, 5);
+      }
+      MLA_TILE_STORE(0, orow, kOStride);
+      MLA_TILE_STORE(1, orow + 256, kOStride);
+    }
+  }
+}
+
 // Where O holds column d (0..511) in the unpack order of pv_block.
 inline int unpack_order_position(int d) {
   const int w = d % 32, lane = w / 8, half = (w % 8) / 4;
@@ -550,7 +670,7 @@ inline void softmax_tile(float* st, int mpad, int n, int32_t t0, const int32_t* 
 
 // ---------------------------------------------------------------- item
 
-// The query's element type: bf16 for a bf16 cache, fp32 for an fp8 cache.
+// The query's element type: bf16 for a bf16 cache, fp16 for an fp16 cache, fp32 for an fp8 cache.
 template <class CT>
 struct QueryOf {
   using T = float;
@@ -559,12 +679,17 @@ template <>
 struct QueryOf<CacheBF16> {
   using T = uint16_t;
 };
+template <>
+struct QueryOf<CacheF16> {
+  using T = uint16_t;  // fp16 bits
+};
 
 template <class CT>
 void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void* scratch) {
   using T = typename CT::T;
   using QT = typename QueryOf<CT>::T;
   constexpr bool kSplitQ = sizeof(QT) == 4;
+  constexpr bool kFp16 = CT::kType == DType::kFloat16;  // K, V and q in two bf16 parts each
   const int32_t rows = it.row_end - it.row_begin;
   const int32_t mpad = pad16(rows);
   const int32_t row_tiles = mpad / 16;
@@ -574,7 +699,9 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
   uint32_t* q_mid = reinterpret_cast<uint32_t*>(base + lay.q_mid);
   uint32_t* q_lo = reinterpret_cast<uint32_t*>(base + lay.q_lo);
   uint16_t* kbuf = reinterpret_cast<uint16_t*>(base + lay.kbuf);
+  uint16_t* kbuf_lo = reinterpret_cast<uint16_t*>(base + lay.kbuf_lo);
   uint16_t* vbuf = reinterpret_cast<uint16_t*>(base + lay.vbuf);
+  uint16_t* vbuf_lo = reinterpret_cast<uint16_t*>(base + lay.vbuf_lo);
   float* st = reinterpret_cast<float*>(base + lay.st);
   uint16_t* p_hi = reinterpret_cast<uint16_t*>(base + lay.p_hi);
   uint16_t* p_mid = reinterpret_cast<uint16_t*>(base + lay.p_mid);
@@ -582,8 +709,8 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
   float* sum = reinterpret_cast<float*>(base + lay.sum);
   int32_t* limit = reinterpret_cast<int32_t*>(base + lay.limit);
   const uint16_t** krow = reinterpret_cast<const uint16_t**>(base + lay.krow);
+  const uint16_t** krow_lo = reinterpret_cast<const uint16_t**>(base + lay.krow_lo);  // fp16 only
   uint16_t* zero = reinterpret_cast<uint16_t*>(base + lay.zero);
-  // O in fp32: the partial itself when its rows fill whole tiles, else a padded copy.
   float* o = reinterpret_cast<float*>(base + lay.obuf);  // tiled: o_tile
 
   for (int d = 0; d < kHeadDim; ++d) zero[d] = 0;
@@ -598,8 +725,9 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
   }
   float s2scale = p.softmax_scale * kLog2e;
   if constexpr (CT::kType == DType::kFloat8E4M3) s2scale *= *p.kv_scale * kFp8TileScale;
-  // Three-part scores only when the fp32 query has bits beyond bf16's.
-  const bool split_q = load_q<QT>(p, it.seq, it.row_begin, rows, mpad, q_hi, q_mid, q_lo);
+  // Three-part scores only when the fp32 query has bits beyond bf16's (fp16: the q_lo products
+  // only when q has bits beyond bf16's).
+  const bool split_q = load_q<QT, kFp16>(p, it.seq, it.row_begin, rows, mpad, q_hi, q_mid, q_lo);
 
   const T* cache = static_cast<const T*>(p.cache);
   const int32_t* table = p.block_table + static_cast<int64_t>(it.seq) * p.block_table_batch_stride;
@@ -620,11 +748,12 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
   const T* raw[kBlockKeys];
   BlockPrefetcher pf;
   // Steps per block: one per score call, one per 32-column chunk of P . V.
-  const int score_calls = split_q ? row_tiles : row_tiles / 2 * (kKeyTiles / 2) + row_tiles % 2;
+  const int score_calls = split_q || kFp16 ? row_tiles : row_tiles / 2 * (kKeyTiles / 2) + row_tiles % 2;
   const int prefetch_steps = score_calls + kLatentDim / 32;
   int n_next = it.key_end - it.key_begin < kBlockKeys ? it.key_end - it.key_begin : kBlockKeys;
   for (int i = 0; i < n_next; ++i) pf.rows[i] = reinterpret_cast<const char*>(next_row());
   const uint16_t* bad_rows[kBlockKeys];  // band keys with a non-finite V value: original rows
+  const uint16_t* bad_rows_lo[kBlockKeys];  // fp16: their lo parts
   int bad_keys[kBlockKeys];
 
   configure_tiles();
@@ -637,7 +766,7 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
     pf.start(n_next, static_cast<int>(kHeadDim * sizeof(T)), prefetch_steps);
 
     // 1. Key tiles: in place when 16 bf16 rows are equally spaced, else copied / widened.
-    KeyTiles kt;
+    KeyTiles kt, kt_lo;
     for (int k = 0; k < kKeyTiles; ++k) {
       const int i0 = 16 * k;
       const int cnt = n - i0 < 0 ? 0 : (n - i0 > 16 ? 16 : n - i0);
@@ -648,25 +777,43 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
           for (int i = 1; i < 16 && in_place; ++i) in_place = raw[i0 + i] == raw[i0] + static_cast<int64_t>(i) * p.cache_token_stride;
         }
       }
+      kt_lo.base[k] = zero;
+      kt_lo.stride[k] = 0;
       if (cnt == 0) {
         kt.base[k] = zero;  // stride 0: the zero row, 16 times
         kt.stride[k] = 0;
+      } else if (kFp16) {
+        for (int i = 0; i < cnt; ++i)
+          row_to_bf16_parts(reinterpret_cast<const uint16_t*>(raw[i0 + i]), kbuf + (i0 + i) * kHeadDim,
+                            kbuf_lo + (i0 + i) * kHeadDim);
+        kt.base[k] = kbuf + i0 * kHeadDim;
+        kt.stride[k] = kHeadDim * 2;
+        kt_lo.base[k] = kbuf_lo + i0 * kHeadDim;
+        kt_lo.stride[k] = kHeadDim * 2;
       } else if (in_place) {
         kt.base[k] = reinterpret_cast<const uint16_t*>(raw[i0]);
         kt.stride[k] = static_cast<long>(p.cache_token_stride) * 2;
-      } else {
+      } else if constexpr (!kFp16) {
         // Rows past cnt keep whatever the buffer held: their scores are never used.
         for (int i = 0; i < cnt; ++i) row_to_bf16<CT>(raw[i0 + i], kbuf + (i0 + i) * kHeadDim);
         kt.base[k] = kbuf + i0 * kHeadDim;
         kt.stride[k] = kHeadDim * 2;
       }
-      for (int i = 0; i < 16; ++i)
+      for (int i = 0; i < 16; ++i) {
         krow[i0 + i] = i >= cnt ? zero : (in_place ? reinterpret_cast<const uint16_t*>(raw[i0 + i]) : kbuf + (i0 + i) * kHeadDim);
+        if (kFp16) krow_lo[i0 + i] = i >= cnt ? zero : kbuf_lo + (i0 + i) * kHeadDim;
+      }
     }
 
     // 2. S^T = K . Q^T.
     int rt = 0;
-    if (kSplitQ && split_q) {
+    if constexpr (kFp16) {
+      for (; rt < row_tiles; ++rt) {
+        scores_1row_fp16(kt, kt_lo, q_hi + qt_index(0, 16 * rt), q_mid + qt_index(0, 16 * rt), split_q, q_stride,
+                         st + rt * 16, st_stride);
+        pf.step();
+      }
+    } else if (kSplitQ && split_q) {
       for (; rt < row_tiles; ++rt) {
         scores_1row_split(kt, q_hi + qt_index(0, 16 * rt), q_mid + qt_index(0, 16 * rt), q_lo + qt_index(0, 16 * rt), q_stride, st + rt * 16, st_stride);
         pf.step();
@@ -694,15 +841,18 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
     // added below only to the rows that see it (rare; finite data never).
     int n_bad = 0;
     for (int i = min_limit > t0 ? min_limit - t0 : 0; i < n; ++i) {
-      if (v_has_nonfinite<CacheBF16>(krow[i])) {
+      if (v_has_nonfinite<CacheBF16>(krow[i])) {  // fp16: inf and NaN stay so in the hi part
         bad_rows[n_bad] = krow[i];
+        if (kFp16) bad_rows_lo[n_bad] = krow_lo[i];
         bad_keys[n_bad++] = i;
         krow[i] = zero;
+        if (kFp16) krow_lo[i] = zero;
       }
     }
 
     // 5-6. O += P . V, V repacked per 32-column chunk.
-    pv_block(krow, p_hi, p_mid, row_tiles, (n + 31) / 32, o, vbuf, pf);
+    if constexpr (kFp16) pv_block_fp16(krow, krow_lo, p_hi, p_mid, row_tiles, (n + 31) / 32, o, vbuf, vbuf_lo, pf);
+    else pv_block(krow, p_hi, p_mid, row_tiles, (n + 31) / 32, o, vbuf, pf);
     for (int b = 0; b < n_bad; ++b) {
       const int t = bad_keys[b];
       for (int32_t r = 0; r < rows; ++r) {
@@ -710,7 +860,8 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
         const float pr = bf16_value(p_hi[r * kBlockKeys + t]) + bf16_value(p_mid[r * kBlockKeys + t]);
         for (int d = 0; d < kLatentDim; ++d) {
           const int pos = unpack_order_position(d);
-          o_tile(o, r / 16, pos / 16)[(r % 16) * 16 + pos % 16] += pr * bf16_value(bad_rows[b][d]);
+          const float v = kFp16 ? bf16_value(bad_rows[b][d]) + bf16_value(bad_rows_lo[b][d]) : bf16_value(bad_rows[b][d]);
+          o_tile(o, r / 16, pos / 16)[(r % 16) * 16 + pos % 16] += pr * v;
         }
       }
     }
@@ -726,12 +877,13 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
 
 }  // namespace amx
 
-bool amx_supports(DType t) { return t == DType::kBFloat16 || t == DType::kFloat8E4M3; }
+bool amx_supports(DType t) { return t == DType::kBFloat16 || t == DType::kFloat8E4M3 || t == DType::kFloat16; }
 
 size_t amx_scratch_bytes(int32_t max_rows) { return amx::Layout(max_rows).total; }
 
 void amx_run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void* scratch) {
   if (p.cache_dtype == DType::kBFloat16) amx::run_item<CacheBF16>(p, it, out, scratch);
+  else if (p.cache_dtype == DType::kFloat16) amx::run_item<CacheF16>(p, it, out, scratch);
   else amx::run_item<CacheFP8>(p, it, out, scratch);
 }
 
@@ -746,7 +898,7 @@ namespace mla::cpu {
 
 const DecodeIsa* decode_isa_amx() {
 #ifdef MLA_HAVE_AMX_KERNEL
-  static const DecodeIsa isa{[](DType) { return "amx-bf16"; }, &amx_supports, &amx_scratch_bytes, &amx_run_item};
+  static const DecodeIsa isa{[](DType t) { return t == DType::kFloat16 ? "amx-bf16x2" : "amx-bf16"; }, &amx_supports, &amx_scratch_bytes, &amx_run_item};
   return &isa;
 #else
   return nullptr;
