@@ -30,6 +30,7 @@ from cuda_emu import runner, sm90_runner  # noqa: E402
 
 PROBE = "cuda/sm90/gemm_probe.cuh"
 DECODE = "cuda/sm90/decode_sm90.cuh"
+DECODE_HOST = "cuda/sm90/decode_sm90.cu"  # the launcher: the cache's tensor map (TMA path)
 
 
 @dataclass
@@ -127,6 +128,34 @@ DECODE_MUTATIONS = [
       "const int64_t base = (static_cast<int64_t>(b) * p.num_splits + 0) * M;", [("bf16 split-KV", "plain", "forward")]),
 ]
 
+# The TMA producer path (bf16 cache, block_size % 64 == 0): cases of their own, by name.
+TMA_BS128 = "TMA: block_size=128 s_q=2, split-KV, partial last tiles"
+TMA_BS64 = "TMA: block_size=64 s_q=2 causal, partial last tiles"
+EXTRA_CASES = {
+    TMA_BS128: dict(block_size=128, s_q=2, lens=(700, 77), extra_cols=30),
+    TMA_BS64: dict(block_size=64, s_q=2, lens=(0, 1, 64, 77, 300)),
+}
+DECODE_MUTATIONS += [
+    M("decode TMA: expect_tx one box short (the phase completes before the last box lands)", DECODE,
+      "mbarrier_arrive_expect_tx(&full[s], kTileBytes);", "mbarrier_arrive_expect_tx(&full[s], kTileBytes - kChunkBytes);",
+      [(TMA_BS64, "plain", "forward")]),
+    M("decode TMA: box row ignores the tile's offset in its block (block_size 128 reads keys 0-63 twice)", DECODE,
+      "block * p.block_size + key0 % p.block_size", "block * p.block_size", [(TMA_BS128, "plain", "forward")]),
+    M("decode TMA: every box at column 0 (the 9 chunks all hold columns 0-63)", DECODE,
+      "c * kChunkCols, row0, &full[s]", "0, row0, &full[s]", [(TMA_BS64, "plain", "forward")]),
+    M("decode TMA: partial last tiles through TMA too (the tail's poisoned neighbour rows reach P V)", DECODE,
+      "cache_tma && (tile + 1) * kBlockN <= range.key_end", "cache_tma && tile * kBlockN < range.key_end",
+      [(TMA_BS64, "plain", "forward")]),
+    M("decode TMA: box issued to stage 0 whatever the stage (the ring's second stage never filled)", DECODE,
+      "tma_load_2d(ring + s * kStageBytes + c * kChunkBytes", "tma_load_2d(ring + c * kChunkBytes",
+      [(TMA_BS64, "plain", "forward")]),
+    M("decode TMA host: tensor map for a block size not a multiple of 64 (tiles straddle blocks)", DECODE_HOST,
+      "p.block_size % kBlockN != 0 ||", "p.block_size % 16 != 0 ||", [(MAIN, "plain", "forward")]),
+    M("decode TMA host: tensor map for padded blocks (block stride ignored)", DECODE_HOST,
+      "p.cache_block_stride != static_cast<int64_t>(p.block_size) * p.cache_token_stride ||", "",
+      [("TMA: padded block stride", "plain", "forward")]),
+]
+
 
 def run_decode_check(name: str, flavor: str, order: str, exe: Path) -> str | None:
     """None if the shared decode case passed through the sm90 kernel, else how it failed."""
@@ -136,8 +165,15 @@ def run_decode_check(name: str, flavor: str, order: str, exe: Path) -> str | Non
         q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
         last = int(seqlens[0]) - 1
         cache[int(table[0, last // case.block_size]), last % case.block_size, 300] = float("nan")
+    elif name == "TMA: padded block stride":  # blocks of 64 rows, 65 rows apart
+        case = DecodeCase("sm90 TMA padded block stride", s_q=2, block_size=64, lens=(70, 200))
+        q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+        padded = torch.full((cache.shape[0], 65, cache.shape[2]), float("nan"), dtype=cache.dtype)
+        padded[:, :64] = cache
+        cache = padded[:, :64]
     else:
-        case = next(c for c in DECODE_CASES if c.name == name)
+        case = DecodeCase(f"sm90 {name}", **EXTRA_CASES[name]) if name in EXTRA_CASES else \
+            next(c for c in DECODE_CASES if c.name == name)
         q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
     try:
         out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
@@ -200,7 +236,7 @@ def main() -> int:
                 continue
             target.write_text(text.replace(m.old, m.new))
             verdicts = []
-            if m.path == DECODE:
+            if m.path in (DECODE, DECODE_HOST):
                 for name, flavor, order in m.checks:
                     exe = runner.build(flavor, csrc=mutant)
                     verdicts.append((f"{name} [{flavor} {order}]", run_decode_check(name, flavor, order, exe)))
