@@ -190,16 +190,20 @@ def test_generated_wgmma_header_is_current():
 
 # ------------------------------------------------------------------------------ the sm90 decode kernel
 
-# Every shared case the kernel supports (bf16 query; bf16 or fp8 cache; the planner falls back to
-# the sm80 kernel for the others), plus shapes that exercise its 64-row blocks and 64-key tiles.
-SM90_CASES = [c for c in DECODE_CASES if c.q_dtype == torch.bfloat16 and c.impl == "auto"] + [
+# Every shared case the kernel supports (bf16 or fp16 query; a cache of the same type or fp8; the
+# planner falls back for fp32), plus shapes that exercise its 64-row blocks and 64-key tiles.
+SM90_CASES = [c for c in DECODE_CASES if c.q_dtype in (torch.bfloat16, torch.float16) and c.impl == "auto"] + [
     DecodeCase("sm90 bf16 s_q=4 h=16: one full 64-row block", s_q=4, h=16, lens=(0, 1, 64, 129)),
     DecodeCase("sm90 bf16 s_q=3 h=32: padded second row block", s_q=3, h=32, lens=(1, 77), block_size=64),
     DecodeCase("sm90 bf16 h=64 s_q=1, block_size=64, tiles of exactly 64 keys", h=64, lens=(64, 128, 1),
                block_size=64),
     DecodeCase("sm90 fp8 s_q=4 h=16, block_size=1", fp8=True, s_q=4, h=16, lens=(0, 1, 150), block_size=1),
+    DecodeCase("sm90 fp16 s_q=2 h=32 split-KV", q_dtype=torch.float16, s_q=2, h=32, lens=(700, 5), extra_cols=30),
+    DecodeCase("sm90 fp8 cache, fp16 q, s_q=3 h=32 split-KV", fp8=True, q_dtype=torch.float16, s_q=3, h=32,
+               lens=(650, 64), extra_cols=30),
 ]
-assert len(SM90_CASES) >= 13 and sum(c.fp8 for c in SM90_CASES) >= 4, [c.name for c in SM90_CASES]
+assert len(SM90_CASES) >= 19 and sum(c.fp8 for c in SM90_CASES) >= 6, [c.name for c in SM90_CASES]
+assert sum(c.q_dtype == torch.float16 for c in SM90_CASES) >= 6, [c.name for c in SM90_CASES]
 
 
 @pytest.fixture(scope="session")
@@ -245,6 +249,9 @@ SM90_NAN_VARIANTS = {
     "col 300 s_q=4 h=16": (dict(s_q=4, h=16, lens=(100, 70)), 300),
     "fp8 col 300": (dict(fp8=True), 300),
     "fp8 col 5 split-KV": (dict(fp8=True, lens=(700, 70), extra_cols=30), 5),
+    "fp16 col 300": (dict(q_dtype=torch.float16), 300),
+    "fp16 col 5 block_size=64 (TMA tile)": (dict(q_dtype=torch.float16, block_size=64), 5),
+    "fp8 fp16-q col 300 split-KV": (dict(fp8=True, q_dtype=torch.float16, lens=(700, 70), extra_cols=30), 300),
 }
 
 
@@ -307,6 +314,8 @@ TMA_CASES = [
     DecodeCase("sm90 TMA bf16 block_size=128 split-KV", block_size=128, lens=(700, 70), extra_cols=30, s_q=2),
     DecodeCase("sm90 TMA bf16 block_size=64 h=64 s_q=3 split-KV, padded rows", block_size=64, h=64, s_q=3,
                lens=(640, 3), extra_cols=30),
+    DecodeCase("sm90 TMA fp16 block_size=128 s_q=2 split-KV", q_dtype=torch.float16, block_size=128, s_q=2,
+               lens=(700, 77, 128), extra_cols=30),
 ]
 
 
@@ -367,21 +376,22 @@ def test_decode_sm90_tma_nan_in_masked_key(harness):
     check_close(out[1:], lse[1:], ref_out[1:], ref_lse[1:], case.q_dtype, "sequence 1", tol=case.tolerance())
 
 
-@pytest.mark.parametrize("name", ["fp16 s_q=2 causal", "fp8 cache, fp16 q, block_size=7", "fp32 simple"])
+@pytest.mark.parametrize("name", ["fp32 simple", "fp8 cache, fp32 q"])
 def test_decode_sm90_unsupported_falls_back(name, harness):
-    """Asked for the Hopper kernel, a config it does not support (fp16 query, with a 16-bit or an
-    fp8 cache; fp32) gets the sm80 tensor-core kernel (or the CUDA-core one), with correct results."""
+    """Asked for the Hopper kernel, a config it does not support (an fp32 query, with an fp32 or an
+    fp8 cache) gets the CUDA-core kernel, with correct results."""
     case = next(c for c in DECODE_CASES if c.name == name)
     out, lse, ref_out, ref_lse, info = run_sm90(case, harness)
-    assert info["impl"] == ("simple" if case.q_dtype == torch.float32 else "tc"), info
+    assert info["impl"] == "simple", info
     check_close(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [sm90 fallback]", tol=case.tolerance())
 
 
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
 def test_decode_sm90_compiles_for_sm90a():
-    """csrc/cuda/sm90/decode_sm90.cu (bf16 and fp8 cache) through plain nvcc for sm_90a: no spills or local memory, and
-    the SASS holds the instructions the design means: HGMMA 64x64 (S, A and B from shared memory),
-    HGMMA 64x256 with A in registers (O += P V), LDGSTS (the cp.async gather), mbarrier SYNCS,
+    """csrc/cuda/sm90/decode_sm90.cu (bf16 / fp16 query x 16-bit / fp8 cache) through plain nvcc for
+    sm_90a: no spills or local memory, and the SASS holds the instructions the design means: HGMMA
+    64x64 (S, A and B from shared memory), HGMMA 64x256 with A in registers (O += P V), LDGSTS (the
+    cp.async gather), UTMALDG (the TMA boxes of the 16-bit caches), mbarrier SYNCS,
     USETMAXREG (producer down, consumers up)."""
     src = ROOT / "csrc" / "cuda" / "sm90" / "decode_sm90.cu"
     inputs = [src] + sorted((ROOT / "csrc" / "cuda" / "sm90").glob("*.cuh")) + sorted(
@@ -400,23 +410,25 @@ def test_decode_sm90_compiles_for_sm90a():
         os.replace(str(obj) + ".tmp", obj)
     text = log.read_text()
     entries = re.findall(r"Compiling entry function '([^']+)'", text)
-    assert sorted(entries) == ["_ZN3mla4cuda4sm9018decode_sm90_kernelILb0EEEvNS_12DecodeParamsE14CUtensorMap_stb",
-                               "_ZN3mla4cuda4sm9018decode_sm90_kernelILb1EEEvNS_12DecodeParamsE14CUtensorMap_stb"], \
-        text[-2000:]  # bf16, fp8 cache; (params, the cache's tensor map, whether to use it)
-    assert re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text) == [("0", "0")] * 2, text[-2000:]
-    assert text.count("0 bytes stack frame") == 2, text[-2000:]
+    # <T, kFp8>(params, the cache's tensor map, whether to use it): bf16 / fp16 x 16-bit / fp8 cache
+    assert sorted(entries) == sorted(f"_ZN3mla4cuda4sm9018decode_sm90_kernelI{t}Lb{f}EEEvNS_12DecodeParamsE14CUtensorMap_stb"
+                                     for t in ("13__nv_bfloat16", "6__half") for f in (0, 1)), text[-2000:]
+    assert re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text) == [("0", "0")] * 4, text[-2000:]
+    assert text.count("0 bytes stack frame") == 4, text[-2000:]
     print("ptxas:", re.findall(r"Used \d+ registers[^\n]*", text))
     cuobjdump = next(iter(sorted(ROOT.glob(".venv/lib/python3*/site-packages/nvidia/cu*/bin/cuobjdump"))), None)
     cuobjdump = cuobjdump or shutil.which("cuobjdump")
     if cuobjdump is None:
         pytest.skip("compiled; no cuobjdump to read the SASS (make cuda-tools)")
     sass = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
-    for op, want in [("HGMMA.64x64x16.F32.BF16", 72), ("HGMMA.64x256x16.F32.BF16", 8), ("LDGSTS.E", 4),
-                     ("UTMALDG.2D", 1),  # the bf16 cache's TMA box loads (block_size % 64 == 0)
+    for op, want in [("HGMMA.64x64x16.F32.BF16", 72), ("HGMMA.64x256x16.F32.BF16", 8), ("LDGSTS.E", 8),
+                     ("HGMMA.64x64x16.F32 ", 72), ("HGMMA.64x256x16.F32 ", 8),  # the fp16 kernels
+                     ("UTMALDG.2D", 18),  # the 16-bit caches' TMA box loads (block_size % 64 == 0), 9 each
                      ("SYNCS.PHASECHK.TRANS64.TRYWAIT", 2), ("SYNCS.ARRIVE.TRANS64", 2),
                      ("USETMAXREG.TRY_ALLOC", 1), ("USETMAXREG.DEALLOC", 1), ("WARPGROUP.ARRIVE", 2)]:
         assert sass.count(op) >= want, f"{op}: {sass.count(op)} in the SASS, want >= {want}"
     assert re.search(r"HGMMA\.64x256x16\.F32\.BF16 R\d+, R\d+", sass), "O += P V must take A (P) from registers"
+    assert re.search(r"HGMMA\.64x256x16\.F32 R\d+, R\d+", sass), "fp16: O += P V must take A (P) from registers"
     # The consumers' register budget after setmaxnreg.inc is 232: the highest register the SASS names.
     top = max(int(x) for x in re.findall(r"\bR(\d+)\b", sass))
     print("highest register named in the SASS:", top)

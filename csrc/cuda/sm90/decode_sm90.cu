@@ -42,9 +42,9 @@ bool make_cache_map(const DecodeParams& p, TensorMap* map) {
   return true;
 }
 
-template <bool kFp8>
+template <typename T, bool kFp8>
 cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
-  auto kernel = decode_sm90_kernel<kFp8>;
+  auto kernel = decode_sm90_kernel<T, kFp8>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
   if (err != cudaSuccess) return err;
@@ -57,10 +57,15 @@ cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
 }
 }  // namespace
 
-cudaError_t launch_decode_sm90_bf16(const DecodeParams& p, cudaStream_t stream) {
-  if (p.q_dtype != DType::kBFloat16) return cudaErrorInvalidValue;
-  if (p.cache_dtype == DType::kBFloat16) return launch<false>(p, stream);
-  if (p.cache_dtype == DType::kFloat8E4M3 && p.kv_scale != nullptr) return launch<true>(p, stream);
+cudaError_t launch_decode_sm90(const DecodeParams& p, cudaStream_t stream) {
+  const bool fp8 = p.cache_dtype == DType::kFloat8E4M3 && p.kv_scale != nullptr;
+  if (p.q_dtype == DType::kBFloat16) {
+    if (p.cache_dtype == DType::kBFloat16) return launch<__nv_bfloat16, false>(p, stream);
+    if (fp8) return launch<__nv_bfloat16, true>(p, stream);
+  } else if (p.q_dtype == DType::kFloat16) {
+    if (p.cache_dtype == DType::kFloat16) return launch<__half, false>(p, stream);
+    if (fp8) return launch<__half, true>(p, stream);
+  }
   return cudaErrorInvalidValue;
 }
 
@@ -74,7 +79,7 @@ bool decode_sm90_available(int device) {
   // The sm_90a body needs well over 100 registers; the stub another sm_90 image holds (the
   // kernel compiled without __CUDA_ARCH_FEAT_SM90_ALL) only traps and needs a handful.
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, decode_sm90_kernel<false>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, decode_sm90_kernel<__nv_bfloat16, false>) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }

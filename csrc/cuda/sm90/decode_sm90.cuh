@@ -1,5 +1,5 @@
-// Hopper (sm_90a) MLA decode, bf16 query and cache (issue 11, stage 2). Torch-free; the same
-// DecodeParams, split-KV partials and combine pass as the sm80 tensor-core kernel
+// Hopper (sm_90a) MLA decode, bf16 or fp16 query with a cache of the same type or fp8 (issue 11,
+// stage 2). Torch-free; the same DecodeParams, split-KV partials and combine pass as the sm80 tensor-core kernel
 // (decode_tc.cuh), so csrc/cuda/decode.cu's combine kernel finishes split-KV.
 //
 // One CTA = (row block of 64 query rows, KV split, sequence); rows r = j * h + head of the
@@ -112,14 +112,16 @@ struct Sm90Rows {
   float l_lo, l_hi;        // this thread's partial row sums
 };
 
-// kFp8 = false: bf16 cache; true: float8_e4m3fn cache (p.kv_scale). Query and output bf16.
+// T: the query / output / compute type (__nv_bfloat16 or __half: wgmma .bf16 / .f16, P rounded to
+// T). kFp8 = false: a T cache; true: float8_e4m3fn cache (p.kv_scale), converted to T in shared
+// memory (exact for both: every e4m3 value is a bf16 and an fp16 number).
 // cache_map / cache_tma: the TMA view of the cache (decode_sm90.cu make_cache_map), used when
 // cache_tma (never for kFp8).
-template <bool kFp8>
+template <typename T, bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_sm90_kernel(const DecodeParams p, const __grid_constant__ TensorMap cache_map, const bool cache_tma) {
 #if defined(MLA_CUDA_EMULATION) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using T = __nv_bfloat16;
+  static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "bf16 or fp16");
   unsigned char* raw = dynamic_smem();
   // 1024-align the tiles in the shared window (the swizzle acts on address bits 4-9).
   unsigned char* smem = raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
@@ -339,9 +341,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float p_lo = exp2f(s_lo - use_lo), p_hi = exp2f(s_hi - use_hi);
 #pragma unroll
         for (int t = 0; t < kOCols / 8; ++t) {
-          const __nv_bfloat162 v2 =
-              *reinterpret_cast<const __nv_bfloat162*>(v_tile + swizzled_offset(kr, 32 * wg + t) + 4 * (lane % 4));
-          const float v0 = __low2float(v2), v1 = __high2float(v2);
+          const T* v2 = reinterpret_cast<const T*>(v_tile + swizzled_offset(kr, 32 * wg + t) + 4 * (lane % 4));
+          const float v0 = TypeTraits<T>::to_float(v2[0]), v1 = TypeTraits<T>::to_float(v2[1]);
           if (nonfinite(v0)) {
             if (see_lo) o[4 * t] += p_lo * v0;
             if (see_hi) o[4 * t + 2] += p_hi * v0;
@@ -358,11 +359,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int32_t key = fix_lo; key < fix_hi; ++key)
 #pragma unroll 1
           for (int t = 0; t < kOCols / 8; ++t) {
-            __nv_bfloat162* v2 = reinterpret_cast<__nv_bfloat162*>(
-                v_tile + swizzled_offset(key - tile * kBlockN, 32 * wg + t) + 4 * lane);
-            const float v0 = __low2float(*v2), v1 = __high2float(*v2);
-            if (nonfinite(v0) || nonfinite(v1))
-              *v2 = __floats2bfloat162_rn(nonfinite(v0) ? 0.f : v0, nonfinite(v1) ? 0.f : v1);
+            T* v2 = reinterpret_cast<T*>(v_tile + swizzled_offset(key - tile * kBlockN, 32 * wg + t) + 4 * lane);
+            const float v0 = TypeTraits<T>::to_float(v2[0]), v1 = TypeTraits<T>::to_float(v2[1]);
+            if (nonfinite(v0) || nonfinite(v1))  // finite entries are exact in T: repacked unchanged
+              *reinterpret_cast<uint32_t*>(v2) = TypeTraits<T>::pack2(nonfinite(v0) ? 0.f : v0, nonfinite(v1) ? 0.f : v1);
           }
         fence_proxy_async();  // the generic-proxy stores before the wgmma (async proxy) reads
       }
