@@ -1,6 +1,6 @@
 // Hopper (sm_90a) MLA decode, bf16 or fp16 query with a cache of the same type or fp8 (issue 11,
-// stage 2). Torch-free; the same DecodeParams, split-KV partials and combine pass as the sm80 tensor-core kernel
-// (decode_tc.cuh), so csrc/cuda/decode.cu's combine kernel finishes split-KV.
+// stage 2). Torch-free; the same DecodeParams, split-KV partials and combine pass as the sm80
+// tensor-core kernel (decode_tc.cuh), so csrc/cuda/decode.cu's combine kernel finishes split-KV.
 //
 // One CTA = (row block of 64 query rows, KV split, sequence); rows r = j * h + head of the
 // sequence's M = s_q * h, as in decode_tc.cuh. 384 threads, three warpgroups:
@@ -16,7 +16,7 @@
 //               cache bytes, not by the tensor cores).
 //   WG 2        producer: fills a 2-stage ring of 128-byte-swizzled [64 x 576] tiles, full /
 //               empty mbarriers (full counts the 128 producer threads' arrivals + TMA bytes).
-//               TMA (bf16 cache, block_size % 64 == 0, blocks evenly spaced: the host passes a
+//               TMA (16-bit cache, block_size % 64 == 0, blocks evenly spaced: the host passes a
 //               2-D tensor map of the cache's NB * BS rows of 576 elements, cache_tma): a tile
 //               whose 64 keys are all valid (tile end <= the split's key_end) lies in ONE block
 //               (tile starts are multiples of 64, so of no block boundary but block_size's), so
