@@ -360,6 +360,28 @@ def test_decode_sm90_without_tma_gathers(what, harness):
     check_close(out, lse, ref_out, ref_lse, case.q_dtype, what, tol=case.tolerance())
 
 
+@pytest.mark.parametrize("bad_id", [-1, "past the end"])
+@pytest.mark.parametrize("block_size", [64, 16], ids=["bs64 TMA", "bs16 gather"])
+def test_decode_sm90_out_of_range_block_id_reads_zero_rows(bad_id, block_size, harness):
+    """A block-table entry outside [0, NB) inside a sequence (the API's index check would reject it;
+    the kernel must still stay in bounds) reads as zero rows on both load paths: through TMA a box
+    past the tensor's last row (zero-filled), through the gather zero-filled cp.async. Expected:
+    the reference on the same table with that entry pointing at an all-zero block."""
+    case = DecodeCase(f"sm90 bad block id {block_size}", s_q=2, block_size=block_size, lens=(300, 70))
+    q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+    nb = cache.shape[0]
+    bad = -1 if bad_id == -1 else nb + 3
+    table[0, 1] = bad  # keys [bs, 2 bs) of sequence 0: a full TMA tile at block_size 64
+    out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
+                                       impl="sm90", device="sm90", exe=harness("plain"))
+    assert info["impl"] == "sm90" and (info["tma_boxes"] > 0) == (block_size == 64), info
+    zero_cache = torch.cat([cache, torch.zeros_like(cache[:1])])
+    zero_table = table.clone()
+    zero_table[0, 1] = nb
+    ref_out, ref_lse = case.reference(q_nope, q_pe, zero_cache, zero_table, seqlens, scale)
+    check_close(out, lse, ref_out, ref_lse, case.q_dtype, f"block id {bad}", tol=case.tolerance())
+
+
 def test_decode_sm90_tma_nan_in_masked_key(harness):
     """Block size 128, s_q = 2 causal: the last key of a full TMA tile (key 127 of a 128-key
     sequence) holds NaN in V column 300; query 0 must not see it (the band fix-up on a TMA tile),

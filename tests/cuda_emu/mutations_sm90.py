@@ -149,6 +149,8 @@ DECODE_MUTATIONS += [
     M("decode TMA: box issued to stage 0 whatever the stage (the ring's second stage never filled)", DECODE,
       "tma_load_2d(ring + s * kStageBytes + c * kChunkBytes", "tma_load_2d(ring + c * kChunkBytes",
       [(TMA_BS64, "plain", "forward")]),
+    M("decode TMA: an out-of-range block id loads block 0 instead of a zero-filled box", DECODE,
+      ": p.num_blocks * p.block_size;  // zero-filled", ": 0;", [("TMA: bad block id", "plain", "forward")]),
     M("decode TMA host: tensor map for a block size not a multiple of 64 (tiles straddle blocks)", DECODE_HOST,
       "p.block_size % kBlockN != 0 ||", "p.block_size % 16 != 0 ||", [(MAIN, "plain", "forward")]),
     M("decode fp16: S = Q K^T wgmma run as bf16 whatever T (fp16 operands read as bf16)", DECODE,
@@ -165,11 +167,18 @@ DECODE_MUTATIONS += [
 def run_decode_check(name: str, flavor: str, order: str, exe: Path) -> str | None:
     """None if the shared decode case passed through the sm90 kernel, else how it failed."""
     from cuda_cases import DECODE_CASES, SCALE, DecodeCase, check_close
+    ref = None  # (out, lse) when the case's expected result is not the reference on its own inputs
     if name == NAN_CHECK:
         case = DecodeCase("sm90 nan in a causally masked key col 300", s_q=2, lens=(40, 70))
         q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
         last = int(seqlens[0]) - 1
         cache[int(table[0, last // case.block_size]), last % case.block_size, 300] = float("nan")
+    elif name == "TMA: bad block id":  # table entry 1 of sequence 0 is -1: zero rows expected
+        case = DecodeCase("sm90 TMA bad block id", s_q=2, block_size=64, lens=(300, 70))
+        q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+        table[0, 1] = -1
+        ref = case.reference(q_nope, q_pe, torch.cat([cache, torch.zeros_like(cache[:1])]),
+                             torch.where(table == -1, cache.shape[0], table), seqlens, scale)
     elif name == "TMA: padded block stride":  # blocks of 64 rows, 65 rows apart
         case = DecodeCase("sm90 TMA padded block stride", s_q=2, block_size=64, lens=(70, 200))
         q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
@@ -188,7 +197,7 @@ def run_decode_check(name: str, flavor: str, order: str, exe: Path) -> str | Non
         return "error: " + (lines[0] if lines else str(e).splitlines()[0])[:150]
     if info["impl"] != "sm90":
         return f"ran {info['impl']}, not sm90"
-    ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
+    ref_out, ref_lse = ref or case.reference(q_nope, q_pe, cache, table, seqlens, scale)
     try:
         if name == NAN_CHECK:  # query 0 of sequence 0 must not see the NaN; query 1 must be all NaN
             if not torch.isnan(out[0, 1]).all():
