@@ -261,8 +261,8 @@ DecodePlan plan_decode(const DecodeParams& p, int device, DecodeImpl requested) 
                        stride16(p.q_pe_seq_stride, 2) && stride16(p.q_pe_head_stride, 2) &&
                        stride16(p.cache_block_stride, cache_elt) && stride16(p.cache_token_stride, cache_elt) &&
                        reinterpret_cast<uintptr_t>(p.out) % 4 == 0;  // the kernel stores column pairs
-  if (requested == DecodeImpl::kSm90 && aligned && p.q_dtype == DType::kBFloat16 &&
-      (p.cache_dtype == DType::kBFloat16 || fp8) && sm90::kDecodeSmemBytes <= static_cast<size_t>(info.smem_optin)) {
+  if (requested == DecodeImpl::kSm90 && aligned && half_type &&
+      sm90::kDecodeSmemBytes <= static_cast<size_t>(info.smem_optin)) {  // bf16 / fp16 q, same-type or fp8 cache
     plan.impl = DecodeImpl::kSm90;
   } else if (requested != DecodeImpl::kSimple && half_type && aligned) {
     for (int c = 0; c < kNumTcConfigs; ++c) {  // largest first
@@ -304,7 +304,7 @@ cudaError_t decode(const DecodeParams& params, const DecodePlan& plan, cudaStrea
   p.num_splits = plan.num_splits;
   cudaError_t err = cudaSuccess;
   if (plan.impl == DecodeImpl::kSm90) {
-    err = sm90::launch_decode_sm90_bf16(p, stream);
+    err = sm90::launch_decode_sm90(p, stream);
   } else if (plan.impl == DecodeImpl::kTensorCore) {
     const bool bf16 = p.q_dtype == DType::kBFloat16;
     if (p.cache_dtype == DType::kFloat8E4M3)
