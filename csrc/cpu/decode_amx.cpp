@@ -61,7 +61,7 @@
 #if defined(__x86_64__) && defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 10)
 #define MLA_HAVE_AMX_KERNEL 1
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -136,20 +136,53 @@ inline float bf16_value(uint16_t b) {
   return x;
 }
 
-// 32 e4m3fn codes -> the bf16 bits of (value / 256), exactly (see kFp8TileScale):
+// The bf16 bits of (e4m3fn magnitude code c) / 256, exactly (see kFp8TileScale), c < 128:
 //   exponent e > 0: 2^(e-7) (1 + m/8) / 256 -> bf16 exponent e + 112, mantissa m in its top
-//                   3 bits: bits = (magnitude << 4) + (112 << 7);
-//   e = 0 (m = 0..7): m 2^-17, a normal bf16, from an 8-entry table (vpermw);
-//   0x7f: NaN. The sign moves from bit 7 to bit 15.
-inline __m512i fp8x32_to_bf16(const uint8_t* src) {
-  const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-  const __m512i mag = _mm512_and_si512(x, _mm512_set1_epi16(0x7f));
-  __m512i r = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(112 << 7));
-  const __m512i sub_table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                             0x3860, 0x3840, 0x3820, 0x3800, 0x37c0, 0x3780, 0x3700, 0x0000);
-  r = _mm512_mask_permutexvar_epi16(r, _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), mag, sub_table);
-  r = _mm512_mask_mov_epi16(r, _mm512_cmpeq_epi16_mask(mag, _mm512_set1_epi16(0x7f)), _mm512_set1_epi16(0x7fc0));
-  return _mm512_or_si512(r, _mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x80)), 8));
+//                   3 bits: (c << 4) + (112 << 7);
+//   e = 0: m 2^-17, a normal bf16 (exponent 110 + floor(log2 m));
+//   0x7f: NaN.
+constexpr uint16_t fp8_magnitude_bf16(int c) {
+  if (c == 0x7f) return 0x7fc0;
+  if (c >= 8) return static_cast<uint16_t>((c << 4) + (112 << 7));
+  if (c == 0) return 0;
+  int k = 0;  // floor(log2 m)
+  while ((c >> (k + 1)) != 0) ++k;
+  return static_cast<uint16_t>(((110 + k) << 7) | (((c << (7 - k)) & 0x7f)));  // m 2^-17 = (m / 2^k) 2^(k - 17)
+}
+
+struct Fp8Tables {
+  alignas(64) uint8_t lo[128], hi[128];  // the two bytes of fp8_magnitude_bf16(c)
+  constexpr Fp8Tables() : lo(), hi() {
+    for (int c = 0; c < 128; ++c) {
+      lo[c] = static_cast<uint8_t>(fp8_magnitude_bf16(c) & 0xff);
+      hi[c] = static_cast<uint8_t>(fp8_magnitude_bf16(c) >> 8);
+    }
+  }
+};
+constexpr Fp8Tables kFp8Tables{};
+static_assert(fp8_magnitude_bf16(1) == 0x3700 && fp8_magnitude_bf16(7) == 0x3860 && fp8_magnitude_bf16(8) == 0x3880,
+              "subnormal e4m3 codes and the first normal one");
+
+// 64 e4m3fn codes -> their bf16 bits (value / 256) in dst[0..63], by table: two 128-entry
+// byte lookups (vpermi2b, the low and high byte of each result, NaN and subnormals included),
+// the sign moved from bit 7 to bit 15, and the bytes paired into words with vpunpck[lh]bw.
+// The unpacks pair bytes within 128-bit lanes, so the codes are first permuted (vpermb) such
+// that the two results come out in natural order: lane L of the first holds codes 8L..8L+7,
+// of the second codes 32+8L..32+8L+7.
+inline void fp8x64_to_bf16(const uint8_t* src, uint16_t* dst) {
+  const __m512i t_lo0 = _mm512_load_si512(kFp8Tables.lo), t_lo1 = _mm512_load_si512(kFp8Tables.lo + 64);
+  const __m512i t_hi0 = _mm512_load_si512(kFp8Tables.hi), t_hi1 = _mm512_load_si512(kFp8Tables.hi + 64);
+  // position 16L + j <- code 8L + j (j < 8), position 16L + 8 + j <- code 32 + 8L + j.
+  const __m512i order = _mm512_set_epi8(63, 62, 61, 60, 59, 58, 57, 56, 31, 30, 29, 28, 27, 26, 25, 24,  //
+                                        55, 54, 53, 52, 51, 50, 49, 48, 23, 22, 21, 20, 19, 18, 17, 16,  //
+                                        47, 46, 45, 44, 43, 42, 41, 40, 15, 14, 13, 12, 11, 10, 9, 8,    //
+                                        39, 38, 37, 36, 35, 34, 33, 32, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i x = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(src));
+  const __m512i lo = _mm512_permutex2var_epi8(t_lo0, x, t_lo1);  // index bits 0-6: the magnitude
+  __m512i hi = _mm512_permutex2var_epi8(t_hi0, x, t_hi1);
+  hi = _mm512_or_si512(hi, _mm512_and_si512(x, _mm512_set1_epi8(static_cast<char>(0x80))));
+  _mm512_storeu_si512(dst, _mm512_unpacklo_epi8(lo, hi));
+  _mm512_storeu_si512(dst + 32, _mm512_unpackhi_epi8(lo, hi));
 }
 
 // One cache row as bf16 in dst (576 values): a copy (bf16) or the exact widening (fp8).
@@ -159,7 +192,7 @@ inline void row_to_bf16(const typename CT::T* src, uint16_t* dst) {
     for (int d = 0; d < kHeadDim; d += 32) _mm512_storeu_si512(dst + d, _mm512_loadu_si512(src + d));
   } else {
     static_assert(CT::kType == DType::kFloat8E4M3, "bf16 and fp8 caches only");
-    for (int d = 0; d < kHeadDim; d += 32) _mm512_storeu_si512(dst + d, fp8x32_to_bf16(src + d));
+    for (int d = 0; d < kHeadDim; d += 64) fp8x64_to_bf16(src + d, dst + d);
   }
 }
 
