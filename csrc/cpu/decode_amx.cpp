@@ -527,6 +527,16 @@ struct BlockPrefetcher {
 // store touch 16 lines two sets apart in L1, and P . V ran at a quarter of the tile rate.
 inline float* o_tile(float* o, int rt, int ct) { return o + (static_cast<int64_t>(rt) * (kLatentDim / 16) + ct) * 256; }
 
+// Columns [c, c + 32) of key_pairs pairs of rows (krow[2k], krow[2k + 1]) into vbuf in the
+// VNNI layout and unpack order that pv_block describes.
+inline void repack_v_chunk(const uint16_t* const* krow, int c, int key_pairs, uint16_t* vbuf) {
+  for (int k = 0; k < key_pairs; ++k) {
+    const __m512i va = _mm512_loadu_si512(krow[2 * k] + c), vb = _mm512_loadu_si512(krow[2 * k + 1] + c);
+    _mm512_storeu_si512(vbuf + k * 64, _mm512_unpacklo_epi16(va, vb));
+    _mm512_storeu_si512(vbuf + k * 64 + 32, _mm512_unpackhi_epi16(va, vb));
+  }
+}
+
 // O[rows, 512] += (P_hi + P_mid) . V over one block, 32 output columns at a time. Per chunk,
 // V (those 32 columns of the block's 64 key rows, bf16) is first written into vbuf in the VNNI
 // layout of a B operand, vbuf[k][2n + e] = V[2k + e][col(n)] (k = key pair), 4 KB that stay in
@@ -555,11 +565,7 @@ inline void pv_block(const uint16_t* const* krow, const uint16_t* p_hi, const ui
   };
   if (row_tiles == 1) load_p(0);
   for (int c = 0; c < kLatentDim; c += 32) {
-    for (int k = 0; k < 16 * pair_tiles; ++k) {
-      const __m512i va = _mm512_loadu_si512(krow[2 * k] + c), vb = _mm512_loadu_si512(krow[2 * k + 1] + c);
-      _mm512_storeu_si512(vbuf + k * 64, _mm512_unpacklo_epi16(va, vb));
-      _mm512_storeu_si512(vbuf + k * 64 + 32, _mm512_unpackhi_epi16(va, vb));
-    }
+    repack_v_chunk(krow, c, 16 * pair_tiles, vbuf);
     pf.step();
     for (int rt = 0; rt < row_tiles; ++rt) {
       float* orow = o_tile(o, rt, c / 16);
@@ -595,15 +601,8 @@ inline void pv_block_fp16(const uint16_t* const* krow, const uint16_t* const* kr
                           uint16_t* vbuf_lo, BlockPrefetcher& pf) {
   constexpr long kPStride = kBlockKeys * 2, kVStride = 64 * 2, kOStride = 16 * 4;
   for (int c = 0; c < kLatentDim; c += 32) {
-    for (int k = 0; k < 16 * pair_tiles; ++k) {
-      __m512i va = _mm512_loadu_si512(krow[2 * k] + c), vb = _mm512_loadu_si512(krow[2 * k + 1] + c);
-      _mm512_storeu_si512(vbuf + k * 64, _mm512_unpacklo_epi16(va, vb));
-      _mm512_storeu_si512(vbuf + k * 64 + 32, _mm512_unpackhi_epi16(va, vb));
-      va = _mm512_loadu_si512(krow_lo[2 * k] + c);
-      vb = _mm512_loadu_si512(krow_lo[2 * k + 1] + c);
-      _mm512_storeu_si512(vbuf_lo + k * 64, _mm512_unpacklo_epi16(va, vb));
-      _mm512_storeu_si512(vbuf_lo + k * 64 + 32, _mm512_unpackhi_epi16(va, vb));
-    }
+    repack_v_chunk(krow, c, 16 * pair_tiles, vbuf);
+    repack_v_chunk(krow_lo, c, 16 * pair_tiles, vbuf_lo);
     pf.step();
     for (int rt = 0; rt < row_tiles; ++rt) {
       float* orow = o_tile(o, rt, c / 16);
