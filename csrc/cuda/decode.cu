@@ -1,9 +1,10 @@
 // Decode planning and dispatch, the CUDA-core decode kernel (any dtype, any alignment)
-// and the split-KV combine kernel. The tensor-core kernel lives in decode_tc.cuh.
+// (the split-KV combine is combine.cuh's). The tensor-core kernel lives in decode_tc.cuh.
 #include <algorithm>
 #include <mutex>
 #include <type_traits>
 
+#include "combine.cuh"
 #include "cuda_kernels.h"
 #include "decode_tc.cuh"
 #include "sm90/decode_sm90.h"
@@ -124,55 +125,6 @@ __global__ void __launch_bounds__(kSimpleThreads) decode_simple_kernel(const Dec
   }
 }
 
-// ---------------------------------------------------------------------------------------
-// Combine: out[b, r] = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse), and
-// lse = max + log(sum w). One CTA of 128 threads per (row, sequence), 4 columns a thread.
-constexpr int kCombineThreads = 128;
-
-template <typename T>
-__global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodeParams p) {
-  using Tr = TypeTraits<T>;
-  const int32_t M = p.seqlen_q * p.num_heads;
-  const int32_t r = blockIdx.x;
-  const int32_t b = blockIdx.y;
-  const int32_t S = p.num_splits;
-  const int64_t base = static_cast<int64_t>(b) * S * M + r;  // (b, split 0, r)
-  const int col = threadIdx.x * 4;
-
-  // A split that saw no key has lse -inf and is skipped; a NaN lse (the row saw a NaN)
-  // propagates into the output as in the reference.
-  float mx = -INFINITY;
-  bool seen = false;
-  for (int s = 0; s < S; ++s) {
-    const float lse = p.lse_accum[base + static_cast<int64_t>(s) * M];
-    seen |= lse != -INFINITY;
-    mx = lse > mx ? lse : mx;
-  }
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  float wsum = 0.f;
-  if (seen) {
-    for (int s = 0; s < S; ++s) {
-      const int64_t idx = base + static_cast<int64_t>(s) * M;
-      const float lse = p.lse_accum[idx];
-      if (lse == -INFINITY) continue;  // empty split
-      const float w = exp2f((lse - mx) * kLog2e);
-      const float4 v = *reinterpret_cast<const float4*>(p.o_accum + idx * kLatentDim + col);
-      acc.x += w * v.x;
-      acc.y += w * v.y;
-      acc.z += w * v.z;
-      acc.w += w * v.w;
-      wsum += w;
-    }
-  }
-  const float inv = seen ? 1.f / wsum : 0.f;
-  T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * M + r) * kLatentDim + col;
-  out[0] = Tr::from_float(acc.x * inv);
-  out[1] = Tr::from_float(acc.y * inv);
-  out[2] = Tr::from_float(acc.z * inv);
-  out[3] = Tr::from_float(acc.w * inv);
-  if (threadIdx.x == 0) p.lse[static_cast<int64_t>(b) * M + r] = seen ? mx + __logf(wsum) : -INFINITY;
-}
-
 template <typename T>
 cudaError_t launch_simple(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<uint32_t>(p.seqlen_q * p.num_heads * p.num_splits), p.batch);
@@ -184,14 +136,6 @@ cudaError_t launch_simple(const DecodeParams& p, cudaStream_t stream) {
     auto kernel = decode_simple_kernel<T, T>;
     MLA_LAUNCH(kernel, grid, kSimpleThreads, sizeof(SimpleSmem<T>), stream, p);
   }
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_combine(const DecodeParams& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<uint32_t>(p.seqlen_q * p.num_heads), p.batch);
-  auto kernel = combine_kernel<T>;
-  MLA_LAUNCH(kernel, grid, kCombineThreads, 0, stream, p);
   return cudaGetLastError();
 }
 
@@ -320,12 +264,10 @@ cudaError_t decode(const DecodeParams& params, const DecodePlan& plan, cudaStrea
     }
   }
   if (err != cudaSuccess || p.num_splits == 1) return err;
-  switch (p.q_dtype) {
-    case DType::kFloat32: return launch_combine<float>(p, stream);
-    case DType::kFloat16: return launch_combine<__half>(p, stream);
-    case DType::kBFloat16: return launch_combine<__nv_bfloat16>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  const int32_t M = p.seqlen_q * p.num_heads;
+  const CombineArgs args{p.o_accum, p.lse_accum, p.out, p.lse, nullptr, static_cast<int64_t>(p.batch) * M,
+                         p.num_heads, -INFINITY};
+  return launch_combine_for(p.q_dtype, args, DenseSplitLayout{M, p.num_splits}, stream);
 }
 
 }  // namespace mla::cuda
