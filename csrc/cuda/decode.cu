@@ -7,6 +7,7 @@
 #include "combine.cuh"
 #include "cuda_kernels.h"
 #include "decode_tc.cuh"
+#include "schedule.cuh"
 #include "sm90/decode_sm90.h"
 
 namespace mla::cuda {
@@ -205,7 +206,11 @@ DecodePlan plan_decode(const DecodeParams& p, int device, DecodeImpl requested) 
                        stride16(p.q_pe_seq_stride, 2) && stride16(p.q_pe_head_stride, 2) &&
                        stride16(p.cache_block_stride, cache_elt) && stride16(p.cache_token_stride, cache_elt) &&
                        reinterpret_cast<uintptr_t>(p.out) % 4 == 0;  // the kernel stores column pairs
-  if (requested == DecodeImpl::kSm90 && aligned && p.q_dtype == DType::kBFloat16 &&
+  // The sm90 kernel's schedule counts cost positions in int32 (schedule.cuh): bounded by shapes here.
+  const int64_t sm90_units = static_cast<int64_t>(p.batch) * ((M + sm90::kDecodeBlockM - 1) / sm90::kDecodeBlockM);
+  const bool sm90_fits = sm90_units * ((capacity + sm90::kDecodeBlockN - 1) / sm90::kDecodeBlockN + kSchedFixedCost) <
+                         (int64_t{1} << 31);
+  if (requested == DecodeImpl::kSm90 && aligned && p.q_dtype == DType::kBFloat16 && sm90_fits &&
       (p.cache_dtype == DType::kBFloat16 || fp8) && sm90::kDecodeSmemBytes <= static_cast<size_t>(info.smem_optin)) {
     plan.impl = DecodeImpl::kSm90;
   } else if (requested != DecodeImpl::kSimple && half_type && aligned) {
@@ -219,12 +224,19 @@ DecodePlan plan_decode(const DecodeParams& p, int device, DecodeImpl requested) 
     }
   }
 
-  int64_t base_ctas, slots, tile;
   if (plan.impl == DecodeImpl::kSm90) {
-    tile = sm90::kDecodeBlockN;
-    base_ctas = static_cast<int64_t>(p.batch) * ((M + sm90::kDecodeBlockM - 1) / sm90::kDecodeBlockM);
-    slots = info.sms;  // one CTA per SM (shared memory)
-  } else if (plan.impl == DecodeImpl::kTensorCore) {
+    // Device-side schedule (schedule.cuh): one persistent CTA per SM (shared memory), 2 partial
+    // slots each; every size from shapes and the SM count.
+    plan.sched_ctas = std::max(1, info.sms);
+    const SchedSizes s = sched_sizes(p, sm90::kDecodeBlockM, plan.sched_ctas);
+    plan.num_splits = static_cast<int32_t>(2 * plan.sched_ctas);
+    plan.workspace_sched = s.sched_ints;
+    plan.workspace_o = s.partial_rows * kLatentDim;
+    plan.workspace_lse = s.partial_rows;
+    return plan;
+  }
+  int64_t base_ctas, slots, tile;
+  if (plan.impl == DecodeImpl::kTensorCore) {
     const int64_t bm = kTcConfigs[plan.config].block_m;
     tile = kTcConfigs[plan.config].block_n;
     base_ctas = static_cast<int64_t>(p.batch) * ((M + bm - 1) / bm);
@@ -248,8 +260,11 @@ cudaError_t decode(const DecodeParams& params, const DecodePlan& plan, cudaStrea
   p.num_splits = plan.num_splits;
   cudaError_t err = cudaSuccess;
   if (plan.impl == DecodeImpl::kSm90) {
-    err = sm90::launch_decode_sm90_bf16(p, stream);
-  } else if (plan.impl == DecodeImpl::kTensorCore) {
+    // Metadata kernel, persistent decode kernel, combine: same stream, no host sync.
+    p.sched_ctas = plan.sched_ctas;
+    return run_scheduled<sm90::kDecodeBlockM, sm90::kDecodeBlockN>(p, stream, sm90::launch_decode_sm90_bf16);
+  }
+  if (plan.impl == DecodeImpl::kTensorCore) {
     const bool bf16 = p.q_dtype == DType::kBFloat16;
     if (p.cache_dtype == DType::kFloat8E4M3)
       err = bf16 ? launch_decode_tc_fp8_bf16(p, plan.config, stream) : launch_decode_tc_fp8_fp16(p, plan.config, stream);
