@@ -11,9 +11,8 @@
 // the max, the "seen" vote and the weight sum are warp reductions; then every lane sweeps its 16
 // of the 512 columns (4 float4, coalesced across the warp) over the pieces. Torch-free.
 //
-// A layout says where a row's pieces live (Layout::pieces: how many, -1 = the row is not the
-// combine's: its kernel wrote it directly; Layout::piece: the partial's index, lse_accum[idx],
-// o_accum[idx * DC]).
+// A layout says where a row's pieces live: Layout::row(r) gives a CombineRow (resolved once per
+// row, so the sweep over the pieces does no division).
 #pragma once
 #include "common.cuh"
 
@@ -33,13 +32,26 @@ struct CombineArgs {
   float empty_lse;           // lse of a row no piece saw
 };
 
+// Where one output row's n pieces live: piece s < n - 1 at index base + s * stride, the last
+// one at `last` (lse_accum[idx], o_accum[idx * DC]). n = -1: the row is not the combine's (its
+// decode kernel wrote it directly).
+struct CombineRow {
+  int64_t base, stride, last;
+  int32_t n;
+  __device__ __forceinline__ int64_t piece(int32_t s) const { return s == n - 1 ? last : base + s * stride; }
+};
+
 // Dense split-KV (decode.cu): o_accum [b, S, M, DC], row r = b * M + m.
 struct DenseSplitLayout {
   int32_t M, num_splits;
-  __device__ __forceinline__ int32_t pieces(int64_t) const { return num_splits; }
-  __device__ __forceinline__ int64_t piece(int64_t r, int32_t s) const {
+  __device__ __forceinline__ CombineRow row(int64_t r) const {
     const int64_t b = r / M, m = r - b * M;
-    return (b * num_splits + s) * M + m;
+    CombineRow c;
+    c.base = b * num_splits * M + m;
+    c.stride = M;
+    c.last = c.base + (num_splits - 1) * c.stride;
+    c.n = num_splits;
+    return c;
   }
 };
 
@@ -47,8 +59,14 @@ struct DenseSplitLayout {
 struct SparseSplitLayout {
   int64_t rows;
   int32_t num_splits;
-  __device__ __forceinline__ int32_t pieces(int64_t) const { return num_splits; }
-  __device__ __forceinline__ int64_t piece(int64_t r, int32_t s) const { return s * rows + r; }
+  __device__ __forceinline__ CombineRow row(int64_t r) const {
+    CombineRow c;
+    c.base = r;
+    c.stride = rows;
+    c.last = r + (num_splits - 1) * rows;
+    c.n = num_splits;
+    return c;
+  }
 };
 
 template <typename T, typename Layout>
@@ -56,7 +74,8 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineA
   const int lane = threadIdx.x % 32;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
   if (r >= a.rows) return;  // the whole warp
-  const int32_t n = layout.pieces(r);
+  const CombineRow row = layout.row(r);
+  const int32_t n = row.n;
   if (n < 0) return;  // written by the decode kernel itself
 
   // Lanes over the pieces: max (fmaxf: a NaN lse is not the max; it poisons the weights below),
@@ -64,7 +83,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineA
   float mx = -INFINITY;
   bool seen = false;
   for (int32_t s = lane; s < n; s += 32) {
-    const float lse = a.lse_accum[layout.piece(r, s)];
+    const float lse = a.lse_accum[row.piece(s)];
     seen |= lse != -INFINITY;  // NaN counts as seen and propagates
     mx = fmaxf(mx, lse);
   }
@@ -74,7 +93,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineA
   float wsum = 0.f;
   if (seen)
     for (int32_t s = lane; s < n; s += 32) {
-      const float lse = a.lse_accum[layout.piece(r, s)];
+      const float lse = a.lse_accum[row.piece(s)];
       if (lse != -INFINITY) wsum += exp2f((lse - mx) * kLog2e);
     }
 #pragma unroll
@@ -86,7 +105,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineA
   for (int k = 0; k < 4; ++k) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
   if (seen)
     for (int32_t s = 0; s < n; ++s) {
-      const int64_t idx = layout.piece(r, s);
+      const int64_t idx = row.piece(s);
       const float lse = a.lse_accum[idx];  // the same value for all lanes
       if (lse == -INFINITY) continue;      // empty piece: its o is never read
       const float w = exp2f((lse - mx) * kLog2e);

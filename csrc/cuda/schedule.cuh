@@ -154,35 +154,19 @@ struct ScheduledLayout {
   const int32_t* sched;
   int32_t M, m_blocks, ctas, slot_rows;
 
-  struct Span {
-    int32_t g_first, g_last, row;  // row: within the unit's slots
-  };
-  __device__ __forceinline__ Span span(int64_t r) const {
+  __device__ __forceinline__ CombineRow row(int64_t r) const {
     const int64_t b = r / M;
-    const int32_t m = static_cast<int32_t>(r - b * M);
+    const int32_t m = static_cast<int32_t>(r - b * M), slot_row = m % BlockM;
     const int64_t u = b * m_blocks + m / BlockM;
     const int32_t* prefix = sched + kSchedHeader;
     const int32_t per = sched[0], t0 = prefix[u] + kSchedFixedCost, n = prefix[u + 1] - t0;
-    Span s;
-    s.row = m % BlockM;
-    if (n == 0) {
-      s.g_first = 0;
-      s.g_last = -1;  // no tile
-    } else {
-      s.g_first = t0 / per;
-      s.g_last = (t0 + n - 1) / per;
-    }
-    return s;
-  }
-  __device__ __forceinline__ int32_t pieces(int64_t r) const {
-    const Span s = span(r);
-    return s.g_last > s.g_first ? s.g_last - s.g_first + 1 : -1;
-  }
-  __device__ __forceinline__ int64_t piece(int64_t r, int32_t i) const {
-    const Span s = span(r);
-    const int32_t g = s.g_first + i;
-    const int64_t slot = g == s.g_last ? ctas + g : g;
-    return slot * slot_rows + s.row;
+    const int32_t g_first = t0 / per, g_last = n > 0 ? (t0 + n - 1) / per : g_first;
+    CombineRow c;
+    c.n = g_last > g_first ? g_last - g_first + 1 : -1;  // uncut or no tile: written directly
+    c.base = static_cast<int64_t>(g_first) * slot_rows + slot_row;  // slots g_first .. g_last - 1
+    c.stride = slot_rows;
+    c.last = (static_cast<int64_t>(ctas) + g_last) * slot_rows + slot_row;  // the last piece: slot G + g_last
+    return c;
   }
 };
 
