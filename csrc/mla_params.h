@@ -60,6 +60,11 @@ struct DecodeParams {
   float* o_accum;           // [b, num_splits, M, DC]  fp32, only read/written when num_splits > 1
   float* lse_accum;         // [b, num_splits, M]      fp32 natural log, -inf = no key seen
   int32_t num_splits;       // KV splits per sequence, from shapes only (never from seqlens values)
+  // Device-side schedule (the sm90 kernel, csrc/cuda/schedule.cuh): an int32 workspace the
+  // metadata kernel fills from cache_seqlens on the device, and the number of persistent CTAs
+  // (SM count x CTAs per SM, filled by the host from the plan). Unused by the other kernels.
+  int32_t* sched;           // [sched_ints(units, sched_ctas)] int32
+  int32_t sched_ctas;
 
   // Strides in elements. The head dim of q_nope/q_pe is contiguous.
   int64_t q_nope_batch_stride, q_nope_seq_stride, q_nope_head_stride;

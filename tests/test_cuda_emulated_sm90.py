@@ -232,8 +232,8 @@ def run_sm90(case: DecodeCase, harness, flavor="plain", order="forward"):
 def test_decode_sm90(case, flavor, order, harness):
     out, lse, ref_out, ref_lse, info = run_sm90(case, harness, flavor, order)
     assert info["impl"] == "sm90", info  # the Hopper kernel ran, not a fallback
-    if "split" in case.name:
-        assert info["num_splits"] > 1 and info["launches"] == 2, info  # sm90 partials + the shared combine
+    # Every call: the metadata kernel, the persistent decode kernel (one CTA per emulated SM), the combine.
+    assert info["launches"] == 3 and info["sched_ctas"] == 132, info
     # The tolerances of tests/cuda_cases.py TOL (bf16: 2e-2 norm-wise): P is rounded to bf16 before
     # P V, as in the sm80 kernel; the wgmma products are exact, fp32 accumulation.
     check_close(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [sm90 {flavor} {order}]", tol=case.tolerance())
@@ -273,8 +273,9 @@ def test_decode_sm90_masked_key_with_nan_stays_masked(variant, harness):
                                        impl="sm90", device="sm90", exe=harness("plain"))
     ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
     assert info["impl"] == "sm90", info
-    if "split" in variant:
-        assert info["num_splits"] > 1, info
+    if "split" in variant:  # sequence 0's unit is cut over several persistent CTAs (partials + combine)
+        spans = schedule_spans(case.lens, case.s_q, case.h, case.causal, info["sched_ctas"])
+        assert spans[0][1] > spans[0][0], (info, spans)
     j = case.s_q - 1
     assert torch.isnan(ref_out[0, j]).all() and torch.isnan(ref_lse[0, j]).all()
     assert torch.isnan(out[0, j]).all(), "the last query sees the NaN key: its whole output must be NaN"
@@ -285,26 +286,23 @@ def test_decode_sm90_masked_key_with_nan_stays_masked(variant, harness):
     check_close(out[1:], lse[1:], ref_out[1:], ref_lse[1:], case.q_dtype, "sequence 1 (no NaN)", tol=tol)
 
 
-# ---- The TMA producer path (block_size % 64 == 0, bf16 cache): full tiles through 2-D TMA boxes,
-# the partial last tile of each split / sequence through the cp.async gather (decode_sm90.cuh).
+# ---- The TMA producer path (block_size % 64 == 0, 16-bit cache): full tiles through 2-D TMA boxes,
+# the partial last tile of each unit through the cp.async gather (decode_sm90.cuh).
 
-def expected_tma_boxes(case: DecodeCase, seqlens, num_splits: int) -> int:
-    """9 boxes per tile whose 64 keys are all below its split's key_end, over every CTA (the
-    kernel's split_range and visible_keys, in Python)."""
-    M, boxes = case.s_q * case.h, 0
-    for L in seqlens.tolist():
-        L = max(0, min(L, 10**9))
-        for m0 in range(0, M, 64):
-            j = (min(m0 + 64, M) - 1) // case.h
-            n_keys = 0 if L <= 0 else (L if not case.causal else max(0, min(L, L - case.s_q + j + 1)))
-            n_tiles = -(-n_keys // 64)
-            per_split = -(-n_tiles // num_splits)
-            for split in range(num_splits):
-                begin = min(n_tiles, split * per_split)
-                end = min(n_tiles, begin + per_split)
-                key_end = min(n_keys, end * 64)
-                boxes += 9 * sum((t + 1) * 64 <= key_end for t in range(begin, end))
+def expected_tma_boxes(case: DecodeCase, seqlens, ctas: int) -> int:
+    """9 boxes per tile whose 64 keys are all below its piece's key_end, over every piece of the
+    schedule (schedule_pieces below: the kernel's pieces and key_end = min(the unit's keys,
+    tile_end * 64), in Python)."""
+    boxes = 0
+    for keys, begin, end in schedule_pieces(seqlens.tolist(), case.s_q, case.h, case.causal, ctas):
+        key_end = min(keys, end * 64)
+        boxes += 9 * sum((t + 1) * 64 <= key_end for t in range(begin, end))
     return boxes
+
+
+def cut_units(case: DecodeCase, ctas: int) -> int:
+    """Units the schedule cuts over several CTAs (so their pieces go through the partial slots)."""
+    return sum(1 for s in schedule_spans(case.lens, case.s_q, case.h, case.causal, ctas) if s and s[1] > s[0])
 
 
 TMA_CASES = [
@@ -327,10 +325,10 @@ def test_decode_sm90_tma(case, flavor, order, harness):
     the float64 reference (finite: no poisoned slot reached a product)."""
     out, lse, ref_out, ref_lse, info = run_sm90(case, harness, flavor, order)
     assert info["impl"] == "sm90", info
-    if "split" in case.name:
-        assert info["num_splits"] > 1, info
+    if "split" in case.name:  # the schedule cuts a unit: full tiles of non-last pieces go through TMA too
+        assert cut_units(case, info["sched_ctas"]) > 0, info
     seqlens = case.inputs()[4]
-    want = expected_tma_boxes(case, seqlens, info["num_splits"])
+    want = expected_tma_boxes(case, seqlens, info["sched_ctas"])
     assert want > 0 and info["tma_boxes"] == want, (info, want)
     assert info["cp_async"] > 0, info  # the Q block and the partial tiles
     check_close(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [sm90 {flavor} {order}]", tol=case.tolerance())
@@ -417,7 +415,8 @@ def test_decode_sm90_compiles_for_sm90a():
     USETMAXREG (producer down, consumers up)."""
     src = ROOT / "csrc" / "cuda" / "sm90" / "decode_sm90.cu"
     inputs = [src] + sorted((ROOT / "csrc" / "cuda" / "sm90").glob("*.cuh")) + sorted(
-        (ROOT / "csrc" / "cuda" / "sm90").glob("*.h")) + [ROOT / "csrc" / "cuda" / "common.cuh", ROOT / "csrc" / "mla_params.h"]
+        (ROOT / "csrc" / "cuda" / "sm90").glob("*.h")) + [ROOT / "csrc" / "cuda" / "common.cuh", ROOT / "csrc" / "mla_params.h",
+                                                      ROOT / "csrc" / "cuda" / "schedule.cuh", ROOT / "csrc" / "cuda" / "combine.cuh"]
     key = hashlib.sha256(b"".join(p.read_bytes() for p in inputs)).hexdigest()[:16]
     out = ROOT / "build" / "sm90" / f"decode-{key}"
     out.mkdir(parents=True, exist_ok=True)
@@ -455,3 +454,153 @@ def test_decode_sm90_compiles_for_sm90a():
     top = max(int(x) for x in re.findall(r"\bR(\d+)\b", sass))
     print("highest register named in the SASS:", top)
     assert top < 232, top
+
+
+# ------------------------------------------------------------------------------ the device-side schedule
+
+SCHED_FIXED_COST, SCHED_MIN_COST = 2, 8  # csrc/cuda/schedule.cuh kSchedFixedCost, kSchedMinCost
+
+
+def schedule_spans(lens, s_q, h, causal, ctas, block_m=64, block_n=64):
+    """A readable model of schedule.cuh: for every (sequence, row block) unit, the CTAs of its first
+    and last key tile (None for a unit with no tile). Used to pick cases that split units and write
+    others directly; the kernel's results are checked against the float64 reference, not this."""
+    M = s_q * h
+    costs, tiles = [], []
+    for L in lens:
+        for m0 in range(0, M, block_m):
+            j = (min(m0 + block_m, M) - 1) // h
+            keys = max(0, min(L, L - s_q + j + 1)) if causal else L
+            keys = keys if L > 0 else 0
+            tiles.append(-(-keys // block_n))
+            costs.append(SCHED_FIXED_COST + tiles[-1])
+    per = max(-(-sum(costs) // ctas), SCHED_MIN_COST)
+    spans, pos = [], 0
+    for c, n in zip(costs, tiles):
+        t0 = pos + SCHED_FIXED_COST
+        spans.append(None if n == 0 else (t0 // per, (t0 + n - 1) // per))
+        pos += c
+    return spans
+
+
+def schedule_pieces(lens, s_q, h, causal, ctas, block_m=64, block_n=64):
+    """The pieces of the same model: (the unit's keys, tile_begin, tile_end) for every CTA's share
+    of every unit with tiles (SchedCursor: CTA g owns cost positions [g per, (g + 1) per))."""
+    M = s_q * h
+    units = []
+    for L in lens:
+        for m0 in range(0, M, block_m):
+            j = (min(m0 + block_m, M) - 1) // h
+            keys = max(0, min(L, L - s_q + j + 1)) if causal else L
+            units.append(keys if L > 0 else 0)
+    costs = [SCHED_FIXED_COST + -(-k // block_n) for k in units]
+    total = sum(costs)
+    per = max(-(-total // ctas), SCHED_MIN_COST)
+    pieces, pos = [], 0
+    for keys, c in zip(units, costs):
+        n, t0 = -(-keys // block_n), pos + SCHED_FIXED_COST
+        for g in range(ctas):
+            lo, hi = min(g * per, total), min((g + 1) * per, total)
+            begin, end = min(max(lo - t0, 0), n), min(max(hi - t0, 0), n)
+            if begin < end:
+                pieces.append((keys, begin, end))
+        pos += c
+    return pieces
+
+
+# (case, emulated SM count = persistent CTAs). Very skewed lengths, zero-length sequences, units that
+# one CTA covers next to units cut into many pieces, a CTA that covers several units, all-empty.
+SKEW_CASES = [
+    (DecodeCase("sm90 sched skewed [0, 1, 5000, 17]", lens=(0, 1, 5000, 17), extra_cols=2), 4),
+    (DecodeCase("sm90 sched skewed [0, 1, 5000, 17] 132 CTAs", lens=(0, 1, 5000, 17), extra_cols=2), 132),
+    (DecodeCase("sm90 sched skewed s_q=2 h=64: two row blocks", s_q=2, h=64, lens=(17, 0, 2000, 1)), 5),
+    (DecodeCase("sm90 sched skewed fp8 s_q=3", fp8=True, s_q=3, lens=(3000, 0, 2, 65), block_size=7), 3),
+    (DecodeCase("sm90 sched one CTA: nothing split", lens=(0, 1, 300, 17)), 1),
+    (DecodeCase("sm90 sched many short sequences, 2 CTAs", lens=(5, 0, 64, 65, 1, 130, 3, 0, 200)), 2),
+    (DecodeCase("sm90 sched all sequences empty", lens=(0, 0, 0)), 4),
+]
+
+
+@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+@pytest.mark.parametrize("case,ctas", SKEW_CASES, ids=[c.name for c, _ in SKEW_CASES])
+def test_decode_sm90_schedule(case, ctas, flavor, order, harness):
+    """The device-side schedule on skewed lengths: every row against the float64 reference (empty
+    sequences: out 0, lse -inf), for a few persistent-CTA counts (the emulated SM count)."""
+    q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+    out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
+                                       impl="sm90", device="sm90", sms=ctas, order=order, seed=11, flavor=flavor,
+                                       exe=harness(flavor))
+    assert info["impl"] == "sm90" and info["sched_ctas"] == ctas and info["launches"] == 3, info
+    ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
+    check_close(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [{ctas} CTAs {flavor} {order}]",
+                tol=case.tolerance())
+    for i, L in enumerate(case.lens):
+        if L == 0:
+            assert (out[i] == 0).all() and torch.isneginf(lse[i]).all(), f"sequence {i} (empty)"
+
+
+def test_schedule_cases_cover_split_and_direct_units():
+    """The skewed cases really exercise both paths: units cut over several CTAs (partials + combine)
+    next to units one CTA writes directly, and zero-tile units (schedule model above)."""
+    split = direct = empty = 0
+    for case, ctas in SKEW_CASES:
+        spans = schedule_spans(case.lens, case.s_q, case.h, case.causal, ctas)
+        split += sum(1 for s in spans if s and s[1] > s[0])
+        direct += sum(1 for s in spans if s and s[1] == s[0])
+        empty += sum(1 for s in spans if s is None)
+    assert split >= 5 and direct >= 5 and empty >= 5, (split, direct, empty)
+    spans = schedule_spans((0, 1, 5000, 17), 1, 16, True, 4)
+    assert spans[2] == (0, 3) and spans[0] is None, spans  # the long sequence spans all 4 CTAs
+
+
+def test_schedule_pieces_cover_each_tile_once():
+    """The piece model the TMA box count rests on: every unit's tiles are covered by its pieces
+    exactly once, and as pieces cut units only between 64-key tiles, the full tiles (the TMA ones)
+    are each unit's floor(keys / 64) whatever the CTA count."""
+    for case in [c for c, _ in SKEW_CASES] + TMA_CASES:
+        for ctas in (1, 2, 3, 5, 132):
+            pieces = schedule_pieces(case.lens, case.s_q, case.h, case.causal, ctas)
+            spans = schedule_spans(case.lens, case.s_q, case.h, case.causal, ctas)
+            full = sum(sum((t + 1) * 64 <= min(k, e * 64) for t in range(b, e)) for k, b, e in pieces)
+            units = list(_unit_keys(case))
+            assert full == sum(k // 64 for k in units), (case.name, ctas)
+            assert sum(e - b for _, b, e in pieces) == sum(-(-k // 64) for k in units), (case.name, ctas)
+            assert len(pieces) == sum(s[1] - s[0] + 1 for s in spans if s), (case.name, ctas)
+
+
+def _unit_keys(case: DecodeCase):
+    """Each unit's keys (what its row block's last row sees), in schedule order."""
+    M = case.s_q * case.h
+    for L in case.lens:
+        for m0 in range(0, M, 64):
+            j = (min(m0 + 64, M) - 1) // case.h
+            yield (max(0, min(L, L - case.s_q + j + 1)) if case.causal else L) if L > 0 else 0
+
+
+def test_decode_sm90_plan_ignores_seqlens(harness):
+    """Graph safety: the same shapes with other lengths give the same plan, workspace and launches
+    (the schedule is computed on the device), and each result is right."""
+    infos = []
+    for lens in [(0, 1, 5000, 17), (5000, 5000, 5000, 5000), (0, 0, 0, 0), (1, 2, 3, 4)]:
+        case = DecodeCase(f"sm90 sched same shape {lens}", lens=lens)
+        q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+        # One block table width (the capacity is a shape): pad to 5000 keys.
+        width = -(-5000 // case.block_size) + 1
+        table = torch.cat([table, torch.full((4, width - table.shape[1]), -1, dtype=torch.int32)], 1)
+        out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, impl="sm90",
+                                           device="sm90", sms=6, exe=harness("plain"))
+        ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
+        check_close(out, lse, ref_out, ref_lse, case.q_dtype, case.name, tol=case.tolerance())
+        infos.append({k: info[k] for k in ("impl", "num_splits", "sched_ctas", "launches")})
+    assert all(i == infos[0] for i in infos), infos
+    assert infos[0] == {"impl": "sm90", "num_splits": 12, "sched_ctas": 6, "launches": 3}, infos
+
+
+def test_sm90_mutation_patterns_match_sources():
+    """Every planted bug of tests/cuda_emu/mutations_sm90.py (make test-emulated) still finds its text
+    exactly once: a refactor must update them, not silently turn a mutation into a no-op."""
+    from cuda_emu.mutations_sm90 import DECODE_MUTATIONS, MUTATIONS, SCHED_MUTATIONS
+    assert len(SCHED_MUTATIONS) >= 3
+    for m in MUTATIONS + DECODE_MUTATIONS + SCHED_MUTATIONS:
+        text = (runner.REPO / "csrc" / m.path).read_text()
+        assert text.count(m.old) == 1, f"{m.name}: its text occurs {text.count(m.old)} times in csrc/{m.path}"

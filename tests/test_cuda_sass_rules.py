@@ -155,7 +155,7 @@ def test_tc_kernel_classification(dtype, cfg, obj, fp8):
 
 
 def test_other_kernels_are_not_tc():
-    for d in ("void mla::cuda::(anonymous namespace)::combine_kernel<__half>(mla::DecodeParams)",
+    for d in ("void mla::cuda::combine_kernel<__half, mla::cuda::DenseSplitLayout>(mla::cuda::CombineArgs, mla::cuda::DenseSplitLayout)",
               "void mla::cuda::(anonymous namespace)::decode_simple_kernel<float, float>(mla::DecodeParams)"):
         assert sc.tc_kernel(sc.Function("x", "sm_80", demangled=d), "decode.sm_80.o") is None
 

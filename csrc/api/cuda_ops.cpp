@@ -90,6 +90,11 @@ void run_decode(DecodeParams p, const at::Tensor& cache3d, const at::Tensor& q_n
     p.o_accum = o_accum.data_ptr<float>();
     p.lse_accum = lse_accum.data_ptr<float>();
   }
+  at::Tensor sched;  // the sm90 kernel's device-side schedule (sized from shapes and the SM count)
+  if (plan.workspace_sched > 0) {
+    sched = at::empty({plan.workspace_sched}, q_nope.options().dtype(at::kInt));
+    p.sched = sched.data_ptr<int32_t>();
+  }
   C10_CUDA_CHECK(cuda::decode(p, plan, at::cuda::getCurrentCUDAStream()));
 }
 

@@ -27,9 +27,12 @@ enum class DecodeImpl : int32_t {
 struct DecodePlan {
   DecodeImpl impl;      // never kAuto after planning
   int32_t config;       // tensor-core tile configuration: a TcConfigId (decode_tc.cuh), -1 otherwise
-  int32_t num_splits;   // KV splits per (sequence, row block); 1 = no workspace, no combine pass
+  int32_t num_splits;   // KV splits per (sequence, row block); 1 = no workspace, no combine pass.
+                        // kSm90: the partial slots of the scheduled workspace (2 per persistent CTA)
   int64_t workspace_o;    // floats needed for DecodeParams::o_accum   (0 when num_splits == 1)
   int64_t workspace_lse;  // floats needed for DecodeParams::lse_accum (0 when num_splits == 1)
+  int32_t sched_ctas;       // kSm90: persistent CTAs of the device-side schedule (0: not scheduled)
+  int64_t workspace_sched;  // int32s needed for DecodeParams::sched (0 when not scheduled)
 };
 
 // Chooses the kernel and the number of KV splits from shapes, dtypes, alignment and the

@@ -1,11 +1,13 @@
 // Decode planning and dispatch, the CUDA-core decode kernel (any dtype, any alignment)
-// and the split-KV combine kernel. The tensor-core kernel lives in decode_tc.cuh.
+// (the split-KV combine is combine.cuh's). The tensor-core kernel lives in decode_tc.cuh.
 #include <algorithm>
 #include <mutex>
 #include <type_traits>
 
+#include "combine.cuh"
 #include "cuda_kernels.h"
 #include "decode_tc.cuh"
+#include "schedule.cuh"
 #include "sm90/decode_sm90.h"
 
 namespace mla::cuda {
@@ -124,55 +126,6 @@ __global__ void __launch_bounds__(kSimpleThreads) decode_simple_kernel(const Dec
   }
 }
 
-// ---------------------------------------------------------------------------------------
-// Combine: out[b, r] = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse), and
-// lse = max + log(sum w). One CTA of 128 threads per (row, sequence), 4 columns a thread.
-constexpr int kCombineThreads = 128;
-
-template <typename T>
-__global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodeParams p) {
-  using Tr = TypeTraits<T>;
-  const int32_t M = p.seqlen_q * p.num_heads;
-  const int32_t r = blockIdx.x;
-  const int32_t b = blockIdx.y;
-  const int32_t S = p.num_splits;
-  const int64_t base = static_cast<int64_t>(b) * S * M + r;  // (b, split 0, r)
-  const int col = threadIdx.x * 4;
-
-  // A split that saw no key has lse -inf and is skipped; a NaN lse (the row saw a NaN)
-  // propagates into the output as in the reference.
-  float mx = -INFINITY;
-  bool seen = false;
-  for (int s = 0; s < S; ++s) {
-    const float lse = p.lse_accum[base + static_cast<int64_t>(s) * M];
-    seen |= lse != -INFINITY;
-    mx = lse > mx ? lse : mx;
-  }
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  float wsum = 0.f;
-  if (seen) {
-    for (int s = 0; s < S; ++s) {
-      const int64_t idx = base + static_cast<int64_t>(s) * M;
-      const float lse = p.lse_accum[idx];
-      if (lse == -INFINITY) continue;  // empty split
-      const float w = exp2f((lse - mx) * kLog2e);
-      const float4 v = *reinterpret_cast<const float4*>(p.o_accum + idx * kLatentDim + col);
-      acc.x += w * v.x;
-      acc.y += w * v.y;
-      acc.z += w * v.z;
-      acc.w += w * v.w;
-      wsum += w;
-    }
-  }
-  const float inv = seen ? 1.f / wsum : 0.f;
-  T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * M + r) * kLatentDim + col;
-  out[0] = Tr::from_float(acc.x * inv);
-  out[1] = Tr::from_float(acc.y * inv);
-  out[2] = Tr::from_float(acc.z * inv);
-  out[3] = Tr::from_float(acc.w * inv);
-  if (threadIdx.x == 0) p.lse[static_cast<int64_t>(b) * M + r] = seen ? mx + __logf(wsum) : -INFINITY;
-}
-
 template <typename T>
 cudaError_t launch_simple(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<uint32_t>(p.seqlen_q * p.num_heads * p.num_splits), p.batch);
@@ -184,14 +137,6 @@ cudaError_t launch_simple(const DecodeParams& p, cudaStream_t stream) {
     auto kernel = decode_simple_kernel<T, T>;
     MLA_LAUNCH(kernel, grid, kSimpleThreads, sizeof(SimpleSmem<T>), stream, p);
   }
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_combine(const DecodeParams& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<uint32_t>(p.seqlen_q * p.num_heads), p.batch);
-  auto kernel = combine_kernel<T>;
-  MLA_LAUNCH(kernel, grid, kCombineThreads, 0, stream, p);
   return cudaGetLastError();
 }
 
@@ -261,7 +206,11 @@ DecodePlan plan_decode(const DecodeParams& p, int device, DecodeImpl requested) 
                        stride16(p.q_pe_seq_stride, 2) && stride16(p.q_pe_head_stride, 2) &&
                        stride16(p.cache_block_stride, cache_elt) && stride16(p.cache_token_stride, cache_elt) &&
                        reinterpret_cast<uintptr_t>(p.out) % 4 == 0;  // the kernel stores column pairs
-  if (requested == DecodeImpl::kSm90 && aligned && half_type &&
+  // The sm90 kernel's schedule counts cost positions in int32 (schedule.cuh): bounded by shapes here.
+  const int64_t sm90_units = static_cast<int64_t>(p.batch) * ((M + sm90::kDecodeBlockM - 1) / sm90::kDecodeBlockM);
+  const bool sm90_fits = sm90_units * ((capacity + sm90::kDecodeBlockN - 1) / sm90::kDecodeBlockN + kSchedFixedCost) <
+                         (int64_t{1} << 31);
+  if (requested == DecodeImpl::kSm90 && aligned && half_type && sm90_fits &&
       sm90::kDecodeSmemBytes <= static_cast<size_t>(info.smem_optin)) {  // bf16 / fp16 q, same-type or fp8 cache
     plan.impl = DecodeImpl::kSm90;
   } else if (requested != DecodeImpl::kSimple && half_type && aligned) {
@@ -275,12 +224,19 @@ DecodePlan plan_decode(const DecodeParams& p, int device, DecodeImpl requested) 
     }
   }
 
-  int64_t base_ctas, slots, tile;
   if (plan.impl == DecodeImpl::kSm90) {
-    tile = sm90::kDecodeBlockN;
-    base_ctas = static_cast<int64_t>(p.batch) * ((M + sm90::kDecodeBlockM - 1) / sm90::kDecodeBlockM);
-    slots = info.sms;  // one CTA per SM (shared memory)
-  } else if (plan.impl == DecodeImpl::kTensorCore) {
+    // Device-side schedule (schedule.cuh): one persistent CTA per SM (shared memory), 2 partial
+    // slots each; every size from shapes and the SM count.
+    plan.sched_ctas = std::max(1, info.sms);
+    const SchedSizes s = sched_sizes(p, sm90::kDecodeBlockM, plan.sched_ctas);
+    plan.num_splits = static_cast<int32_t>(2 * plan.sched_ctas);
+    plan.workspace_sched = s.sched_ints;
+    plan.workspace_o = s.partial_rows * kLatentDim;
+    plan.workspace_lse = s.partial_rows;
+    return plan;
+  }
+  int64_t base_ctas, slots, tile;
+  if (plan.impl == DecodeImpl::kTensorCore) {
     const int64_t bm = kTcConfigs[plan.config].block_m;
     tile = kTcConfigs[plan.config].block_n;
     base_ctas = static_cast<int64_t>(p.batch) * ((M + bm - 1) / bm);
@@ -304,8 +260,11 @@ cudaError_t decode(const DecodeParams& params, const DecodePlan& plan, cudaStrea
   p.num_splits = plan.num_splits;
   cudaError_t err = cudaSuccess;
   if (plan.impl == DecodeImpl::kSm90) {
-    err = sm90::launch_decode_sm90(p, stream);
-  } else if (plan.impl == DecodeImpl::kTensorCore) {
+    // Metadata kernel, persistent decode kernel, combine: same stream, no host sync.
+    p.sched_ctas = plan.sched_ctas;
+    return run_scheduled<sm90::kDecodeBlockM, sm90::kDecodeBlockN>(p, stream, sm90::launch_decode_sm90);
+  }
+  if (plan.impl == DecodeImpl::kTensorCore) {
     const bool bf16 = p.q_dtype == DType::kBFloat16;
     if (p.cache_dtype == DType::kFloat8E4M3)
       err = bf16 ? launch_decode_tc_fp8_bf16(p, plan.config, stream) : launch_decode_tc_fp8_fp16(p, plan.config, stream);
@@ -320,12 +279,10 @@ cudaError_t decode(const DecodeParams& params, const DecodePlan& plan, cudaStrea
     }
   }
   if (err != cudaSuccess || p.num_splits == 1) return err;
-  switch (p.q_dtype) {
-    case DType::kFloat32: return launch_combine<float>(p, stream);
-    case DType::kFloat16: return launch_combine<__half>(p, stream);
-    case DType::kBFloat16: return launch_combine<__nv_bfloat16>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  const int32_t M = p.seqlen_q * p.num_heads;
+  const CombineArgs args{p.o_accum, p.lse_accum, p.out, p.lse, nullptr, static_cast<int64_t>(p.batch) * M,
+                         p.num_heads, -INFINITY};
+  return launch_combine_for(p.q_dtype, args, DenseSplitLayout{M, p.num_splits}, stream);
 }
 
 }  // namespace mla::cuda

@@ -18,11 +18,12 @@
 //   softmax : thread h < 16 keeps head h's running max / sum, turns the tile's scores into P
 //   P . V   : thread t owns output columns 2t, 2t + 1 of all 16 heads (32 fp32 accumulators)
 // With num_splits > 1 each split writes a normalised partial (lse -inf when it saw no valid
-// slot) and sparse_combine_kernel merges them, applying the sink and the +inf convention.
+// slot) and the shared combine (combine.cuh) merges them, applying the sink and the +inf convention.
 #include <algorithm>
 #include <mutex>
 #include <type_traits>
 
+#include "combine.cuh"
 #include "common.cuh"
 #include "decode_tc.cuh"  // TcConfig, TcRows, TcBlock, compute_scores, accumulate_pv
 #include "fp8.cuh"
@@ -558,53 +559,6 @@ cudaError_t launch_tc_config(const SparseCudaParams& p, int config, cudaStream_t
 }
 
 // ---------------------------------------------------------------------------------------
-// Combine: out = sum_s w_s o_s / sum_s w_s, w_s = exp(lse_s - max), lse = max + log(sum w);
-// then the sink factor; a row no split saw gets out 0, lse +inf. One CTA of 128 threads per
-// row, 4 columns a thread.
-constexpr int kCombineThreads = 128;
-
-template <typename T>
-__global__ void __launch_bounds__(kCombineThreads) sparse_combine_kernel(const SparseCudaParams p) {
-  const int64_t rows_total = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_heads;
-  const int64_t r = blockIdx.x;
-  const int32_t head = static_cast<int32_t>(r % p.num_heads);
-  const int col = threadIdx.x * 4;
-  float mx = -INFINITY;
-  bool seen = false;
-  for (int s = 0; s < p.num_splits; ++s) {
-    const float lse = p.lse_accum[s * rows_total + r];
-    seen |= lse != -INFINITY;  // a NaN lse counts as seen and propagates
-    mx = lse > mx ? lse : mx;
-  }
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  float wsum = 0.f;
-  if (seen) {
-    for (int s = 0; s < p.num_splits; ++s) {
-      const int64_t idx = s * rows_total + r;
-      const float lse = p.lse_accum[idx];
-      if (lse == -INFINITY) continue;
-      const float w = exp2f((lse - mx) * kLog2e);
-      const float4 v = *reinterpret_cast<const float4*>(p.o_accum + idx * kLatentDim + col);
-      acc.x += w * v.x;
-      acc.y += w * v.y;
-      acc.z += w * v.z;
-      acc.w += w * v.w;
-      wsum += w;
-    }
-  }
-  const float lse = mx + __logf(wsum);
-  float factor = 1.f / wsum;
-  if (p.attn_sink != nullptr) factor *= 1.f / (1.f + exp2f((p.attn_sink[head] - lse) * kLog2e));
-  if (!seen) factor = 0.f;
-  T* out = static_cast<T*>(p.out) + r * kLatentDim + col;
-  out[0] = TypeTraits<T>::from_float(acc.x * factor);
-  out[1] = TypeTraits<T>::from_float(acc.y * factor);
-  out[2] = TypeTraits<T>::from_float(acc.z * factor);
-  out[3] = TypeTraits<T>::from_float(acc.w * factor);
-  if (threadIdx.x == 0) p.lse[r] = seen ? lse : INFINITY;
-}
-
-// ---------------------------------------------------------------------------------------
 // Launchers and planning.
 template <typename T, typename C>
 cudaError_t launch_simple(const SparseCudaParams& p, cudaStream_t stream) {
@@ -629,14 +583,6 @@ cudaError_t launch_simple_for_cache(const SparseCudaParams& p, cudaStream_t stre
     case DType::kFloat32: return launch_simple<T, float>(p, stream);
   }
   return cudaErrorInvalidValue;
-}
-
-template <typename T>
-cudaError_t launch_combine(const SparseCudaParams& p, cudaStream_t stream) {
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_heads;
-  auto kernel = sparse_combine_kernel<T>;
-  MLA_LAUNCH(kernel, dim3(static_cast<uint32_t>(rows)), kCombineThreads, 0, stream, p);
-  return cudaGetLastError();
 }
 
 struct DeviceInfo {
@@ -724,12 +670,10 @@ cudaError_t sparse_decode(const SparseCudaParams& params, const SparsePlan& plan
     default: return cudaErrorInvalidValue;
   }
   if (err != cudaSuccess || p.num_splits == 1) return err;
-  switch (p.q_dtype) {
-    case DType::kBFloat16: return launch_combine<__nv_bfloat16>(p, stream);
-    case DType::kFloat16: return launch_combine<__half>(p, stream);
-    case DType::kFloat32: return launch_combine<float>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  // The shared combine (combine.cuh) with the sink and the sparse "no valid slot: lse +inf".
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_heads;
+  const CombineArgs args{p.o_accum, p.lse_accum, p.out, p.lse, p.attn_sink, rows, p.num_heads, INFINITY};
+  return launch_combine_for(p.q_dtype, args, SparseSplitLayout{rows, p.num_splits}, stream);
 }
 
 }  // namespace mla::cuda

@@ -221,11 +221,19 @@ std::string run_decode(Case& c) {
     mla_emu::add_write_once_region(o.data, o.bytes, "o_accum");
     mla_emu::add_write_once_region(l.data, l.bytes, "lse_accum");
   }
+  if (plan.workspace_sched > 0) {  // the device-side schedule's int32 workspace (sm90)
+    const size_t bytes = static_cast<size_t>(plan.workspace_sched) * sizeof(int32_t);
+    Buffer s{allocate(bytes), bytes};
+    std::memset(s.data, 0xff, s.bytes);
+    c.buffers["sched"] = s;
+    p.sched = reinterpret_cast<int32_t*>(s.data);
+  }
   const cudaError_t err = mla::cuda::decode(p, plan, nullptr);
   if (err != cudaSuccess) die(std::string("decode returned ") + cudaGetErrorString(err));
   const char* impl = plan.impl == DecodeImpl::kSm90 ? "sm90" : plan.impl == DecodeImpl::kTensorCore ? "tc" : "simple";
   return std::string("{\"op\": \"decode\", \"impl\": \"") + impl + "\", \"config\": " + std::to_string(plan.config) +
-         ", \"num_splits\": " + std::to_string(plan.num_splits);
+         ", \"num_splits\": " + std::to_string(plan.num_splits) +
+         ", \"sched_ctas\": " + std::to_string(plan.sched_ctas);
 }
 
 #include "harness_sparse.h"  // op sparse: run_sparse

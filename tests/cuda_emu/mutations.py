@@ -116,8 +116,8 @@ MUTATIONS += [
       "      const float scale = *reinterpret_cast<const float*>(tok + kFp8ScaleOffset + 4 * (c / 16));\n",
       "      const float scale = *reinterpret_cast<const float*>(tok + kFp8ScaleOffset + 4 * (c / 32));\n",
       [("sparse:h16 s_q=2 topk_length", "plain", "forward", "sm90")]),
-    M("sparse combine: attention sink dropped", SPARSE,
-      "  if (p.attn_sink != nullptr) factor *= 1.f / (1.f + exp2f((p.attn_sink[head] - lse) * kLog2e));\n", "",
+    M("sparse combine: attention sink dropped", "cuda/combine.cuh",
+      "  if (a.attn_sink != nullptr) factor *= 1.f / (1.f + exp2f((a.attn_sink[r % a.num_heads] - lse) * kLog2e));\n", "",
       [("sparse:h128 split topk", "plain", "forward", "sm90")]),
 ]
 

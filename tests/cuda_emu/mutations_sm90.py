@@ -124,8 +124,8 @@ DECODE_MUTATIONS = [
       "*reinterpret_cast<uint4*>(conv + swizzled_offset(row, unit)) = v;",
       "*reinterpret_cast<uint4*>(conv + row * 128 * kChunks + unit * 16) = v;", [("fp8 cache, bf16 q", "plain", "forward")]),
     M("decode: split partial written to split 0's slot", DECODE,
-      "const int64_t base = (static_cast<int64_t>(b) * p.num_splits + split) * M;",
-      "const int64_t base = (static_cast<int64_t>(b) * p.num_splits + 0) * M;", [("bf16 split-KV", "plain", "forward")]),
+      "const int64_t base = static_cast<int64_t>(w.slot) * min(M, kBlockM) - m0;",
+      "const int64_t base = static_cast<int64_t>(0) * min(M, kBlockM) - m0;", [("bf16 split-KV", "plain", "forward")]),
 ]
 
 # The TMA producer path (bf16 cache, block_size % 64 == 0): cases of their own, by name.
@@ -163,12 +163,60 @@ DECODE_MUTATIONS += [
       [("TMA: padded block stride", "plain", "forward")]),
 ]
 
+# The device-side schedule (csrc/cuda/schedule.cuh) and the shared combine (csrc/cuda/combine.cuh),
+# run through the sm90 kernel on skewed lengths with few persistent CTAs: checks name a
+# SCHED_CASES entry ("sched:..."), run with its CTA count.
+SCHEDULE, COMBINE = "cuda/schedule.cuh", "cuda/combine.cuh"
+SKEW = "sched:skewed [0, 1, 5000, 17], 4 CTAs"
+SKEW_MTP = "sched:skewed s_q=2 h=64, 5 CTAs"
+SCHED_MUTATIONS = [
+    M("schedule: cost per CTA rounded down (the tail of the work belongs to no CTA)", SCHEDULE,
+      "  const int32_t per = max(ceil_div(total, G), kSchedMinCost);\n",
+      "  const int32_t per = max(total / G, kSchedMinCost);\n",
+      [(SKEW, "plain", "forward")]),
+    M("schedule: exclusive scan made inclusive (every unit's position shifted)", SCHEDULE,
+      "  int32_t pos = scan[t] - sum;\n", "  int32_t pos = scan[t];\n", [(SKEW_MTP, "plain", "forward")]),
+    M("schedule: a piece cut at its CTA's end and a unit's last piece swap slots", SCHEDULE,
+      "(w.tile_end < n ? g : ctas + g)", "(w.tile_end < n ? ctas + g : g)", [(SKEW, "plain", "forward")]),
+    M("schedule: units with no tile never written (empty sequences keep garbage)", SCHEDULE,
+      "        if (pu < lo) continue;\n", "        continue;\n", [(SKEW, "plain", "forward")]),
+    M("schedule: combine reads a unit's last piece from slot g, not G + g", SCHEDULE,
+      "    c.last = (static_cast<int64_t>(ctas) + g_last) * slot_rows + slot_row;",
+      "    c.last = static_cast<int64_t>(g_last) * slot_rows + slot_row;",
+      [(SKEW, "plain", "forward")]),
+    M("decode: ring tile counter restarted per piece (mbarrier phases out of step)", DECODE,
+      "  int it = 0;\n  for (SchedPiece piece; cursor.next(piece);) {\n    const Sm90Work w = sm90_work(p, piece, m_blocks);\n    if",
+      "  for (SchedPiece piece; cursor.next(piece);) {\n    int it = 0;\n    const Sm90Work w = sm90_work(p, piece, m_blocks);\n    if",
+      [(SKEW, "plain", "forward")]),
+    M("decode: next piece's Q loaded while the other warpgroup may still read the last one", DECODE,
+      "  named_barrier_sync(1, 256);\n  // Rows past M are zero", "  // Rows past M are zero",
+      [(SKEW_MTP, "plain", "random"), (SKEW_MTP, "tsan", "forward")]),
+    M("combine: the max over the splits not reduced across lanes", COMBINE,
+      "  for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));\n", "",
+      [(SKEW, "plain", "forward")]),
+    M("combine: weight sum not reduced across lanes", COMBINE,
+      "  for (int off = 16; off > 0; off >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, off);\n", "",
+      [(SKEW, "plain", "forward")]),
+]
+
+
+def sched_cases():
+    from cuda_cases import DecodeCase
+    return {
+        SKEW: (DecodeCase("sm90 sched skewed [0, 1, 5000, 17]", lens=(0, 1, 5000, 17), extra_cols=2), 4),
+        SKEW_MTP: (DecodeCase("sm90 sched skewed s_q=2 h=64: two row blocks", s_q=2, h=64, lens=(17, 0, 2000, 1)), 5),
+    }
+
 
 def run_decode_check(name: str, flavor: str, order: str, exe: Path) -> str | None:
     """None if the shared decode case passed through the sm90 kernel, else how it failed."""
     from cuda_cases import DECODE_CASES, SCALE, DecodeCase, check_close
     ref = None  # (out, lse) when the case's expected result is not the reference on its own inputs
-    if name == NAN_CHECK:
+    sms = None  # the emulated SM count (persistent CTAs): the harness default unless a sched case sets it
+    if name.startswith("sched:"):
+        case, sms = sched_cases()[name]
+        q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+    elif name == NAN_CHECK:
         case = DecodeCase("sm90 nan in a causally masked key col 300", s_q=2, lens=(40, 70))
         q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
         last = int(seqlens[0]) - 1
@@ -191,7 +239,7 @@ def run_decode_check(name: str, flavor: str, order: str, exe: Path) -> str | Non
         q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
     try:
         out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
-                                           impl="sm90", order=order, seed=3, flavor=flavor, exe=exe)
+                                           impl="sm90", order=order, seed=3, flavor=flavor, exe=exe, sms=sms)
     except runner.EmulatorError as e:
         lines = [ln for ln in str(e).splitlines() if "error" in ln or "WARNING" in ln or "SUMMARY" in ln]
         return "error: " + (lines[0] if lines else str(e).splitlines()[0])[:150]
@@ -234,7 +282,7 @@ def main() -> int:
     args = ap.parse_args()
     src = runner.REPO / "csrc"
     survivors, rows = 0, 0
-    for m in MUTATIONS + DECODE_MUTATIONS:
+    for m in MUTATIONS + DECODE_MUTATIONS + SCHED_MUTATIONS:
         if args.only not in m.name:
             continue
         rows += 1
@@ -250,7 +298,7 @@ def main() -> int:
                 continue
             target.write_text(text.replace(m.old, m.new))
             verdicts = []
-            if m.path in (DECODE, DECODE_HOST):
+            if m.path != PROBE:  # the decode kernel, its schedule or the combine
                 for name, flavor, order in m.checks:
                     exe = runner.build(flavor, csrc=mutant)
                     verdicts.append((f"{name} [{flavor} {order}]", run_decode_check(name, flavor, order, exe)))

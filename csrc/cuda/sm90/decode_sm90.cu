@@ -48,11 +48,12 @@ cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
   if (err != cudaSuccess) return err;
+  // Persistent CTAs: the schedule (schedule.cuh, filled on the device) says what each one does.
+  if (p.sched == nullptr || p.sched_ctas <= 0) return cudaErrorInvalidValue;
   TensorMap cache_map{};
   const bool cache_tma = !kFp8 && make_cache_map(p, &cache_map);
-  const int32_t M = p.seqlen_q * p.num_heads;
-  const dim3 grid(ceil_div(M, kBlockM) * p.num_splits, p.batch);
-  MLA_LAUNCH(kernel, grid, kThreads, kSmemBytes, stream, p, cache_map, cache_tma);
+  MLA_LAUNCH(kernel, dim3(static_cast<uint32_t>(p.sched_ctas)), kThreads, kSmemBytes, stream, p, cache_map,
+             cache_tma);
   return cudaGetLastError();
 }
 }  // namespace

@@ -1,9 +1,10 @@
 // Hopper (sm_90a) MLA decode, bf16 or fp16 query with a cache of the same type or fp8 (issue 11,
-// stage 2). Torch-free; the same DecodeParams, split-KV partials and combine pass as the sm80
-// tensor-core kernel (decode_tc.cuh), so csrc/cuda/decode.cu's combine kernel finishes split-KV.
+// stage 2). Torch-free; the same DecodeParams and partial format as the sm80 tensor-core kernel
+// (decode_tc.cuh), but scheduled on the device: persistent CTAs walk the pieces the metadata
+// kernel assigned (csrc/cuda/schedule.cuh), the shared combine (combine.cuh) merges cut units.
 //
-// One CTA = (row block of 64 query rows, KV split, sequence); rows r = j * h + head of the
-// sequence's M = s_q * h, as in decode_tc.cuh. 384 threads, three warpgroups:
+// A piece = (row block of 64 query rows of a sequence, a range of its 64-key tiles); rows
+// r = j * h + head of the sequence's M = s_q * h, as in decode_tc.cuh. 384 threads, three warpgroups:
 //   WG 0, WG 1  consumers. Each computes the whole S = Q K^T [64 x 64] of a key tile with
 //               wgmma (A = Q, B = K, both K-major from shared memory), the online softmax in
 //               registers, P -> bf16 registers, and O += P V with wgmma RS (A = P from
@@ -18,18 +19,19 @@
 //               empty mbarriers (full counts the 128 producer threads' arrivals + TMA bytes).
 //               TMA (16-bit cache, block_size % 64 == 0, blocks evenly spaced: the host passes a
 //               2-D tensor map of the cache's NB * BS rows of 576 elements, cache_tma): a tile
-//               whose 64 keys are all valid (tile end <= the split's key_end) lies in ONE block
-//               (tile starts are multiples of 64, so of no block boundary but block_size's), so
+//               whose 64 keys are all valid (tile end <= the piece's key_end) lies in ONE block
+//               (tile starts are multiples of 64 -- the schedule cuts units only between tiles --
+//               so of no block boundary but block_size's), so
 //               one elected thread issues 9 boxes [64 rows x 64 columns] (one per 128-byte
 //               chunk, swizzled by the TMA unit exactly as swizzled_offset) with expect_tx of
 //               the tile's 73728 bytes; the other 127 threads just arrive. An out-of-range block
 //               id gets a box past the tensor's last row: zero-filled, like the gather's zero rows.
-//               Every other tile (the partial last tile of a split / sequence, whose rows past
+//               Every other tile (the partial last tile of a unit, whose rows past
 //               key_end are valid memory holding another sequence's or poisoned slots: TMA
 //               zero-fills only at the tensor's edge; any block_size; the fp8 cache) is gathered
 //               with 16-byte cp.async, rows past key_end zero-filled. So no tile ever holds a
 //               NaN-poisoned unused slot and the consumers need no masking of P or V fix-up for
-//               them: at most one tile per split takes the slower gather.
+//               them: at most one tile per unit takes the slower gather.
 //               The fp8 cache stays on cp.async: its stage is half the bytes and the consumers'
 //               conversion (not the copy) is its critical path; a TMA box of raw fp8 rows would
 //               need a different raw layout (3 boxes of 192 bytes) for the same gain.
@@ -58,6 +60,7 @@
 #include "ptx_sm90.cuh"
 // (after ptx_sm90.cuh, which brings common.cuh: fp8.cuh builds on it)
 #include "../fp8.cuh"
+#include "../schedule.cuh"
 
 namespace mla::cuda::sm90 {
 
@@ -112,50 +115,36 @@ struct Sm90Rows {
   float l_lo, l_hi;        // this thread's partial row sums
 };
 
-// T: the query / output / compute type (__nv_bfloat16 or __half: wgmma .bf16 / .f16, P rounded to
-// T). kFp8 = false: a T cache; true: float8_e4m3fn cache (p.kv_scale), converted to T in shared
-// memory (exact for both: every e4m3 value is a bf16 and an fp16 number).
-// cache_map / cache_tma: the TMA view of the cache (decode_sm90.cu make_cache_map), used when
-// cache_tma (never for kFp8).
-template <typename T, bool kFp8>
-__global__ void __launch_bounds__(kThreads, 1)
-    decode_sm90_kernel(const DecodeParams p, const __grid_constant__ TensorMap cache_map, const bool cache_tma) {
-#if defined(MLA_CUDA_EMULATION) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "bf16 or fp16");
-  unsigned char* raw = dynamic_smem();
-  // 1024-align the tiles in the shared window (the swizzle acts on address bits 4-9).
-  unsigned char* smem = raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
-  unsigned char* q_tile = smem;                   // [64 x 576] swizzled
-  // bf16: ring = [kStages][64 x 576] swizzled tiles. fp8: conv = the converted [64 x 576]
-  // swizzled bf16 tile, ring = [kStages][64 rows x 576 bytes] raw fp8 rows.
-  unsigned char* conv = smem + kTileBytes;
-  unsigned char* ring = kFp8 ? conv + kTileBytes : conv;
-  constexpr uint32_t kStageBytes = kFp8 ? kFp8StageBytes : kTileBytes;
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarOffset);  // [kStages] the tile landed
-  uint64_t* empty = full + kStages;                                  // [kStages] both consumers done
+// One piece of the schedule as the kernel sees it (uniform across the block).
+struct Sm90Work {
+  int32_t b, m0, L;  // sequence, first row of the row block, clamped cache length
+  SplitRange range;  // the piece's key tiles, key_end = min(the block's keys, tile_end * kBlockN)
+  int32_t slot;      // -1: the whole unit, written to out / lse; else its partial slot (schedule.cuh)
+};
 
-  // What this CTA works on (uniform across the block).
-  const int32_t h = p.num_heads, M = p.seqlen_q * h, b = blockIdx.y;
-  const int32_t m_blocks = ceil_div(M, kBlockM);
-  const int32_t m0 = static_cast<int32_t>(blockIdx.x % m_blocks) * kBlockM;
-  const int32_t split = blockIdx.x / m_blocks;
-  const int32_t L = clamped_seqlen(p, b);
-  const int32_t last_row = min(m0 + kBlockM, M) - 1;  // rows are ordered by j: the last sees most keys
-  const SplitRange range = split_range(visible_keys(L, p.seqlen_q, last_row / h, p.causal), kBlockN, split,
-                                       p.num_splits);
+__device__ __forceinline__ Sm90Work sm90_work(const DecodeParams& p, const SchedPiece& piece, int32_t m_blocks) {
+  Sm90Work w;
+  w.b = piece.unit / m_blocks;
+  w.m0 = (piece.unit % m_blocks) * kBlockM;
+  w.L = clamped_seqlen(p, w.b);
+  w.range.tile_begin = piece.tile_begin;
+  w.range.tile_end = piece.tile_end;
+  w.range.key_end = min(sched_unit_keys<kBlockM>(p, w.b, w.m0), piece.tile_end * kBlockN);
+  w.slot = piece.slot;
+  return w;
+}
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&full[s], 128);   // every producer thread (after its cp.async landed) + TMA bytes
-      mbarrier_init(&empty[s], 256);  // every consumer thread, after its wgmmas read the stage
-    }
-    fence_mbarrier_init();
-  }
-  // The Q block, all threads: rows past M are zero (their scores are masked anyway).
+// The Q block of a piece, by the 256 consumer threads, between two consumer barriers (the
+// previous piece's S wgmmas of both warpgroups are complete before Q is overwritten).
+template <typename T>
+__device__ __forceinline__ void load_q_block(const DecodeParams& p, unsigned char* q_tile, const Sm90Work& w) {
+  const int32_t h = p.num_heads, M = p.seqlen_q * h, b = w.b, m0 = w.m0;
+  named_barrier_sync(1, 256);
+  // Rows past M are zero (their scores are masked anyway).
   {
     const T* qn = static_cast<const T*>(p.q_nope);
     const T* qp = static_cast<const T*>(p.q_pe);
-    for (int c = threadIdx.x; c < kBlockM * kUnitsPerRow; c += kThreads) {
+    for (int c = threadIdx.x; c < kBlockM * kUnitsPerRow; c += 256) {
       const int row = c / kUnitsPerRow, unit = c % kUnitsPerRow;
       const int32_t r = m0 + row;
       const bool valid = r < M;
@@ -173,55 +162,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     cp_async_wait<0>();
     fence_proxy_async();  // the generic-proxy copies before the wgmmas' (async-proxy) reads
   }
-  __syncthreads();
+  named_barrier_sync(1, 256);  // the whole Q block is in shared memory
+}
 
-  // threadIdx.x is re-read after the barrier, not cached (docs/cuda-emulation.md: GCC would
-  // otherwise thread the role branches through it).
-  if (threadIdx.x >= 256) {
-    // ---- Producer warpgroup: thread t loads half of key row t / 2 of each tile.
-    setmaxnreg_dec<40>();
-    const int t = threadIdx.x - 256;
-    using CacheT = std::conditional_t<kFp8, uint8_t, T>;
-    constexpr int kRowUnits = kHeadDim * sizeof(CacheT) / 16;  // 16-byte units per cache row: 72 / 36
-    constexpr int kElemsPerUnit = 16 / sizeof(CacheT);
-    const int row = t / 2, unit0 = (t % 2) * (kRowUnits / 2);
-    for (int it = 0, tile = range.tile_begin; tile < range.tile_end; ++it, ++tile) {
-      const int s = it % kStages;
-      if (it >= kStages) mbarrier_wait_parity(&empty[s], ((it / kStages) - 1) & 1);
-      if (!kFp8 && cache_tma && (tile + 1) * kBlockN <= range.key_end) {
-        // TMA: 64 valid keys in one block (header comment); thread 0 issues, the others arrive.
-        if (t == 0) {
-          const int32_t key0 = tile * kBlockN;
-          const int32_t block = p.block_table[static_cast<int64_t>(b) * p.block_table_batch_stride + key0 / p.block_size];
-          const int32_t row0 = block >= 0 && block < p.num_blocks ? block * p.block_size + key0 % p.block_size
-                                                                  : p.num_blocks * p.block_size;  // zero-filled
-          mbarrier_arrive_expect_tx(&full[s], kTileBytes);
-          for (int c = 0; c < kChunks; ++c)
-            tma_load_2d(ring + s * kStageBytes + c * kChunkBytes, &cache_map, c * kChunkCols, row0, &full[s]);
-        } else {
-          mbarrier_arrive(&full[s]);
-        }
-        continue;
-      }
-      const int32_t key = tile * kBlockN + row;
-      const CacheT* src = key < range.key_end ? cache_row<CacheT>(p, b, key) : nullptr;  // nullptr: bad block id too
-      const bool valid = src != nullptr;
-      if (!valid) src = static_cast<const CacheT*>(p.cache);  // never read (source size 0): a zero row
-      unsigned char* dst = ring + s * kStageBytes;
-      for (int u = unit0; u < unit0 + kRowUnits / 2; ++u) {
-        const uint32_t off = kFp8 ? row * kHeadDim + u * 16 : swizzled_offset(row, u);  // fp8: raw rows
-        cp_async_16(dst + off, src + (valid ? u * kElemsPerUnit : 0), valid);
-      }
-      cp_async_commit();
-      cp_async_wait<0>();
-      fence_proxy_async();
-      mbarrier_arrive(&full[s]);
-    }
-    return;
-  }
-
-  // ---- Consumer warpgroups.
-  setmaxnreg_inc<232>();
+// The consumer warpgroups' work on one piece: S = Q K^T, online softmax, O += P V over its
+// tiles (`it` counts the ring's tiles across pieces), then the epilogue.
+template <typename T, bool kFp8>
+__device__ __forceinline__ void consume_piece(const DecodeParams& p, unsigned char* q_tile, unsigned char* conv,
+                                              unsigned char* ring, uint64_t* full, uint64_t* empty,
+                                              const Sm90Work& w, int& it) {
+  const int32_t h = p.num_heads, M = p.seqlen_q * h, b = w.b, m0 = w.m0, L = w.L;
+  const SplitRange range = w.range;
   const int wg = threadIdx.x / 128;  // output columns [256 wg, 256 wg + 256)
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   Sm90Rows rows;
@@ -246,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < kOCols / 2; ++i) o[i] = 0.f;
   const uint64_t q_desc = make_smem_desc(q_tile, 16, 1024, Swizzle::k128B);
 
-  for (int it = 0, tile = range.tile_begin; tile < range.tile_end; ++it, ++tile) {
+  for (int tile = range.tile_begin; tile < range.tile_end; ++it, ++tile) {
     const int s = it % kStages;
     mbarrier_wait_parity(&full[s], (it / kStages) & 1);
     unsigned char* kv = ring + s * kTileBytes;
@@ -400,7 +351,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float inv = empty_row ? 0.f : kv_scale / tot;
     const float lse = empty_row ? -INFINITY : (mrow + __log2f(tot)) * kLn2;
     const int col0 = kOCols * wg + 2 * (lane % 4);
-    if (p.num_splits == 1) {
+    if (w.slot < 0) {
       T* dst = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * M + row) * kLatentDim + col0;
 #pragma unroll
       for (int t = 0; t < kOCols / 8; ++t)
@@ -408,13 +359,110 @@ __global__ void __launch_bounds__(kThreads, 1)
             TypeTraits<T>::pack2(o[4 * t + 2 * half] * inv, o[4 * t + 2 * half + 1] * inv);
       if (wg == 0 && lane % 4 == 0) p.lse[static_cast<int64_t>(b) * M + row] = lse;
     } else {
-      const int64_t base = (static_cast<int64_t>(b) * p.num_splits + split) * M;
+      const int64_t base = static_cast<int64_t>(w.slot) * min(M, kBlockM) - m0;  // row m0 + i: slot row i
       float* dst = p.o_accum + (base + row) * kLatentDim + col0;
 #pragma unroll
       for (int t = 0; t < kOCols / 8; ++t)
         *reinterpret_cast<float2*>(dst + 8 * t) = make_float2(o[4 * t + 2 * half] * inv, o[4 * t + 2 * half + 1] * inv);
       if (wg == 0 && lane % 4 == 0) p.lse_accum[base + row] = lse;
     }
+  }
+}
+
+// T: the query / output / compute type (__nv_bfloat16 or __half: wgmma .bf16 / .f16, P rounded to
+// T). kFp8 = false: a T cache; true: float8_e4m3fn cache (p.kv_scale), converted to T in shared
+// memory (exact for both: every e4m3 value is a bf16 and an fp16 number).
+// cache_map / cache_tma: the TMA view of the cache (decode_sm90.cu make_cache_map), used when
+// cache_tma (never for kFp8).
+template <typename T, bool kFp8>
+__global__ void __launch_bounds__(kThreads, 1)
+    decode_sm90_kernel(const DecodeParams p, const __grid_constant__ TensorMap cache_map, const bool cache_tma) {
+#if defined(MLA_CUDA_EMULATION) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "bf16 or fp16");
+  unsigned char* raw = dynamic_smem();
+  // 1024-align the tiles in the shared window (the swizzle acts on address bits 4-9).
+  unsigned char* smem = raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
+  unsigned char* q_tile = smem;                   // [64 x 576] swizzled
+  // bf16: ring = [kStages][64 x 576] swizzled tiles. fp8: conv = the converted [64 x 576]
+  // swizzled bf16 tile, ring = [kStages][64 rows x 576 bytes] raw fp8 rows.
+  unsigned char* conv = smem + kTileBytes;
+  unsigned char* ring = kFp8 ? conv + kTileBytes : conv;
+  constexpr uint32_t kStageBytes = kFp8 ? kFp8StageBytes : kTileBytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarOffset);  // [kStages] the tile landed
+  uint64_t* empty = full + kStages;                                  // [kStages] both consumers done
+
+  // The schedule (schedule.cuh): this CTA's pieces, the same walk for both roles.
+  const int32_t m_blocks = ceil_div(p.seqlen_q * p.num_heads, kBlockM);
+  SchedCursor cursor(p, p.batch * m_blocks, static_cast<int32_t>(blockIdx.x));
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&full[s], 128);   // every producer thread (after its cp.async landed) + TMA bytes
+      mbarrier_init(&empty[s], 256);  // every consumer thread, after its wgmmas read the stage
+    }
+    fence_mbarrier_init();
+  }
+  __syncthreads();  // the barriers are initialised
+
+  // threadIdx.x is re-read after the barrier, not cached (docs/cuda-emulation.md: GCC would
+  // otherwise thread the role branches through it).
+  if (threadIdx.x >= 256) {
+    // ---- Producer warpgroup: thread t loads half of key row t / 2 of each tile.
+    setmaxnreg_dec<40>();
+    const int t = threadIdx.x - 256;
+    using CacheT = std::conditional_t<kFp8, uint8_t, T>;
+    constexpr int kRowUnits = kHeadDim * sizeof(CacheT) / 16;  // 16-byte units per cache row: 72 / 36
+    constexpr int kElemsPerUnit = 16 / sizeof(CacheT);
+    const int row = t / 2, unit0 = (t % 2) * (kRowUnits / 2);
+    int it = 0;  // tiles through the ring, across pieces
+    for (SchedPiece piece; cursor.next(piece);) {
+      const Sm90Work w = sm90_work(p, piece, m_blocks);
+      const int32_t b = w.b;
+      const SplitRange range = w.range;
+      for (int tile = range.tile_begin; tile < range.tile_end; ++it, ++tile) {
+        const int s = it % kStages;
+        if (it >= kStages) mbarrier_wait_parity(&empty[s], ((it / kStages) - 1) & 1);
+        if (!kFp8 && cache_tma && (tile + 1) * kBlockN <= range.key_end) {
+          // TMA: 64 valid keys in one block (header comment; a piece's tiles are the unit's
+          // tiles, so they start at multiples of 64 keys too); thread 0 issues, the others arrive.
+          if (t == 0) {
+            const int32_t key0 = tile * kBlockN;
+            const int32_t block = p.block_table[static_cast<int64_t>(b) * p.block_table_batch_stride + key0 / p.block_size];
+            const int32_t row0 = block >= 0 && block < p.num_blocks ? block * p.block_size + key0 % p.block_size
+                                                                    : p.num_blocks * p.block_size;  // zero-filled
+            mbarrier_arrive_expect_tx(&full[s], kTileBytes);
+            for (int c = 0; c < kChunks; ++c)
+              tma_load_2d(ring + s * kStageBytes + c * kChunkBytes, &cache_map, c * kChunkCols, row0, &full[s]);
+          } else {
+            mbarrier_arrive(&full[s]);
+          }
+          continue;
+        }
+        const int32_t key = tile * kBlockN + row;
+        const CacheT* src = key < range.key_end ? cache_row<CacheT>(p, b, key) : nullptr;  // nullptr: bad block id too
+        const bool valid = src != nullptr;
+        if (!valid) src = static_cast<const CacheT*>(p.cache);  // never read (source size 0): a zero row
+        unsigned char* dst = ring + s * kStageBytes;
+        for (int u = unit0; u < unit0 + kRowUnits / 2; ++u) {
+          const uint32_t off = kFp8 ? row * kHeadDim + u * 16 : swizzled_offset(row, u);  // fp8: raw rows
+          cp_async_16(dst + off, src + (valid ? u * kElemsPerUnit : 0), valid);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        fence_proxy_async();
+        mbarrier_arrive(&full[s]);
+      }
+    }
+    return;
+  }
+
+  // ---- Consumer warpgroups.
+  setmaxnreg_inc<232>();
+  int it = 0;
+  for (SchedPiece piece; cursor.next(piece);) {
+    const Sm90Work w = sm90_work(p, piece, m_blocks);
+    if (w.range.tile_begin < w.range.tile_end) load_q_block<T>(p, q_tile, w);  // (uniform)
+    consume_piece<T, kFp8>(p, q_tile, conv, ring, full, empty, w, it);
   }
 #else
   __trap();  // built without sm_90a (TORCH_CUDA_ARCH_LIST needs 9.0a): never dispatched silently
