@@ -26,6 +26,9 @@ Implementations, all on the same inputs:
     mla_ext        mla_ext.decode (the kernel column says which CPU kernel ran)
     mla_ext-fp8    the same over a float8_e4m3fn copy of the cache (per-tensor scale; its
                    bytes count the cache at 1 byte per value); --no-fp8 skips it
+    mla_ext-fp16   --also-fp16: the same values as an fp16 cache with an fp16 query
+    mla_ext-huge   --huge-pages: mla_ext on a copy of the cache in 2 MiB pages (mla_ext.use_huge_pages);
+                   the other rows use torch's default allocation (4 KiB pages unless THP is 'always')
     torch          mla_ext.reference.decode at the input dtype (per-sequence gather + einsum)
     torch-batched  one batched gather through the block table + two matmuls + softmax, in
                    fp32 on the CPU (torch's faster CPU choice) and the input dtype on CUDA
@@ -329,6 +332,12 @@ def main() -> int:
     ap.add_argument("--also-isa", default="",
                     help="cpu: comma-separated MLA_EXT_CPU_ISA values (e.g. avx512bf16) whose kernels are timed too, "
                          "round-robin with the default one, as impls 'mla_ext[<isa>]' / 'mla_ext-fp8[<isa>]'")
+    ap.add_argument("--huge-pages", action="store_true",
+                    help="cpu: also time mla_ext on a copy of the cache backed by 2 MiB pages (mla_ext.use_huge_pages), "
+                         "impl 'mla_ext-huge'")
+    ap.add_argument("--also-fp16", action="store_true",
+                    help="with --dtype bf16: also time an fp16 cache (and fp16 query) of the same values, impl "
+                         "'mla_ext-fp16', with its speed relative to the bf16 cache")
     args = ap.parse_args()
     t_start = time.perf_counter()
 
@@ -360,7 +369,9 @@ def main() -> int:
         dev_info["cpu"] = cpu_info()
         dev_info["load_before"] = os.getloadavg()
         kernels = {"mla_ext": mla_ext.cpu_decode_kernel(dtype),
-                   "mla_ext-fp8": mla_ext.cpu_decode_kernel(torch.float8_e4m3fn)}
+                   "mla_ext-fp8": mla_ext.cpu_decode_kernel(torch.float8_e4m3fn),
+                   "mla_ext-huge": mla_ext.cpu_decode_kernel(dtype),
+                   "mla_ext-fp16": mla_ext.cpu_decode_kernel(torch.float16)}
         for isa in [x for x in args.also_isa.split(",") if x]:
             with cpu_isa(isa):
                 kernels[f"mla_ext[{isa}]"] = mla_ext.cpu_decode_kernel(dtype)
@@ -397,6 +408,14 @@ def main() -> int:
             s8 = mla_ext.fp8_scale_for(cache)
             cache8 = reference.quantize_fp8(cache, s8)
             impls["mla_ext-fp8"] = lambda: mla_ext.decode(qn, qp, cache8, bt, sl, softmax_scale=scale, scale=s8)
+        if args.huge_pages and device == "cpu":
+            cache_huge = torch.empty_like(cache)
+            mla_ext.use_huge_pages(cache_huge, collapse=False)  # huge from the first touch
+            cache_huge.copy_(cache)
+            impls["mla_ext-huge"] = lambda: mla_ext.decode(qn, qp, cache_huge, bt, sl, softmax_scale=scale)
+        if args.also_fp16 and dtype == torch.bfloat16:
+            cache16, qn16, qp16 = cache.half(), qn.half(), qp.half()
+            impls["mla_ext-fp16"] = lambda: mla_ext.decode(qn16, qp16, cache16, bt, sl, softmax_scale=scale)
         for isa in [x for x in args.also_isa.split(",") if x] if device == "cpu" else []:
             def with_isa(fn, isa=isa):
                 def call():
@@ -449,6 +468,12 @@ def main() -> int:
                 rec["cache_dtype"] = "fp8_e4m3"
                 base = impl.replace("mla_ext-fp8", "mla_ext")
                 rec["speedup_vs_mla_ext"] = res[base] / ms
+            if impl in ("mla_ext-fp16", "mla_ext-huge"):
+                if impl == "mla_ext-fp16":
+                    rec["cache_dtype"] = "fp16"
+                else:
+                    rec["huge_pages"] = True
+                rec["speedup_vs_mla_ext"] = res["mla_ext"] / ms
             for peer in ("torch", "torch-batched", "vllm"):
                 if peer in res and impl != peer:
                     rec[f"speedup_vs_{peer}"] = res[peer] / ms
@@ -497,7 +522,8 @@ def main() -> int:
               f"{f('pct_amx_peak', '.1f'):>5} {f('pct_matmul_fp32', '.0f'):>8} "
               f"{f('pct_matmul_bf16', '.0f'):>8} {f('pct_copy', '.0f'):>6} {f('speedup_vs_torch', '.1f'):>8} "
               f"{f('speedup_vs_torch-batched', '.1f'):>9} {f('speedup_vs_vllm', '.2f'):>7}"
-              + (f"  ({r['speedup_vs_mla_ext']:.2f}x the 16-bit cache)" if "speedup_vs_mla_ext" in r else ""))
+              + (f"  ({r['speedup_vs_mla_ext']:.2f}x {'mla_ext (4 KiB pages)' if r.get('huge_pages') else 'the bf16 cache' if r.get('cache_dtype') == 'fp16' else 'the 16-bit cache'})"
+                 if "speedup_vs_mla_ext" in r else ""))
     if device == "cpu":
         print(f"# load average after: {dev_info['load_after']}")
         # Each kernel against the ceiling of the instructions it computes with (AMX kernels

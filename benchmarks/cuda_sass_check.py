@@ -206,9 +206,9 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def rule_table() -> str:
+def rule_table(rules: tuple[Rule, ...] = RULES) -> str:
     return "\n".join(f"  {r.name:<18} {r.applies:<6} {r.pattern:<34} min {r.min}"
-                     + (f" max {r.max}" if r.max is not None else "") + f"  ({r.why})" for r in RULES)
+                     + (f" max {r.max}" if r.max is not None else "") + f"  ({r.why})" for r in rules)
 
 
 _TC_NAME = re.compile(r"decode_tc_kernel<\s*(?P<t>__nv_bfloat16|__half)\s*,\s*(?P<cfg>.*)>\s*\(")
@@ -225,6 +225,34 @@ def tc_kernel(func: Function, obj: str = "") -> TcKernel | None:
     flags = re.findall(r"\b(true|false)\b", cfg)
     fp8 = flags[-1] == "true" if flags else "fp8" in os.path.basename(obj)
     return TcKernel(func, "bf16" if m.group("t") == "__nv_bfloat16" else "fp16", fp8, cfg)
+
+
+# The Hopper decode kernel (csrc/cuda/sm90/decode_sm90.cuh, sm_90a only): wgmma from shared memory
+# and from registers, the TMA box loads of full tiles (16-bit cache), the cp.async gather (the Q
+# block, partial tiles, other block sizes, the fp8 cache), the mbarrier pipeline, setmaxnreg.
+SM90_RULES: tuple[Rule, ...] = (
+    Rule("sm90_hgmma_ss", r"^HGMMA\.64x64x16\.F32", operands=r"^R\d+, gdesc\[",
+         why="S = Q K^T: wgmma m64n64k16, A and B from shared-memory descriptors"),
+    Rule("sm90_hgmma_rs", r"^HGMMA\.64x256x16\.F32", operands=r"^R\d+, R\d+",
+         why="O += P V: wgmma m64n256k16, A (P) from registers"),
+    Rule("sm90_utmaldg", r"^UTMALDG\.2D", applies="16bit",
+         why="TMA box loads of full tiles (16-bit cache, block_size % 64 == 0)"),
+    Rule("sm90_ldgsts", r"^LDGSTS", why="cp.async gather: Q, partial tiles, other block sizes, fp8"),
+    Rule("sm90_mbarrier_wait", r"^SYNCS\.PHASECHK\.TRANS64\.TRYWAIT", why="mbarrier.try_wait.parity"),
+    Rule("sm90_mbarrier_arrive", r"^SYNCS\.ARRIVE\.TRANS64", why="mbarrier.arrive (.expect_tx)"),
+    Rule("sm90_setmaxnreg", r"^USETMAXREG", min=2, why="setmaxnreg: producer down, consumers up"),
+    Rule("no_local_memory", r"^(LDL|STL)\b", min=0, max=0, why="no spills / local memory"),
+)
+
+_SM90_NAME = re.compile(r"decode_sm90_kernel<\s*(?:(?P<t>__nv_bfloat16|__half)\s*,\s*)?(?P<fp8>true|false)\s*>")
+
+
+def sm90_kernel(func: Function) -> TcKernel | None:
+    """A decode_sm90_kernel instantiation ([T,] kFp8) as a TcKernel (config "sm90"), else None."""
+    m = _SM90_NAME.search(func.demangled or func.name)
+    if not m:
+        return None
+    return TcKernel(func, "fp16" if m.group("t") == "__half" else "bf16", m.group("fp8") == "true", "sm90")
 
 
 def check_kernel(k: TcKernel, rules: tuple[Rule, ...] = RULES) -> list[tuple[str, str]]:
@@ -302,15 +330,24 @@ def check_objects(cuobjdump: str, objs: list[str], archs: tuple[str, ...], quiet
                   ) -> tuple[list[tuple[str, str]], int]:
     """Report every kernel, check every decode_tc kernel. Returns ([(rule, message)], #tc kernels)."""
     failures, n_tc, lines = [], 0, []
+    n_sm90 = 0
     seen_archs: dict[str, int] = {}
     for obj in objs:
         funcs = disassemble(cuobjdump, obj)
+        if os.path.basename(obj).startswith("decode_sm90.sm_90a") and not any(sm90_kernel(f) for f in funcs):
+            failures.append(("no_sm90_kernel", f"{os.path.basename(obj)}: no decode_sm90_kernel instantiation"))
         if os.path.basename(obj).startswith("decode_tc") and not any(tc_kernel(f, obj) for f in funcs):
             failures.append(("no_tc_kernel", f"{os.path.basename(obj)}: no decode_tc_kernel instantiation"))
         for f in funcs:
             lines.append(report_line(obj, f))
             if f.count(r"^(LDL|STL)\b") or f.stack or f.local:
                 failures.append(("local_memory", f"{os.path.basename(obj)} {short_name(f)}: local memory / spills"))
+            k9 = sm90_kernel(f)
+            if k9 is not None:
+                n_sm90 += 1
+                for rule, msg in check_kernel(k9, SM90_RULES):
+                    failures.append((rule, f"{os.path.basename(obj)} {f.arch} {short_name(f)}: {rule}: {msg}"))
+                continue
             k = tc_kernel(f, obj)
             if k is None:
                 continue
@@ -320,6 +357,9 @@ def check_objects(cuobjdump: str, objs: list[str], archs: tuple[str, ...], quiet
                 failures.append((rule, f"{os.path.basename(obj)} {f.arch} {short_name(f)}: {rule}: {msg}"))
     if not quiet:
         print("\n".join(sorted(lines)))
+        if n_sm90:
+            sm90_fails = sum(1 for rule, _ in failures if rule.startswith("sm90_"))
+            print(f"\n{n_sm90} decode_sm90 kernels checked against {len(SM90_RULES)} sm90 rules: {sm90_fails} failed")
     for a in archs:
         if not seen_archs.get(a):
             failures.append(("no_tc_kernel", f"no decode_tc_kernel found for {a}"))
@@ -478,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rules:
         print(rule_table())
+        print(rule_table(SM90_RULES))
         return 0
     archs = tuple(args.archs.split())
 
@@ -502,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         out = os.path.join(ROOT, "build", "cuda-sass")
         os.makedirs(out, exist_ok=True)
         jobs = [(cu, a) for cu in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))) for a in archs]
+        if "sm_90a" in archs:  # the Hopper kernels exist for sm_90a only (as in cuda_compile_check.sh)
+            jobs += [(cu, "sm_90a") for cu in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "sm90", "*.cu")))]
         print(f"compiling {len(jobs)} objects into {out}")
 
         def one(job):
@@ -518,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                 objs.append(obj)
     print(f"{len(objs)} objects\n")
     print("rules for every decode_tc_kernel:\n" + rule_table() + "\n")
+    print("rules for every decode_sm90_kernel (sm_90a):\n" + rule_table(SM90_RULES) + "\n")
 
     failures, n_tc = check_objects(cuobjdump, objs, archs)
     status = 0

@@ -13,6 +13,7 @@ from ._ops import HEAD_DIM, LATENT_DIM, ROPE_DIM
 from .absorb import absorb_query, expand_output, mla_softmax_scale, split_kv_b_proj
 from .cache import OutOfBlocksError, PagedLatentCache, StepMetadata
 from .fp8 import fp8_scale_for
+from .memory import use_huge_pages
 from .ops import append_kv, cpu_decode_kernel, decode, set_index_checks, sparse_decode
 from .ops import cpu_sparse_decode_kernel, sparse_append_kv
 
@@ -30,6 +31,7 @@ __all__ = [
     "expand_output",
     "mla_softmax_scale",
     "PagedLatentCache",
+    "use_huge_pages",
     "StepMetadata",
     "OutOfBlocksError",
     "absorb",

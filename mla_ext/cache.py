@@ -25,6 +25,7 @@ from typing import Dict, Hashable, List, Optional, Sequence, Union
 import torch
 
 from ._ops import HEAD_DIM
+from .memory import use_huge_pages
 
 __all__ = ["PagedLatentCache", "StepMetadata", "OutOfBlocksError"]
 
@@ -62,6 +63,9 @@ class PagedLatentCache:
         block_size:  tokens per block, any value >= 1.
         num_layers:  one cache tensor per layer, all indexed by the same block tables.
         dtype, device: of the cache tensors (the model's compute dtype).
+        huge_pages:  CPU only: back the cache tensors with 2 MiB pages (mla_ext.use_huge_pages;
+                     raises where the kernel refuses). Decode of a cache larger than the
+                     TLB's reach (a few MB) waits on page walks with 4 KiB pages.
 
     `caches` is one tensor [num_layers, num_blocks, block_size, 576]; `layer(i)` is the
     [num_blocks, block_size, 576] view to pass to the ops. Sequence ids are any hashable;
@@ -76,6 +80,7 @@ class PagedLatentCache:
         num_layers: int = 1,
         dtype: torch.dtype = torch.bfloat16,
         device: Union[str, torch.device] = "cpu",
+        huge_pages: bool = False,
     ) -> None:
         if int(num_blocks) < 0:
             raise ValueError(f"PagedLatentCache: num_blocks must be >= 0, got {num_blocks}")
@@ -87,7 +92,10 @@ class PagedLatentCache:
         self.num_layers = int(num_layers)
         self.dtype = dtype
         self.device = torch.device(device)
-        self.caches = torch.zeros(self.num_layers, int(num_blocks), self.block_size, HEAD_DIM, dtype=dtype, device=self.device)
+        if huge_pages and self.device.type != "cpu":
+            raise ValueError(f"PagedLatentCache: huge_pages is for CPU caches, got device {self.device}")
+        self.huge_pages = bool(huge_pages)
+        self.caches = self._new_caches(int(num_blocks))
         # LIFO free list: the most recently freed block is reused first; fresh pools hand out 0, 1, 2, ...
         self._free: List[int] = list(range(int(num_blocks) - 1, -1, -1))
         self._blocks: Dict[Hashable, List[int]] = {}
@@ -126,10 +134,17 @@ class PagedLatentCache:
         if extra_blocks == 0:
             return
         old = self.num_blocks
-        new = torch.zeros(self.num_layers, old + extra_blocks, self.block_size, HEAD_DIM, dtype=self.dtype, device=self.device)
+        new = self._new_caches(old + extra_blocks)
         new[:, :old].copy_(self.caches)
         self.caches = new
         self._free = list(range(old + extra_blocks - 1, old - 1, -1)) + self._free
+
+    def _new_caches(self, num_blocks: int) -> torch.Tensor:
+        # Advised before the zero fill, so the pages are huge from their first touch.
+        caches = torch.empty(self.num_layers, num_blocks, self.block_size, HEAD_DIM, dtype=self.dtype, device=self.device)
+        if self.huge_pages:
+            use_huge_pages(caches, collapse=False)
+        return caches.zero_()
 
     # ------------------------------------------------------------------ sequences
 

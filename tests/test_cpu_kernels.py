@@ -76,7 +76,7 @@ def test_vector_kernel_matches_scalar_kernel(isa, s_q, h, block_size, cache_dtyp
     kernel = mla_ext.cpu_decode_kernel(cache_dtype)
     if kernel == "scalar":
         pytest.skip("this CPU has no vector kernel for this dtype")
-    if kernel == "amx-bf16":
+    if kernel.startswith("amx-"):
         pytest.skip("the AMX kernel (P in two bf16 parts, not bit-comparable at CROSS_TOL): "
                     "test_amx_kernel_against_reference covers it")
     lower = {"avx2": None, "avx512bf16": "avx2", "auto": "avx512bf16"}[isa]
@@ -227,7 +227,7 @@ def test_nan_in_a_causally_masked_key_stays_masked(isa, cache_dtype, monkeypatch
 #
 # decode_amx.cpp computes both products on AMX tiles (TDPBF16PS: bf16 inputs, fp32
 # accumulation). A bf16 query is used as is; an fp32 query (fp8 caches) is split into three
-# bf16 parts (24 significant bits); P is carried as two bf16 parts (P - hi - lo <= 2^-18 P).
+# bf16 parts (24 significant bits); P is carried as two bf16 parts (|P - hi - mid| <= 2^-16 P).
 # So it is held to the same float64-oracle tolerance as the fp32-arithmetic kernels.
 
 
@@ -245,18 +245,22 @@ def _cpu_flags() -> set:
 CPU_HAS_AMX = {"amx_tile", "amx_bf16", "avx512_bf16"} <= _cpu_flags()
 NEEDS_AMX = pytest.mark.skipif(not CPU_HAS_AMX, reason="needs a CPU with AMX-BF16 (amx_tile, amx_bf16 and "
                                                        "avx512_bf16 in /proc/cpuinfo)")
-AMX_DTYPES = [torch.bfloat16, torch.float8_e4m3fn]
+AMX_DTYPES = [torch.bfloat16, torch.float16, torch.float8_e4m3fn]
+# fp16 caches run the same kernel with K, V and q split exactly into two bf16 parts each.
+_AMX_NAME = {torch.bfloat16: "amx-bf16", torch.float16: "amx-bf16x2", torch.float8_e4m3fn: "amx-bf16"}
 
 
 def _amx_tol(q_dtype: torch.dtype) -> dict:
     """Output tolerance of the AMX kernel against the float64 reference: fp32 accumulation
-    (~1e-5 on O(1) outputs, see conftest's FP32_ATOL) plus the split P's 2^-18 relative
-    weight error (<= 2^-18 max|V| ~ 2e-5 worst case, ~1e-6 typical since the rounding
-    errors of ~1000 weights have random signs): atol 4e-5. With a bf16 query the output and
-    the reference's (computed in float64, returned in q's dtype) are both rounded to bf16:
-    where the exact value sits near a rounding boundary they differ by one ulp, 2^-7 |x|
-    (conftest's OUT_TOL_VS_FP32_REF; every kernel needs it)."""
-    return dict(rtol=2.0**-7 + 2e-5 if q_dtype == torch.bfloat16 else 2e-5, atol=4e-5)
+    (~1e-5 on O(1) outputs, see conftest's FP32_ATOL) plus the split P's relative weight error
+    (<= 2^-16 per weight; the ~1000 weights' rounding errors have random signs, so the output
+    moves by ~1e-6: measured <= 6e-6 with fp32 outputs at h = 16 / 128, block sizes 16 / 64,
+    L <= 1000): atol 4e-5. With a bf16 query the output and the reference's (computed in
+    float64, returned in q's dtype) are both rounded to bf16: where the exact value sits near
+    a rounding boundary they differ by one ulp, 2^-7 |x| (conftest's OUT_TOL_VS_FP32_REF;
+    every kernel needs it); 2^-10 |x| with an fp16 query."""
+    ulp = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}.get(q_dtype, 0.0)
+    return dict(rtol=ulp + 2e-5, atol=4e-5)
 
 
 # Query rows s_q * h: 1, 16, 128 (two row blocks), 32 and 64 (causal s_q > 1), 15 (padded to
@@ -273,7 +277,7 @@ def test_amx_kernel_against_reference(s_q, h, block_size, cache_dtype, gen, monk
     a NaN-poisoned paged cache, lengths 0 / 1 / 17 / 300 / 1000 (partial key blocks, several
     items per sequence on two threads), causal."""
     monkeypatch.setenv("MLA_EXT_CPU_ISA", "amx")
-    assert mla_ext.cpu_decode_kernel(cache_dtype) == "amx-bf16", "the CPU has AMX but the AMX kernel is not picked"
+    assert mla_ext.cpu_decode_kernel(cache_dtype) == _AMX_NAME[cache_dtype], "the CPU has AMX but the AMX kernel is not picked"
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -325,6 +329,31 @@ def test_amx_kernel_beats_pure_bf16_scores_for_fp32_queries(gen, monkeypatch):
 
 
 @NEEDS_AMX
+def test_amx_fp16_split_is_exact_on_every_finite_value(monkeypatch):
+    """fp16 caches run on bf16 tiles with every value split into hi + lo: the split must be
+    exact. Each of 127 sequences sees one key (P = 1 exactly) under a zero query, so its output
+    is that key's V row, bit for bit; together the rows hold every finite fp16 bit pattern
+    (normals, subnormals, +-0). A lost lo part would be off by up to 2^-9 relative."""
+    monkeypatch.setenv("MLA_EXT_CPU_ISA", "amx")
+    assert mla_ext.cpu_decode_kernel(torch.float16) == "amx-bf16x2"
+    bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+    finite = bits[(bits.int() & 0x7C00) != 0x7C00]  # 63488 patterns
+    n_seq = (finite.numel() + 511) // 512
+    v = torch.zeros(n_seq * 512, dtype=torch.int16)
+    v[: finite.numel()] = finite
+    cache = torch.zeros(n_seq, 16, 576, dtype=torch.float16)
+    cache[:, 0, :512] = v.view(n_seq, 512).view(torch.float16)
+    cache[:, 1:] = float("nan")  # past each sequence's one key
+    table = torch.arange(n_seq, dtype=torch.int32).view(n_seq, 1)
+    q = torch.zeros(n_seq, 1, 16, 576, dtype=torch.float16)
+    out = mla_ext.decode(q[..., :512], q[..., 512:], cache, table, torch.ones(n_seq, dtype=torch.int32),
+                         softmax_scale=0.1)
+    expected = cache[:, 0, :512].unsqueeze(1).expand(n_seq, 16, 512)
+    # Value equality (-0 sums to +0 like in any kernel; every other pattern is its own value).
+    assert torch.equal(out[:, 0], expected)
+
+
+@NEEDS_AMX
 def test_amx_fp8_widening_every_code(monkeypatch):
     """All 254 finite e4m3fn codes through the AMX kernel's fp8 -> bf16 widening, bit for bit:
     one key (P = 1 exactly), a zero query, a power-of-two scale, so out = V * scale exactly;
@@ -352,10 +381,9 @@ def test_amx_fp8_widening_every_code(monkeypatch):
 
 
 def test_amx_kernel_is_picked_exactly_when_the_cpu_has_amx():
-    """auto picks the AMX kernel for bf16 and fp8 caches on an AMX CPU (and never elsewhere);
-    fp16 / fp32 caches keep their kernels; MLA_EXT_CPU_ISA=avx512bf16 turns AMX off."""
+    """auto picks the AMX kernel for bf16, fp16 and fp8 caches on an AMX CPU (and never
+    elsewhere); fp32 caches keep theirs; MLA_EXT_CPU_ISA=avx512bf16 turns AMX off."""
     for dt in AMX_DTYPES:
-        assert (_kernel_for("auto", dt) == "amx-bf16") == CPU_HAS_AMX
-        assert _kernel_for("avx512bf16", dt) != "amx-bf16"
-    for dt in (torch.float16, torch.float32):
-        assert _kernel_for("auto", dt) != "amx-bf16"
+        assert (_kernel_for("auto", dt) == _AMX_NAME[dt]) == CPU_HAS_AMX
+        assert not _kernel_for("avx512bf16", dt).startswith("amx")
+    assert not _kernel_for("auto", torch.float32).startswith("amx")

@@ -77,7 +77,7 @@ def test_append_shared_cases(case):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("block_size", [1, 16, 64, 7])
+@pytest.mark.parametrize("block_size", [1, 16, 64, 7, 128])  # 64, 128: the sm90 TMA path
 @pytest.mark.parametrize("s_q", [1, 2, 3, 4])
 def test_decode_matches(impl, dtype, block_size, s_q):
     set_impl(impl)

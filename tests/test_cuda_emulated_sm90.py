@@ -190,16 +190,20 @@ def test_generated_wgmma_header_is_current():
 
 # ------------------------------------------------------------------------------ the sm90 decode kernel
 
-# Every shared case the kernel supports (bf16 query; bf16 or fp8 cache; the planner falls back to
-# the sm80 kernel for the others), plus shapes that exercise its 64-row blocks and 64-key tiles.
-SM90_CASES = [c for c in DECODE_CASES if c.q_dtype == torch.bfloat16 and c.impl == "auto"] + [
+# Every shared case the kernel supports (bf16 or fp16 query; a cache of the same type or fp8; the
+# planner falls back for fp32), plus shapes that exercise its 64-row blocks and 64-key tiles.
+SM90_CASES = [c for c in DECODE_CASES if c.q_dtype in (torch.bfloat16, torch.float16) and c.impl == "auto"] + [
     DecodeCase("sm90 bf16 s_q=4 h=16: one full 64-row block", s_q=4, h=16, lens=(0, 1, 64, 129)),
     DecodeCase("sm90 bf16 s_q=3 h=32: padded second row block", s_q=3, h=32, lens=(1, 77), block_size=64),
     DecodeCase("sm90 bf16 h=64 s_q=1, block_size=64, tiles of exactly 64 keys", h=64, lens=(64, 128, 1),
                block_size=64),
     DecodeCase("sm90 fp8 s_q=4 h=16, block_size=1", fp8=True, s_q=4, h=16, lens=(0, 1, 150), block_size=1),
+    DecodeCase("sm90 fp16 s_q=2 h=32 split-KV", q_dtype=torch.float16, s_q=2, h=32, lens=(700, 5), extra_cols=30),
+    DecodeCase("sm90 fp8 cache, fp16 q, s_q=3 h=32 split-KV", fp8=True, q_dtype=torch.float16, s_q=3, h=32,
+               lens=(650, 64), extra_cols=30),
 ]
-assert len(SM90_CASES) >= 13 and sum(c.fp8 for c in SM90_CASES) >= 4, [c.name for c in SM90_CASES]
+assert len(SM90_CASES) >= 19 and sum(c.fp8 for c in SM90_CASES) >= 6, [c.name for c in SM90_CASES]
+assert sum(c.q_dtype == torch.float16 for c in SM90_CASES) >= 6, [c.name for c in SM90_CASES]
 
 
 @pytest.fixture(scope="session")
@@ -245,6 +249,9 @@ SM90_NAN_VARIANTS = {
     "col 300 s_q=4 h=16": (dict(s_q=4, h=16, lens=(100, 70)), 300),
     "fp8 col 300": (dict(fp8=True), 300),
     "fp8 col 5 split-KV": (dict(fp8=True, lens=(700, 70), extra_cols=30), 5),
+    "fp16 col 300": (dict(q_dtype=torch.float16), 300),
+    "fp16 col 5 block_size=64 (TMA tile)": (dict(q_dtype=torch.float16, block_size=64), 5),
+    "fp8 fp16-q col 300 split-KV": (dict(fp8=True, q_dtype=torch.float16, lens=(700, 70), extra_cols=30), 300),
 }
 
 
@@ -278,21 +285,130 @@ def test_decode_sm90_masked_key_with_nan_stays_masked(variant, harness):
     check_close(out[1:], lse[1:], ref_out[1:], ref_lse[1:], case.q_dtype, "sequence 1 (no NaN)", tol=tol)
 
 
-@pytest.mark.parametrize("name", ["fp16 s_q=2 causal", "fp8 cache, fp16 q, block_size=7", "fp32 simple"])
+# ---- The TMA producer path (block_size % 64 == 0, bf16 cache): full tiles through 2-D TMA boxes,
+# the partial last tile of each split / sequence through the cp.async gather (decode_sm90.cuh).
+
+def expected_tma_boxes(case: DecodeCase, seqlens) -> int:
+    """9 boxes per tile whose 64 keys are all below its piece's key_end. Pieces of the device-side
+    schedule end on tile boundaries, except a unit's last one (key_end = the unit's keys), so
+    whatever the cut: 9 per full tile of each (sequence, row block) unit (visible_keys, in Python)."""
+    M, boxes = case.s_q * case.h, 0
+    for L in seqlens.tolist():
+        L = max(0, min(L, 10**9))
+        for m0 in range(0, M, 64):
+            j = (min(m0 + 64, M) - 1) // case.h
+            n_keys = 0 if L <= 0 else (L if not case.causal else max(0, min(L, L - case.s_q + j + 1)))
+            boxes += 9 * (n_keys // 64)
+    return boxes
+
+
+TMA_CASES = [
+    DecodeCase("sm90 TMA bf16 block_size=64 s_q=2: full and partial tiles", s_q=2, block_size=64,
+               lens=(0, 1, 64, 77, 300)),
+    DecodeCase("sm90 TMA bf16 block_size=128 s_q=4 h=16 causal", s_q=4, h=16, block_size=128, lens=(129, 256, 5)),
+    DecodeCase("sm90 TMA bf16 block_size=128 split-KV", block_size=128, lens=(700, 70), extra_cols=30, s_q=2),
+    DecodeCase("sm90 TMA bf16 block_size=64 h=64 s_q=3 split-KV, padded rows", block_size=64, h=64, s_q=3,
+               lens=(640, 3), extra_cols=30),
+    DecodeCase("sm90 TMA fp16 block_size=128 s_q=2 split-KV", q_dtype=torch.float16, block_size=128, s_q=2,
+               lens=(700, 77, 128), extra_cols=30),
+]
+
+
+@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+@pytest.mark.parametrize("case", TMA_CASES, ids=[c.name for c in TMA_CASES])
+def test_decode_sm90_tma(case, flavor, order, harness):
+    """Full tiles come through TMA boxes (exactly 9 per full tile, counted by the emulator), partial
+    tiles through cp.async with their NaN-poisoned neighbour slots zero-filled: the result equals
+    the float64 reference (finite: no poisoned slot reached a product)."""
+    out, lse, ref_out, ref_lse, info = run_sm90(case, harness, flavor, order)
+    assert info["impl"] == "sm90", info
+    if "split" in case.name:
+        assert info["num_splits"] > 1, info
+    seqlens = case.inputs()[4]
+    want = expected_tma_boxes(case, seqlens)
+    assert want > 0 and info["tma_boxes"] == want, (info, want)
+    assert info["cp_async"] > 0, info  # the Q block and the partial tiles
+    check_close(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [sm90 {flavor} {order}]", tol=case.tolerance())
+
+
+@pytest.mark.parametrize("what", ["block_size=16", "padded block stride", "fp8 block_size=64"])
+def test_decode_sm90_without_tma_gathers(what, harness):
+    """Layouts a 2-D tensor map cannot describe (block_size not a multiple of 64; blocks further
+    apart than block_size rows) and the fp8 cache take the cp.async gather for every tile: no TMA
+    box, same results."""
+    if what == "block_size=16":
+        case = DecodeCase("sm90 no TMA bs16", s_q=2, lens=(70, 200))
+    elif what == "padded block stride":
+        case = DecodeCase("sm90 no TMA padded", s_q=2, block_size=64, lens=(70, 200))
+    else:
+        case = DecodeCase("sm90 no TMA fp8 bs64", fp8=True, s_q=2, block_size=64, lens=(70, 200))
+    q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+    if what == "padded block stride":  # [NB, 64 of 65 rows, 576]: block stride 65 rows
+        padded = torch.full((cache.shape[0], 65, cache.shape[2]), float("nan"), dtype=cache.dtype)
+        padded[:, :64] = cache
+        cache = padded[:, :64]
+        assert cache.stride(0) == 65 * 576
+    out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
+                                       impl="sm90", device="sm90", exe=harness("plain"))
+    ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
+    assert info["impl"] == "sm90" and info["tma_boxes"] == 0, info
+    check_close(out, lse, ref_out, ref_lse, case.q_dtype, what, tol=case.tolerance())
+
+
+@pytest.mark.parametrize("bad_id", [-1, "past the end"])
+@pytest.mark.parametrize("block_size", [64, 16], ids=["bs64 TMA", "bs16 gather"])
+def test_decode_sm90_out_of_range_block_id_reads_zero_rows(bad_id, block_size, harness):
+    """A block-table entry outside [0, NB) inside a sequence (the API's index check would reject it;
+    the kernel must still stay in bounds) reads as zero rows on both load paths: through TMA a box
+    past the tensor's last row (zero-filled), through the gather zero-filled cp.async. Expected:
+    the reference on the same table with that entry pointing at an all-zero block."""
+    case = DecodeCase(f"sm90 bad block id {block_size}", s_q=2, block_size=block_size, lens=(300, 70))
+    q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+    nb = cache.shape[0]
+    bad = -1 if bad_id == -1 else nb + 3
+    table[0, 1] = bad  # keys [bs, 2 bs) of sequence 0: a full TMA tile at block_size 64
+    out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
+                                       impl="sm90", device="sm90", exe=harness("plain"))
+    assert info["impl"] == "sm90" and (info["tma_boxes"] > 0) == (block_size == 64), info
+    zero_cache = torch.cat([cache, torch.zeros_like(cache[:1])])
+    zero_table = table.clone()
+    zero_table[0, 1] = nb
+    ref_out, ref_lse = case.reference(q_nope, q_pe, zero_cache, zero_table, seqlens, scale)
+    check_close(out, lse, ref_out, ref_lse, case.q_dtype, f"block id {bad}", tol=case.tolerance())
+
+
+def test_decode_sm90_tma_nan_in_masked_key(harness):
+    """Block size 128, s_q = 2 causal: the last key of a full TMA tile (key 127 of a 128-key
+    sequence) holds NaN in V column 300; query 0 must not see it (the band fix-up on a TMA tile),
+    query 1 is all NaN."""
+    case = DecodeCase("sm90 TMA nan band", s_q=2, block_size=128, lens=(128, 70))
+    q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+    cache[int(table[0, 0]), 127, 300] = float("nan")
+    out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
+                                       impl="sm90", device="sm90", exe=harness("plain"))
+    ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
+    assert info["impl"] == "sm90" and info["tma_boxes"] > 0, info
+    assert torch.isnan(out[0, 1]).all() and torch.isnan(lse[0, 1]).all()
+    check_close(out[:, :1], lse[:, :1], ref_out[:, :1], ref_lse[:, :1], case.q_dtype, "query 0", tol=case.tolerance())
+    check_close(out[1:], lse[1:], ref_out[1:], ref_lse[1:], case.q_dtype, "sequence 1", tol=case.tolerance())
+
+
+@pytest.mark.parametrize("name", ["fp32 simple", "fp8 cache, fp32 q"])
 def test_decode_sm90_unsupported_falls_back(name, harness):
-    """Asked for the Hopper kernel, a config it does not support (fp16 query, with a 16-bit or an
-    fp8 cache; fp32) gets the sm80 tensor-core kernel (or the CUDA-core one), with correct results."""
+    """Asked for the Hopper kernel, a config it does not support (an fp32 query, with an fp32 or an
+    fp8 cache) gets the CUDA-core kernel, with correct results."""
     case = next(c for c in DECODE_CASES if c.name == name)
     out, lse, ref_out, ref_lse, info = run_sm90(case, harness)
-    assert info["impl"] == ("simple" if case.q_dtype == torch.float32 else "tc"), info
+    assert info["impl"] == "simple", info
     check_close(out, lse, ref_out, ref_lse, case.q_dtype, f"{case.name} [sm90 fallback]", tol=case.tolerance())
 
 
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
 def test_decode_sm90_compiles_for_sm90a():
-    """csrc/cuda/sm90/decode_sm90.cu (bf16 and fp8 cache) through plain nvcc for sm_90a: no spills or local memory, and
-    the SASS holds the instructions the design means: HGMMA 64x64 (S, A and B from shared memory),
-    HGMMA 64x256 with A in registers (O += P V), LDGSTS (the cp.async gather), mbarrier SYNCS,
+    """csrc/cuda/sm90/decode_sm90.cu (bf16 / fp16 query x 16-bit / fp8 cache) through plain nvcc for
+    sm_90a: no spills or local memory, and the SASS holds the instructions the design means: HGMMA
+    64x64 (S, A and B from shared memory), HGMMA 64x256 with A in registers (O += P V), LDGSTS (the
+    cp.async gather), UTMALDG (the TMA boxes of the 16-bit caches), mbarrier SYNCS,
     USETMAXREG (producer down, consumers up)."""
     src = ROOT / "csrc" / "cuda" / "sm90" / "decode_sm90.cu"
     inputs = [src] + sorted((ROOT / "csrc" / "cuda" / "sm90").glob("*.cuh")) + sorted(
@@ -312,21 +428,25 @@ def test_decode_sm90_compiles_for_sm90a():
         os.replace(str(obj) + ".tmp", obj)
     text = log.read_text()
     entries = re.findall(r"Compiling entry function '([^']+)'", text)
-    assert sorted(entries) == ["_ZN3mla4cuda4sm9018decode_sm90_kernelILb0EEEvNS_12DecodeParamsE",
-                               "_ZN3mla4cuda4sm9018decode_sm90_kernelILb1EEEvNS_12DecodeParamsE"], text[-2000:]  # bf16, fp8
-    assert re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text) == [("0", "0")] * 2, text[-2000:]
-    assert text.count("0 bytes stack frame") == 2, text[-2000:]
+    # <T, kFp8>(params, the cache's tensor map, whether to use it): bf16 / fp16 x 16-bit / fp8 cache
+    assert sorted(entries) == sorted(f"_ZN3mla4cuda4sm9018decode_sm90_kernelI{t}Lb{f}EEEvNS_12DecodeParamsE14CUtensorMap_stb"
+                                     for t in ("13__nv_bfloat16", "6__half") for f in (0, 1)), text[-2000:]
+    assert re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text) == [("0", "0")] * 4, text[-2000:]
+    assert text.count("0 bytes stack frame") == 4, text[-2000:]
     print("ptxas:", re.findall(r"Used \d+ registers[^\n]*", text))
     cuobjdump = next(iter(sorted(ROOT.glob(".venv/lib/python3*/site-packages/nvidia/cu*/bin/cuobjdump"))), None)
     cuobjdump = cuobjdump or shutil.which("cuobjdump")
     if cuobjdump is None:
         pytest.skip("compiled; no cuobjdump to read the SASS (make cuda-tools)")
     sass = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
-    for op, want in [("HGMMA.64x64x16.F32.BF16", 72), ("HGMMA.64x256x16.F32.BF16", 8), ("LDGSTS.E", 4),
+    for op, want in [("HGMMA.64x64x16.F32.BF16", 72), ("HGMMA.64x256x16.F32.BF16", 8), ("LDGSTS.E", 8),
+                     ("HGMMA.64x64x16.F32 ", 72), ("HGMMA.64x256x16.F32 ", 8),  # the fp16 kernels
+                     ("UTMALDG.2D", 18),  # the 16-bit caches' TMA box loads (block_size % 64 == 0), 9 each
                      ("SYNCS.PHASECHK.TRANS64.TRYWAIT", 2), ("SYNCS.ARRIVE.TRANS64", 2),
                      ("USETMAXREG.TRY_ALLOC", 1), ("USETMAXREG.DEALLOC", 1), ("WARPGROUP.ARRIVE", 2)]:
         assert sass.count(op) >= want, f"{op}: {sass.count(op)} in the SASS, want >= {want}"
     assert re.search(r"HGMMA\.64x256x16\.F32\.BF16 R\d+, R\d+", sass), "O += P V must take A (P) from registers"
+    assert re.search(r"HGMMA\.64x256x16\.F32 R\d+, R\d+", sass), "fp16: O += P V must take A (P) from registers"
     # The consumers' register budget after setmaxnreg.inc is 232: the highest register the SASS names.
     top = max(int(x) for x in re.findall(r"\bR(\d+)\b", sass))
     print("highest register named in the SASS:", top)

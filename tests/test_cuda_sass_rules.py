@@ -258,3 +258,58 @@ def test_barrier_rule_counts_match_the_source():
     assert src.count("__syncthreads();") == sc.BARRIERS_FP8
     assert len(sc.barrier_mutations()) == sc.BARRIERS_FP8
     assert sc.BARRIERS_16BIT == sc.BARRIERS_FP8 - 1
+
+
+# ---- the Hopper decode kernel (SM90_RULES)
+
+
+def sm90_good_instrs():
+    return [
+        "USETMAXREG.DEALLOC.CTAPOOL 0x28",
+        "USETMAXREG.TRY_ALLOC.CTAPOOL P0, 0xe8",
+        "LDGSTS.E.BYPASS.128.ZFILL [R9], [R10.64], P0",
+        "SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ, [UR4+0x36000], RZ",
+        "UTMALDG.2D.128 [UR8], [UR10]",
+        "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4+0x36000], R3",
+        "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT",
+        "HGMMA.64x256x16.F32.BF16 R88, R20, gdesc[UR12], R88",
+        "EXIT",
+    ]
+
+
+def sm90(instrs, name="void mla::cuda::sm90::decode_sm90_kernel<false>(mla::DecodeParams, CUtensorMap_st, bool)"):
+    f = sc.parse_sass(sass_text([("sm_90a", "_Z3bar", instrs)]))[0]
+    f.demangled = name
+    k = sc.sm90_kernel(f)
+    assert k is not None and sc.tc_kernel(f, "decode_sm90.sm_90a.o") is None
+    return k
+
+
+@pytest.mark.parametrize("name,dtype,fp8", [
+    ("void mla::cuda::sm90::decode_sm90_kernel<false>(mla::DecodeParams, CUtensorMap_st, bool)", "bf16", False),
+    ("void mla::cuda::sm90::decode_sm90_kernel<__half, true>(mla::DecodeParams, CUtensorMap_st, bool)", "fp16", True),
+    ("void mla::cuda::sm90::decode_sm90_kernel<__nv_bfloat16, false>(mla::DecodeParams, CUtensorMap_st, bool)", "bf16",
+     False),
+])
+def test_sm90_kernel_classification(name, dtype, fp8):
+    k = sm90(sm90_good_instrs(), name)
+    assert (k.dtype, k.fp8) == (dtype, fp8)
+
+
+@pytest.mark.parametrize("pattern,rule", [
+    (r"^UTMALDG", "sm90_utmaldg"), (r"^LDGSTS", "sm90_ldgsts"), (r"^HGMMA\.64x64", "sm90_hgmma_ss"),
+    (r"^HGMMA\.64x256", "sm90_hgmma_rs"), (r"^SYNCS\.PHASECHK", "sm90_mbarrier_wait"),
+    (r"^SYNCS\.ARRIVE", "sm90_mbarrier_arrive"), (r"^USETMAXREG\.DEALLOC", "sm90_setmaxnreg"),
+])
+def test_sm90_rule_fires_when_its_instruction_is_gone(pattern, rule):
+    assert sorted(r for r, _ in sc.check_kernel(sm90(sm90_good_instrs()), sc.SM90_RULES)) == []
+    ins = [i for i in sm90_good_instrs() if not re.search(pattern, i)]
+    assert sorted(r for r, _ in sc.check_kernel(sm90(ins), sc.SM90_RULES)) == [rule]
+
+
+def test_sm90_fp8_kernel_needs_no_tma_and_rs_needs_register_a():
+    fp8 = "void mla::cuda::sm90::decode_sm90_kernel<true>(mla::DecodeParams, CUtensorMap_st, bool)"
+    no_tma = [i for i in sm90_good_instrs() if not i.startswith("UTMALDG")]
+    assert sc.check_kernel(sm90(no_tma, fp8), sc.SM90_RULES) == []  # the fp8 cache stays on cp.async
+    ss_pv = [i.replace("R88, R20, gdesc", "R88, gdesc") for i in sm90_good_instrs()]
+    assert [r for r, _ in sc.check_kernel(sm90(ss_pv), sc.SM90_RULES)] == ["sm90_hgmma_rs"]

@@ -1,4 +1,4 @@
-// CPU decode kernel on Intel AMX (TDPBF16PS tiles): bf16 and fp8 (e4m3) caches.
+// CPU decode kernel on Intel AMX (TDPBF16PS tiles): bf16, fp16 and fp8 (e4m3) caches.
 //
 // Sapphire Rapids and later cores have eight 1 KiB tile registers and a matrix unit whose
 // TDPBF16PS multiplies a 16 x 32 bf16 tile by a 32 x 16 bf16 tile into a 16 x 16 fp32
@@ -20,17 +20,20 @@
 //      reference max of a row moves only when a block's max exceeds it by more than
 //      2^kLazyRescale (P <= 256 meanwhile, harmless in fp32 and bf16), so the rescale
 //      pass over O is rare after the first block.
-//   4. P[rows, keys] for the A operand of P.V, as THREE bf16 parts P = hi + mid + lo (each
-//      rounded from the exact fp32 residual of the ones before: 24 significant bits, fp32's
-//      own precision). Why: SPEC asks for "softmax and accumulation in fp32" and the
-//      contract tests hold every CPU kernel to fp32-level errors; P rounded to bf16 alone,
-//      as GPU kernels do, gave errors up to 2e-3, and two parts (2^-18 P) still moved
-//      bf16 outputs across rounding boundaries. Pairs of keys are packed per row, then a
+//   4. P[rows, keys] for the A operand of P.V, as TWO bf16 parts P = hi + mid, mid rounded
+//      from the exact fp32 residual P - hi: 16 significant bits, |P - hi - mid| <= 2^-16 P.
+//      Why two: SPEC asks for "softmax and accumulation in fp32" and the contract tests hold
+//      every CPU kernel to fp32-level output errors (2e-5 on O(1) values); P rounded to bf16
+//      alone, as GPU kernels do, gave errors up to 2e-3, while a 2^-16 relative weight error
+//      moves an output by at most 2^-16 max|V| and in practice (~1000 weights with random
+//      rounding signs) ~1e-6. A third part bought nothing the tests or an fp32 kernel can
+//      see and cost a third more P . V products. Pairs of keys are packed per row, then a
 //      16 x 16 dword transpose per part (the softmax produced P^T).
-//   5. V = the first 512 columns of the block's rows, repacked ONCE per block into the
-//      VNNI layout (rows 2k and 2k+1 interleaved) and reused by every row tile.
-//   6. O[rows, 512] += (P_lo + P_mid + P_hi) . V with TDPBF16PS, O in fp32 in memory (loaded
-//      and stored per 16 x 16 tile and key-pair tile, three products per load / store).
+//   5-6. O[rows, 512] += (P_mid + P_hi) . V, 32 output columns at a time: V (those columns of
+//      the block's rows) is repacked into a 4 KB VNNI buffer (rows 2k and 2k+1 interleaved)
+//      that stays in L1, then every row tile runs its products on it (pv_block). O lives in
+//      scratch as whole 1 KB tiles, its columns in the order the cheap interleave makes;
+//      both are undone once per item (unpermute_o).
 //
 // Queries: a bf16 query (bf16 cache) is used exactly. An fp32 query (fp8 caches) is split
 // into three bf16 parts q = hi + mid + lo (24 significant bits, fp32's own precision), and
@@ -38,8 +41,11 @@
 // value is a bf16 number (a bf16 query the glue widened for the fp8 cache: the usual case)
 // mid and lo are zero and the item runs the one-part score product instead.
 //
-// fp16 / fp32 caches are not handled here (rounding their tiles to bf16 would change their
-// precision); decode.cpp gives them the AVX2 kernel.
+// fp16 caches ("amx-bf16x2"): every fp16 value is exactly hi + lo in bf16 (8 + at most 4
+// significant bits), so K, V and the fp16 query are split once and the products run on the
+// parts: scores K_hi q_hi + K_hi q_lo + K_lo q_hi + K_lo q_lo (exact), P . V with P_hi V_hi +
+// P_hi V_lo + P_mid V_hi. fp32 caches are not handled here (a three-way split would cost 9
+// products); decode.cpp gives them the avx512-fp32 kernel.
 //
 // The AMX intrinsics of GCC 12 do not tell the compiler that TILELOADD reads memory and
 // LDTILECFG reads 64 bytes, so this file issues the instructions through inline assembly
@@ -55,7 +61,7 @@
 #if defined(__x86_64__) && defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 10)
 #define MLA_HAVE_AMX_KERNEL 1
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -88,7 +94,7 @@ inline int32_t pad16(int32_t rows) { return (rows + 15) / 16 * 16; }
 
 // Byte offsets of the per-thread scratch areas (64-byte aligned), for mpad query rows.
 struct Layout {
-  size_t q_hi, q_mid, q_lo, kbuf, vnni, st, p_hi, p_mid, p_lo, obuf, ref_max, sum, limit, krow, zero, total;
+  size_t q_hi, q_mid, q_lo, kbuf, kbuf_lo, vbuf, vbuf_lo, st, p_hi, p_mid, obuf, ref_max, sum, limit, krow, krow_lo, zero, total;
   explicit Layout(int32_t max_rows) {
     const size_t mpad = static_cast<size_t>(pad16(max_rows));
     size_t o = 0;
@@ -96,16 +102,18 @@ struct Layout {
     q_mid = o; o = align64(o + sizeof(uint32_t) * kPairs * mpad);           // fp32 q only: the residuals
     q_lo = o;  o = align64(o + sizeof(uint32_t) * kPairs * mpad);
     kbuf = o;  o = align64(o + sizeof(uint16_t) * kBlockKeys * kHeadDim);  // copied / widened key rows
-    vnni = o;  o = align64(o + sizeof(uint16_t) * kBlockKeys * kLatentDim); // V: [32 key pairs][512 x 2]
+    kbuf_lo = o; o = align64(o + sizeof(uint16_t) * kBlockKeys * kHeadDim); // fp16 only: their lo parts
+    vbuf = o;  o = align64(o + sizeof(uint16_t) * kBlockKeys * 32);         // V chunk: [32 key pairs][32 x 2]
+    vbuf_lo = o; o = align64(o + sizeof(uint16_t) * kBlockKeys * 32);       // fp16 only: lo parts
     st = o;    o = align64(o + sizeof(float) * kBlockKeys * mpad);          // S^T: [64 keys][mpad]
     p_hi = o;  o = align64(o + sizeof(uint16_t) * mpad * kBlockKeys);       // P: [mpad][64 keys] bf16
     p_mid = o; o = align64(o + sizeof(uint16_t) * mpad * kBlockKeys);       // P - P_hi in bf16
-    p_lo = o;  o = align64(o + sizeof(uint16_t) * mpad * kBlockKeys);       // P - P_hi - P_mid in bf16
-    obuf = o;  o = align64(o + sizeof(float) * mpad * kLatentDim);          // O when rows % 16 != 0
+    obuf = o;  o = align64(o + sizeof(float) * mpad * kLatentDim);          // O, tiled (see o_tile)
     ref_max = o; o = align64(o + sizeof(float) * mpad);
     sum = o;   o = align64(o + sizeof(float) * mpad);
     limit = o; o = align64(o + sizeof(int32_t) * mpad);
     krow = o;  o = align64(o + sizeof(void*) * kBlockKeys);
+    krow_lo = o; o = align64(o + sizeof(void*) * kBlockKeys);
     zero = o;  o = align64(o + sizeof(uint16_t) * kHeadDim);
     total = o;
   }
@@ -128,20 +136,53 @@ inline float bf16_value(uint16_t b) {
   return x;
 }
 
-// 32 e4m3fn codes -> the bf16 bits of (value / 256), exactly (see kFp8TileScale):
+// The bf16 bits of (e4m3fn magnitude code c) / 256, exactly (see kFp8TileScale), c < 128:
 //   exponent e > 0: 2^(e-7) (1 + m/8) / 256 -> bf16 exponent e + 112, mantissa m in its top
-//                   3 bits: bits = (magnitude << 4) + (112 << 7);
-//   e = 0 (m = 0..7): m 2^-17, a normal bf16, from an 8-entry table (vpermw);
-//   0x7f: NaN. The sign moves from bit 7 to bit 15.
-inline __m512i fp8x32_to_bf16(const uint8_t* src) {
-  const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-  const __m512i mag = _mm512_and_si512(x, _mm512_set1_epi16(0x7f));
-  __m512i r = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(112 << 7));
-  const __m512i sub_table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                             0x3860, 0x3840, 0x3820, 0x3800, 0x37c0, 0x3780, 0x3700, 0x0000);
-  r = _mm512_mask_permutexvar_epi16(r, _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), mag, sub_table);
-  r = _mm512_mask_mov_epi16(r, _mm512_cmpeq_epi16_mask(mag, _mm512_set1_epi16(0x7f)), _mm512_set1_epi16(0x7fc0));
-  return _mm512_or_si512(r, _mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x80)), 8));
+//                   3 bits: (c << 4) + (112 << 7);
+//   e = 0: m 2^-17, a normal bf16 (exponent 110 + floor(log2 m));
+//   0x7f: NaN.
+constexpr uint16_t fp8_magnitude_bf16(int c) {
+  if (c == 0x7f) return 0x7fc0;
+  if (c >= 8) return static_cast<uint16_t>((c << 4) + (112 << 7));
+  if (c == 0) return 0;
+  int k = 0;  // floor(log2 m)
+  while ((c >> (k + 1)) != 0) ++k;
+  return static_cast<uint16_t>(((110 + k) << 7) | (((c << (7 - k)) & 0x7f)));  // m 2^-17 = (m / 2^k) 2^(k - 17)
+}
+
+struct Fp8Tables {
+  alignas(64) uint8_t lo[128], hi[128];  // the two bytes of fp8_magnitude_bf16(c)
+  constexpr Fp8Tables() : lo(), hi() {
+    for (int c = 0; c < 128; ++c) {
+      lo[c] = static_cast<uint8_t>(fp8_magnitude_bf16(c) & 0xff);
+      hi[c] = static_cast<uint8_t>(fp8_magnitude_bf16(c) >> 8);
+    }
+  }
+};
+constexpr Fp8Tables kFp8Tables{};
+static_assert(fp8_magnitude_bf16(1) == 0x3700 && fp8_magnitude_bf16(7) == 0x3860 && fp8_magnitude_bf16(8) == 0x3880,
+              "subnormal e4m3 codes and the first normal one");
+
+// 64 e4m3fn codes -> their bf16 bits (value / 256) in dst[0..63], by table: two 128-entry
+// byte lookups (vpermi2b, the low and high byte of each result, NaN and subnormals included),
+// the sign moved from bit 7 to bit 15, and the bytes paired into words with vpunpck[lh]bw.
+// The unpacks pair bytes within 128-bit lanes, so the codes are first permuted (vpermb) such
+// that the two results come out in natural order: lane L of the first holds codes 8L..8L+7,
+// of the second codes 32+8L..32+8L+7.
+inline void fp8x64_to_bf16(const uint8_t* src, uint16_t* dst) {
+  const __m512i t_lo0 = _mm512_load_si512(kFp8Tables.lo), t_lo1 = _mm512_load_si512(kFp8Tables.lo + 64);
+  const __m512i t_hi0 = _mm512_load_si512(kFp8Tables.hi), t_hi1 = _mm512_load_si512(kFp8Tables.hi + 64);
+  // position 16L + j <- code 8L + j (j < 8), position 16L + 8 + j <- code 32 + 8L + j.
+  const __m512i order = _mm512_set_epi8(63, 62, 61, 60, 59, 58, 57, 56, 31, 30, 29, 28, 27, 26, 25, 24,  //
+                                        55, 54, 53, 52, 51, 50, 49, 48, 23, 22, 21, 20, 19, 18, 17, 16,  //
+                                        47, 46, 45, 44, 43, 42, 41, 40, 15, 14, 13, 12, 11, 10, 9, 8,    //
+                                        39, 38, 37, 36, 35, 34, 33, 32, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i x = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(src));
+  const __m512i lo = _mm512_permutex2var_epi8(t_lo0, x, t_lo1);  // index bits 0-6: the magnitude
+  __m512i hi = _mm512_permutex2var_epi8(t_hi0, x, t_hi1);
+  hi = _mm512_or_si512(hi, _mm512_and_si512(x, _mm512_set1_epi8(static_cast<char>(0x80))));
+  _mm512_storeu_si512(dst, _mm512_unpacklo_epi8(lo, hi));
+  _mm512_storeu_si512(dst + 32, _mm512_unpackhi_epi8(lo, hi));
 }
 
 // One cache row as bf16 in dst (576 values): a copy (bf16) or the exact widening (fp8).
@@ -151,8 +192,64 @@ inline void row_to_bf16(const typename CT::T* src, uint16_t* dst) {
     for (int d = 0; d < kHeadDim; d += 32) _mm512_storeu_si512(dst + d, _mm512_loadu_si512(src + d));
   } else {
     static_assert(CT::kType == DType::kFloat8E4M3, "bf16 and fp8 caches only");
-    for (int d = 0; d < kHeadDim; d += 32) _mm512_storeu_si512(dst + d, fp8x32_to_bf16(src + d));
+    for (int d = 0; d < kHeadDim; d += 64) fp8x64_to_bf16(src + d, dst + d);
   }
+}
+
+// 16 fp16 values -> their two bf16 parts x = hi + lo, exactly: fp16 has 11 significant bits,
+// hi (round to nearest) takes 8 and leaves a residual of at most 4 bits, which fp32
+// computes exactly and bf16 holds exactly (bf16's exponent range covers fp16's subnormals).
+// inf: hi = inf and lo = 0 (inf - inf would be NaN); NaN stays NaN in hi.
+inline void fp16x16_to_bf16_parts(const uint16_t* src, uint16_t* hi, uint16_t* lo) {
+  const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
+  const __m512 hx = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(__builtin_inff()), _CMP_LT_OQ);
+  const __m512 r = _mm512_maskz_sub_ps(finite, x, hx);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), h);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), (__m256i)_mm512_cvtneps_pbh(r));
+}
+
+// The same for 32 values with integer work only (the float route cost most of an fp16
+// block's conversion time). For an exponent field e in 1..30 and mantissa m (10 bits):
+//   hi = x rounded to 7 mantissa bits: sign | (((x & 0x7fff) + 4) >> 3) + (112 << 7) (the
+//        exponent rebias 15 -> 127; a mantissa carry moves into the exponent, as it must);
+//   lo = x - hi = v 2^(e - 25), v = (m & 7) - (8 if m & 7 >= 4): the bf16 of v 2^-25 from a
+//        16-entry table indexed by the sign of x and m & 7, e added to its exponent field.
+// Any lane with e = 0 (zero, subnormal) or e = 31 (inf, NaN) sends the 32 values through
+// the float route instead.
+inline void fp16x32_to_bf16_parts(const uint16_t* src, uint16_t* hi, uint16_t* lo) {
+  const __m512i x = _mm512_loadu_si512(src);
+  const __m512i ebits = _mm512_and_si512(x, _mm512_set1_epi16(0x7c00));
+  if (_mm512_cmpeq_epi16_mask(ebits, _mm512_setzero_si512()) |
+      _mm512_cmpeq_epi16_mask(ebits, _mm512_set1_epi16(0x7c00))) {
+    fp16x16_to_bf16_parts(src, hi, lo);
+    fp16x16_to_bf16_parts(src + 16, hi + 16, lo + 16);
+    return;
+  }
+  const __m512i sign = _mm512_and_si512(x, _mm512_set1_epi16(static_cast<short>(0x8000)));
+  const __m512i mag = _mm512_xor_si512(x, sign);
+  const __m512i h = _mm512_add_epi16(_mm512_srli_epi16(_mm512_add_epi16(mag, _mm512_set1_epi16(4)), 3),
+                                     _mm512_set1_epi16(112 << 7));
+  // bf16 bits of s v 2^-25 at index 8 (x < 0) + (m & 7), v = 0, 1, 2, 3, -4, -3, -2, -1.
+  const __m512i table = _mm512_set_epi16(
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,                                  //
+      0x3300, 0x3380, 0x33c0, 0x3400, static_cast<short>(0xb3c0), static_cast<short>(0xb380),  // x < 0
+      static_cast<short>(0xb300), 0,                                                    //
+      static_cast<short>(0xb300), static_cast<short>(0xb380), static_cast<short>(0xb3c0),   // x > 0
+      static_cast<short>(0xb400), 0x33c0, 0x3380, 0x3300, 0);
+  // idx = bit 15 of x at bit 3, m & 7 below: a bitwise select (mask ? x : x >> 12).
+  const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srli_epi16(x, 12), x, _mm512_set1_epi16(7), 0xd8);
+  const __m512i v = _mm512_and_si512(x, _mm512_set1_epi16(7));
+  __m512i l = _mm512_permutexvar_epi16(idx, table);
+  l = _mm512_mask_add_epi16(l, _mm512_test_epi16_mask(v, v), l, _mm512_srli_epi16(ebits, 3));
+  _mm512_storeu_si512(hi, _mm512_or_si512(h, sign));
+  _mm512_storeu_si512(lo, l);
+}
+
+// One fp16 cache row (576 values) as two bf16 rows.
+inline void row_to_bf16_parts(const uint16_t* src, uint16_t* hi, uint16_t* lo) {
+  for (int d = 0; d < kHeadDim; d += 32) fp16x32_to_bf16_parts(src + d, hi + d, lo + d);
 }
 
 // 2^x for x <= ~kLazyRescale (or -inf -> 0): 2^round(x) via vscalefps times a degree-7
@@ -205,37 +302,60 @@ inline void transpose16x16(__m512i r[16]) {
 
 // ---------------------------------------------------------------- query
 
+// Q^T is kept as whole B tiles, [row tile][18 chunks of 16 column pairs][16 pairs][16 rows]
+// dwords, so each tile is 1 KB of consecutive bytes: with row-major Q^T ([288 pairs][mpad]
+// rows) a tile's 16 rows lay mpad * 4 bytes apart, and 128 query rows (147 KB, in L2) made
+// every score tile load 16 scattered lines. Index of pair i of query row r:
+inline int64_t qt_index(int i, int r) {
+  return ((static_cast<int64_t>(r / 16) * kChunks + i / 16) * 16 + i % 16) * 16 + r % 16;
+}
+
 // Q^T in the VNNI layout of a B operand: q_hi[p * mpad + r] = the bf16 pair (q[r][2p],
 // q[r][2p + 1]) of query row r; rows >= rows are zero. An fp32 query is split into three
 // bf16 parts, q = hi + mid + lo exactly up to 2^-24 |q| (8 + 8 + 8 significant bits).
 // Returns whether some row needs mid / lo (false: every value of q is a bf16 number, as
 // when the caller's query was bf16 and the glue widened it for an fp8 cache).
-template <class QT>
+// An fp16 query (kFp16: QT holds fp16 bits) is split into two parts, hi and mid, exactly
+// (fp16x16_to_bf16_parts); q_lo is left unused.
+template <class QT, bool kFp16 = false>
 bool load_q(const DecodeParams& p, int32_t seq, int32_t row_begin, int32_t rows, int32_t mpad, uint32_t* q_hi,
             uint32_t* q_mid, uint32_t* q_lo) {
   uint32_t residual_bits = 0;
   for (int32_t r = 0; r < mpad; ++r) {
     if (r >= rows) {
       for (int i = 0; i < kPairs; ++i) {
-        q_hi[i * mpad + r] = 0;
-        if constexpr (sizeof(QT) == 4) q_mid[i * mpad + r] = q_lo[i * mpad + r] = 0;
+        q_hi[qt_index(i, r)] = 0;
+        if constexpr (sizeof(QT) == 4) q_mid[qt_index(i, r)] = q_lo[qt_index(i, r)] = 0;
+        if constexpr (kFp16) q_mid[qt_index(i, r)] = 0;
       }
       continue;
     }
     const QueryRow<QT> src = query_row<QT>(p, seq, row_begin + r);
+    if constexpr (kFp16) {
+      alignas(64) uint16_t hi[kHeadDim], lo[kHeadDim];
+      for (int d = 0; d < kLatentDim; d += 16) fp16x16_to_bf16_parts(src.nope + d, hi + d, lo + d);
+      for (int d = 0; d < kHeadDim - kLatentDim; d += 16)
+        fp16x16_to_bf16_parts(src.pe + d, hi + kLatentDim + d, lo + kLatentDim + d);
+      for (int i = 0; i < kPairs; ++i) {
+        q_hi[qt_index(i, r)] = static_cast<uint32_t>(hi[2 * i]) | (static_cast<uint32_t>(hi[2 * i + 1]) << 16);
+        q_mid[qt_index(i, r)] = static_cast<uint32_t>(lo[2 * i]) | (static_cast<uint32_t>(lo[2 * i + 1]) << 16);
+        residual_bits |= (lo[2 * i] | lo[2 * i + 1]) & 0x7fffu;
+      }
+      continue;
+    }
     for (int i = 0; i < kPairs; ++i) {
       const int d = 2 * i;
       const QT* x = d < kLatentDim ? src.nope + d : src.pe + (d - kLatentDim);
       if constexpr (sizeof(QT) == 2) {
-        q_hi[i * mpad + r] = static_cast<uint32_t>(x[0]) | (static_cast<uint32_t>(x[1]) << 16);
+        q_hi[qt_index(i, r)] = static_cast<uint32_t>(x[0]) | (static_cast<uint32_t>(x[1]) << 16);
       } else {
         const uint16_t h0 = bf16_bits(x[0]), h1 = bf16_bits(x[1]);
         const float r0 = x[0] - bf16_value(h0), r1 = x[1] - bf16_value(h1);  // exact in fp32
         const uint16_t m0 = bf16_bits(r0), m1 = bf16_bits(r1);
         const uint16_t l0 = bf16_bits(r0 - bf16_value(m0)), l1 = bf16_bits(r1 - bf16_value(m1));
-        q_hi[i * mpad + r] = static_cast<uint32_t>(h0) | (static_cast<uint32_t>(h1) << 16);
-        q_mid[i * mpad + r] = static_cast<uint32_t>(m0) | (static_cast<uint32_t>(m1) << 16);
-        q_lo[i * mpad + r] = static_cast<uint32_t>(l0) | (static_cast<uint32_t>(l1) << 16);
+        q_hi[qt_index(i, r)] = static_cast<uint32_t>(h0) | (static_cast<uint32_t>(h1) << 16);
+        q_mid[qt_index(i, r)] = static_cast<uint32_t>(m0) | (static_cast<uint32_t>(m1) << 16);
+        q_lo[qt_index(i, r)] = static_cast<uint32_t>(l0) | (static_cast<uint32_t>(l1) << 16);
         residual_bits |= (m0 | m1 | l0 | l1) & 0x7fffu;  // -0 counts as zero
       }
     }
@@ -312,6 +432,42 @@ inline void scores_1row_split(const KeyTiles& kt, const uint32_t* qh, const uint
   MLA_TILE_STORE(3, st + 3 * 16 * st_stride / 4, st_stride);
 }
 
+// S^T for one row tile of an fp16 cache: K = K_hi + K_lo and q = q_hi + q_lo exactly (two
+// bf16 parts each), so all four products run and the scores are exact products summed in
+// fp32, as in an fp32 kernel. C = tmm0-3 (key tiles), B = tmm4 / 5 (q_hi / q_lo),
+// A = tmm6 / 7 (K_hi / K_lo of one key tile). Without any q_lo bit (q_two_parts false) the
+// q_lo products are skipped.
+inline void scores_1row_fp16(const KeyTiles& hi, const KeyTiles& lo, const uint32_t* qh, const uint32_t* ql,
+                             bool q_two_parts, long q_stride, float* st, long st_stride) {
+  MLA_TILE_ZERO(0);
+  MLA_TILE_ZERO(1);
+  MLA_TILE_ZERO(2);
+  MLA_TILE_ZERO(3);
+  const long q_step = 16 * q_stride / 4;
+#define MLA_FP16_KEY_TILE(k)                                \
+  MLA_TILE_LOAD(6, hi.base[k] + 32 * c, hi.stride[k]);      \
+  MLA_TILE_LOAD(7, lo.base[k] + 32 * c, lo.stride[k]);      \
+  if (q_two_parts) {                                        \
+    MLA_TILE_DP(k, 7, 5);                                   \
+    MLA_TILE_DP(k, 6, 5);                                   \
+  }                                                         \
+  MLA_TILE_DP(k, 7, 4);                                     \
+  MLA_TILE_DP(k, 6, 4);
+  for (int c = 0; c < kChunks; ++c) {
+    MLA_TILE_LOAD(4, qh + c * q_step, q_stride);
+    if (q_two_parts) MLA_TILE_LOAD(5, ql + c * q_step, q_stride);
+    MLA_FP16_KEY_TILE(0)
+    MLA_FP16_KEY_TILE(1)
+    MLA_FP16_KEY_TILE(2)
+    MLA_FP16_KEY_TILE(3)
+  }
+#undef MLA_FP16_KEY_TILE
+  MLA_TILE_STORE(0, st + 0 * 16 * st_stride / 4, st_stride);
+  MLA_TILE_STORE(1, st + 1 * 16 * st_stride / 4, st_stride);
+  MLA_TILE_STORE(2, st + 2 * 16 * st_stride / 4, st_stride);
+  MLA_TILE_STORE(3, st + 3 * 16 * st_stride / 4, st_stride);
+}
+
 // S^T for two row tiles and two key tiles (k0, k0 + 1), bf16 q: C(k, r) = tmm 2k + r,
 // B = tmm4 (row tile 0) / 5 (row tile 1), A = tmm6 / 7: each loaded tile feeds two products.
 inline void scores_2x2(const KeyTiles& kt, int k0, const uint32_t* q0, const uint32_t* q1, long q_stride, float* st0,
@@ -340,31 +496,6 @@ inline void scores_2x2(const KeyTiles& kt, int k0, const uint32_t* q0, const uin
   MLA_TILE_STORE(3, st1 + (k0 + 1) * kstep, st_stride);
 }
 
-// O[row tile] += (P_hi + P_mid + P_lo) . V over one key-pair tile (32 keys), one row
-// tile: A = tmm2 / 3 / 4 (P_lo, P_mid, P_hi: smallest first), loaded once; two column tiles
-// at a time, C = tmm0 / 1 and B (V) = tmm6 / 7, so the two accumulation chains interleave.
-inline void pv_1row(const uint16_t* p_hi, const uint16_t* p_mid, const uint16_t* p_lo, const uint16_t* vnni,
-                    float* o) {
-  constexpr long kPStride = kBlockKeys * 2, kVStride = kLatentDim * 2 * 2, kOStride = kLatentDim * 4;
-  MLA_TILE_LOAD(2, p_lo, kPStride);
-  MLA_TILE_LOAD(3, p_mid, kPStride);
-  MLA_TILE_LOAD(4, p_hi, kPStride);
-  for (int ct = 0; ct < kColTiles; ct += 2) {
-    MLA_TILE_LOAD(0, o + 16 * ct, kOStride);
-    MLA_TILE_LOAD(6, vnni + 32 * ct, kVStride);
-    MLA_TILE_LOAD(1, o + 16 * (ct + 1), kOStride);
-    MLA_TILE_LOAD(7, vnni + 32 * (ct + 1), kVStride);
-    MLA_TILE_DP(0, 2, 6);
-    MLA_TILE_DP(1, 2, 7);
-    MLA_TILE_DP(0, 3, 6);
-    MLA_TILE_DP(1, 3, 7);
-    MLA_TILE_DP(0, 4, 6);
-    MLA_TILE_DP(1, 4, 7);
-    MLA_TILE_STORE(0, o + 16 * ct, kOStride);
-    MLA_TILE_STORE(1, o + 16 * (ct + 1), kOStride);
-  }
-}
-
 // ---------------------------------------------------------------- block steps
 
 // Prefetches the next block's cache rows (into L2) while the current block computes, a few
@@ -375,42 +506,148 @@ inline void pv_1row(const uint16_t* p_hi, const uint16_t* p_mid, const uint16_t*
 // kept for caches that live in DRAM (to be measured quiet).
 struct BlockPrefetcher {
   const char* rows[kBlockKeys];
-  int num_rows = 0, lines_per_row = 0, per_step = 0, row = 0, line = 0;
+  int num_rows = 0, lines_per_row = 0, rows_per_step = 0, row = 0;
   void start(int n, int row_bytes, int steps) {
     num_rows = n;
     lines_per_row = row_bytes / 64;
-    per_step = steps > 0 ? (n * lines_per_row + steps - 1) / steps : 0;
+    rows_per_step = steps > 0 ? (n + steps - 1) / steps : 0;
     row = 0;
-    line = 0;
   }
+  // Whole rows per step: per-line bookkeeping (a counter pair per prefetch) cost a third of
+  // a 16-row block's time.
   void step() {
-    for (int i = 0; i < per_step && row < num_rows; ++i) {
-      __builtin_prefetch(rows[row] + 64 * line, 0, 2);  // into L2 (prefetcht1)
-      if (++line == lines_per_row) {
-        line = 0;
-        ++row;
-      }
-    }
+    const int end = row + rows_per_step < num_rows ? row + rows_per_step : num_rows;
+    for (; row < end; ++row)
+      for (int l = 0; l < lines_per_row; ++l) __builtin_prefetch(rows[row] + 64 * l, 0, 2);  // into L2 (prefetcht1)
   }
 };
 
-// V (the first 512 columns of the block's key rows, bf16) in the VNNI layout of a B operand:
-// vnni[k][2c + e] = V[2k + e][c], k = key pair. Rows point at the zero row past the block's
-// keys, so the P . V product never meets an unset value.
-inline void repack_v(const uint16_t* const* krow, uint16_t* vnni, BlockPrefetcher& pf) {
-  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
-                                      5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-  for (int k = 0; k < kBlockKeys / 2; ++k) {
-    const uint16_t* a = krow[2 * k];
-    const uint16_t* b = krow[2 * k + 1];
-    uint16_t* dst = vnni + k * 2 * kLatentDim;
-    for (int c = 0; c < kLatentDim; c += 32) {
-      const __m512i va = _mm512_loadu_si512(a + c), vb = _mm512_loadu_si512(b + c);
-      _mm512_storeu_si512(dst + 2 * c, _mm512_permutex2var_epi16(va, lo, vb));
-      _mm512_storeu_si512(dst + 2 * c + 32, _mm512_permutex2var_epi16(va, hi, vb));
+// O lives in scratch as whole tiles, [row tile][32 column tiles][16 rows][16 fp32], so each
+// tile is 1 KB of consecutive bytes: row-major O rows (2 KB apart) made every tile load and
+// store touch 16 lines two sets apart in L1, and P . V ran at a quarter of the tile rate.
+inline float* o_tile(float* o, int rt, int ct) { return o + (static_cast<int64_t>(rt) * (kLatentDim / 16) + ct) * 256; }
+
+// Columns [c, c + 32) of key_pairs pairs of rows (krow[2k], krow[2k + 1]) into vbuf in the
+// VNNI layout and unpack order that pv_block describes.
+inline void repack_v_chunk(const uint16_t* const* krow, int c, int key_pairs, uint16_t* vbuf) {
+  for (int k = 0; k < key_pairs; ++k) {
+    const __m512i va = _mm512_loadu_si512(krow[2 * k] + c), vb = _mm512_loadu_si512(krow[2 * k + 1] + c);
+    _mm512_storeu_si512(vbuf + k * 64, _mm512_unpacklo_epi16(va, vb));
+    _mm512_storeu_si512(vbuf + k * 64 + 32, _mm512_unpackhi_epi16(va, vb));
+  }
+}
+
+// O[rows, 512] += (P_hi + P_mid) . V over one block, 32 output columns at a time. Per chunk,
+// V (those 32 columns of the block's 64 key rows, bf16) is first written into vbuf in the VNNI
+// layout of a B operand, vbuf[k][2n + e] = V[2k + e][col(n)] (k = key pair), 4 KB that stay in
+// L1; then every row tile runs its products on it. Why per chunk: a whole-block V buffer
+// (64 KB) does not fit L1, and writing then re-reading it cost as much as the products.
+// Columns are in the "unpack order": within a 32-column chunk the first 16-column tile holds
+// columns {0-3, 8-11, 16-19, 24-27} and the second {4-7, 12-15, 20-23, 28-31}, which is what
+// vpunpcklwd / vpunpckhwd (one cheap uop each) make of two rows, where the natural order needs
+// vpermt2w (three uops). O's columns come out in that order; unpermute_o restores them once
+// per item. Rows past the block's keys point at a zero row, so the products never meet an
+// unset value.
+// Tiles: C = tmm0 / 1 (the chunk's two O column tiles), A = tmm2 / 3 (P_hi / P_mid, key-pair
+// tile 0) and tmm4 / 5 (key-pair tile 1), B = tmm6 / 7 (V). With one row tile the P tiles are
+// loaded once per block.
+inline void pv_block(const uint16_t* const* krow, const uint16_t* p_hi, const uint16_t* p_mid,
+                                        int row_tiles, int pair_tiles, float* o, uint16_t* vbuf, BlockPrefetcher& pf) {
+  constexpr long kPStride = kBlockKeys * 2, kVStride = 64 * 2, kOStride = 16 * 4;
+  const auto load_p = [&](int rt) {
+    const int64_t pr = static_cast<int64_t>(rt) * 16 * kBlockKeys;
+    MLA_TILE_LOAD(2, p_hi + pr, kPStride);
+    MLA_TILE_LOAD(3, p_mid + pr, kPStride);
+    if (pair_tiles > 1) {
+      MLA_TILE_LOAD(4, p_hi + pr + 32, kPStride);
+      MLA_TILE_LOAD(5, p_mid + pr + 32, kPStride);
     }
+  };
+  if (row_tiles == 1) load_p(0);
+  for (int c = 0; c < kLatentDim; c += 32) {
+    repack_v_chunk(krow, c, 16 * pair_tiles, vbuf);
     pf.step();
+    for (int rt = 0; rt < row_tiles; ++rt) {
+      float* orow = o_tile(o, rt, c / 16);
+      if (row_tiles > 1) load_p(rt);
+      MLA_TILE_LOAD(0, orow, kOStride);
+      MLA_TILE_LOAD(1, orow + 256, kOStride);
+      MLA_TILE_LOAD(6, vbuf, kVStride);
+      MLA_TILE_LOAD(7, vbuf + 32, kVStride);
+      MLA_TILE_DP(0, 3, 6);
+      MLA_TILE_DP(1, 3, 7);
+      MLA_TILE_DP(0, 2, 6);
+      MLA_TILE_DP(1, 2, 7);
+      if (pair_tiles > 1) {
+        MLA_TILE_LOAD(6, vbuf + 16 * 64, kVStride);
+        MLA_TILE_LOAD(7, vbuf + 16 * 64 + 32, kVStride);
+        MLA_TILE_DP(0, 5, 6);
+        MLA_TILE_DP(1, 5, 7);
+        MLA_TILE_DP(0, 4, 6);
+        MLA_TILE_DP(1, 4, 7);
+      }
+      MLA_TILE_STORE(0, orow, kOStride);
+      MLA_TILE_STORE(1, orow + 256, kOStride);
+    }
+  }
+}
+
+// pv_block for an fp16 cache: V = V_hi + V_lo (exact), and O += P_hi V_hi + P_hi V_lo +
+// P_mid V_hi; P_mid V_lo (<= 2^-16 of P V, the size of P's own truncation) is left out.
+// Tiles: C = tmm0 / 1, A = tmm2 / 3 (P_hi / P_mid of one key-pair tile, reloaded per chunk
+// and pair tile from L1), B = tmm4 / 5 (V_hi) and tmm6 / 7 (V_lo) of the two column tiles.
+inline void pv_block_fp16(const uint16_t* const* krow, const uint16_t* const* krow_lo, const uint16_t* p_hi,
+                          const uint16_t* p_mid, int row_tiles, int pair_tiles, float* o, uint16_t* vbuf,
+                          uint16_t* vbuf_lo, BlockPrefetcher& pf) {
+  constexpr long kPStride = kBlockKeys * 2, kVStride = 64 * 2, kOStride = 16 * 4;
+  for (int c = 0; c < kLatentDim; c += 32) {
+    repack_v_chunk(krow, c, 16 * pair_tiles, vbuf);
+    repack_v_chunk(krow_lo, c, 16 * pair_tiles, vbuf_lo);
+    pf.step();
+    for (int rt = 0; rt < row_tiles; ++rt) {
+      float* orow = o_tile(o, rt, c / 16);
+      const int64_t pr = static_cast<int64_t>(rt) * 16 * kBlockKeys;
+      MLA_TILE_LOAD(0, orow, kOStride);
+      MLA_TILE_LOAD(1, orow + 256, kOStride);
+      for (int kk = 0; kk < pair_tiles; ++kk) {
+        MLA_TILE_LOAD(2, p_hi + pr + 32 * kk, kPStride);
+        MLA_TILE_LOAD(3, p_mid + pr + 32 * kk, kPStride);
+        MLA_TILE_LOAD(4, vbuf + kk * 16 * 64, kVStride);
+        MLA_TILE_LOAD(5, vbuf + kk * 16 * 64 + 32, kVStride);
+        MLA_TILE_LOAD(6, vbuf_lo + kk * 16 * 64, kVStride);
+        MLA_TILE_LOAD(7, vbuf_lo + kk * 16 * 64 + 32, kVStride);
+        MLA_TILE_DP(0, 3, 4);
+        MLA_TILE_DP(1, 3, 5);
+        MLA_TILE_DP(0, 2, 6);
+        MLA_TILE_DP(1, 2, 7);
+        MLA_TILE_DP(0, 2, 4);
+        MLA_TILE_DP(1, 2, 5);
+      }
+      MLA_TILE_STORE(0, orow, kOStride);
+      MLA_TILE_STORE(1, orow + 256, kOStride);
+    }
+  }
+}
+
+// Where O holds column d (0..511) in the unpack order of pv_block.
+inline int unpack_order_position(int d) {
+  const int w = d % 32, lane = w / 8, half = (w % 8) / 4;
+  return d - w + 16 * half + 4 * lane + w % 4;
+}
+
+// O (tiled, columns in the unpack order) -> dst [rows, 512] fp32, rows and columns in order.
+inline void unpermute_o(float* o, float* dst, int32_t rows) {
+  for (int32_t r = 0; r < rows; ++r) {
+    for (int c = 0; c < kLatentDim; c += 32) {
+      // lo = columns {0-3, 8-11, 16-19, 24-27}, hi = {4-7, 12-15, 20-23, 28-31}: 128-bit lanes.
+      const __m512 lo = _mm512_loadu_ps(o_tile(o, r / 16, c / 16) + (r % 16) * 16);
+      const __m512 hi = _mm512_loadu_ps(o_tile(o, r / 16, c / 16 + 1) + (r % 16) * 16);
+      const __m512 first = _mm512_shuffle_f32x4(lo, hi, 0x44);   // lo0 lo1 hi0 hi1
+      const __m512 second = _mm512_shuffle_f32x4(lo, hi, 0xee);  // lo2 lo3 hi2 hi3
+      float* out = dst + static_cast<int64_t>(r) * kLatentDim + c;
+      _mm512_storeu_ps(out, _mm512_shuffle_f32x4(first, first, 0xd8));        // lo0 hi0 lo1 hi1
+      _mm512_storeu_ps(out + 16, _mm512_shuffle_f32x4(second, second, 0xd8));  // lo2 hi2 lo3 hi3
+    }
   }
 }
 
@@ -421,7 +658,7 @@ inline void repack_v(const uint16_t* const* krow, uint16_t* vnni, BlockPrefetche
 // (P = hi + mid + lo exactly up to 2^-24 P: fp32's own precision), for the 64 keys of the
 // block (0 past n), and adds the fp32 P to the sums.
 inline void softmax_tile(float* st, int mpad, int n, int32_t t0, const int32_t* limit, float s2scale, float* ref_max,
-                         float* sum, uint16_t* p_hi, uint16_t* p_mid, uint16_t* p_lo, float* o) {
+                         float* sum, uint16_t* p_hi, uint16_t* p_mid, float* o) {
   const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
   const __m512i lim = _mm512_loadu_si512(limit);
   const __m512 scale = _mm512_set1_ps(s2scale);
@@ -455,14 +692,16 @@ inline void softmax_tile(float* st, int mpad, int n, int32_t t0, const int32_t* 
     for (int r = 0; r < 16; ++r) {
       if (!(scale_rows >> r & 1)) continue;
       const __m512 cr = _mm512_set1_ps(c[r]);
-      float* orow = o + r * kLatentDim;
-      for (int d = 0; d < kLatentDim; d += 16) _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(orow + d), cr));
+      for (int ct = 0; ct < kLatentDim / 16; ++ct) {
+        float* x = o_tile(o, 0, ct) + r * 16;
+        _mm512_storeu_ps(x, _mm512_mul_ps(_mm512_loadu_ps(x), cr));
+      }
     }
   }
   // P for pairs of keys: dword lane r = (bf16 p[r][2j], bf16 p[r][2j + 1]); 16 pairs per
   // transpose = one 16 x 32 A tile. Each part is rounded from the exact fp32 residual of
   // the parts before it.
-  uint16_t* const parts_out[3] = {p_hi, p_mid, p_lo};
+  uint16_t* const parts_out[2] = {p_hi, p_mid};
   for (int kk = 0; kk < kPairTiles; ++kk) {
     __m512 p0[16], p1[16];
     for (int j = 0; j < 16; ++j) {
@@ -480,13 +719,13 @@ inline void softmax_tile(float* st, int mpad, int n, int32_t t0, const int32_t* 
       }
       vsum = _mm512_add_ps(vsum, _mm512_add_ps(p0[j], p1[j]));
     }
-    for (int part = 0; part < 3; ++part) {
+    for (int part = 0; part < 2; ++part) {
       __m512i pairs[16];
       for (int j = 0; j < 16; ++j) {
         const __m512i b0 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p0[j]));
         const __m512i b1 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p1[j]));
         pairs[j] = _mm512_or_si512(b0, _mm512_slli_epi32(b1, 16));
-        if (part < 2) {  // the residual, exact in fp32
+        if (part == 0) {  // the residual, exact in fp32
           p0[j] = _mm512_sub_ps(p0[j], _mm512_castsi512_ps(_mm512_slli_epi32(b0, 16)));
           p1[j] = _mm512_sub_ps(p1[j], _mm512_castsi512_ps(_mm512_slli_epi32(b1, 16)));
         }
@@ -500,7 +739,7 @@ inline void softmax_tile(float* st, int mpad, int n, int32_t t0, const int32_t* 
 
 // ---------------------------------------------------------------- item
 
-// The query's element type: bf16 for a bf16 cache, fp32 for an fp8 cache.
+// The query's element type: bf16 for a bf16 cache, fp16 for an fp16 cache, fp32 for an fp8 cache.
 template <class CT>
 struct QueryOf {
   using T = float;
@@ -509,12 +748,17 @@ template <>
 struct QueryOf<CacheBF16> {
   using T = uint16_t;
 };
+template <>
+struct QueryOf<CacheF16> {
+  using T = uint16_t;  // fp16 bits
+};
 
 template <class CT>
 void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void* scratch) {
   using T = typename CT::T;
   using QT = typename QueryOf<CT>::T;
   constexpr bool kSplitQ = sizeof(QT) == 4;
+  constexpr bool kFp16 = CT::kType == DType::kFloat16;  // K, V and q in two bf16 parts each
   const int32_t rows = it.row_end - it.row_begin;
   const int32_t mpad = pad16(rows);
   const int32_t row_tiles = mpad / 16;
@@ -524,18 +768,19 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
   uint32_t* q_mid = reinterpret_cast<uint32_t*>(base + lay.q_mid);
   uint32_t* q_lo = reinterpret_cast<uint32_t*>(base + lay.q_lo);
   uint16_t* kbuf = reinterpret_cast<uint16_t*>(base + lay.kbuf);
-  uint16_t* vnni = reinterpret_cast<uint16_t*>(base + lay.vnni);
+  uint16_t* kbuf_lo = reinterpret_cast<uint16_t*>(base + lay.kbuf_lo);
+  uint16_t* vbuf = reinterpret_cast<uint16_t*>(base + lay.vbuf);
+  uint16_t* vbuf_lo = reinterpret_cast<uint16_t*>(base + lay.vbuf_lo);
   float* st = reinterpret_cast<float*>(base + lay.st);
   uint16_t* p_hi = reinterpret_cast<uint16_t*>(base + lay.p_hi);
   uint16_t* p_mid = reinterpret_cast<uint16_t*>(base + lay.p_mid);
-  uint16_t* p_lo = reinterpret_cast<uint16_t*>(base + lay.p_lo);
   float* ref_max = reinterpret_cast<float*>(base + lay.ref_max);
   float* sum = reinterpret_cast<float*>(base + lay.sum);
   int32_t* limit = reinterpret_cast<int32_t*>(base + lay.limit);
   const uint16_t** krow = reinterpret_cast<const uint16_t**>(base + lay.krow);
+  const uint16_t** krow_lo = reinterpret_cast<const uint16_t**>(base + lay.krow_lo);  // fp16 only
   uint16_t* zero = reinterpret_cast<uint16_t*>(base + lay.zero);
-  // O in fp32: the partial itself when its rows fill whole tiles, else a padded copy.
-  float* o = rows == mpad ? out.acc : reinterpret_cast<float*>(base + lay.obuf);
+  float* o = reinterpret_cast<float*>(base + lay.obuf);  // tiled: o_tile
 
   for (int d = 0; d < kHeadDim; ++d) zero[d] = 0;
   for (int64_t i = 0; i < static_cast<int64_t>(mpad) * kLatentDim; ++i) o[i] = 0.f;
@@ -549,8 +794,9 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
   }
   float s2scale = p.softmax_scale * kLog2e;
   if constexpr (CT::kType == DType::kFloat8E4M3) s2scale *= *p.kv_scale * kFp8TileScale;
-  // Three-part scores only when the fp32 query has bits beyond bf16's.
-  const bool split_q = load_q<QT>(p, it.seq, it.row_begin, rows, mpad, q_hi, q_mid, q_lo);
+  // Three-part scores only when the fp32 query has bits beyond bf16's (fp16: the q_lo products
+  // only when q has bits beyond bf16's).
+  const bool split_q = load_q<QT, kFp16>(p, it.seq, it.row_begin, rows, mpad, q_hi, q_mid, q_lo);
 
   const T* cache = static_cast<const T*>(p.cache);
   const int32_t* table = p.block_table + static_cast<int64_t>(it.seq) * p.block_table_batch_stride;
@@ -566,16 +812,17 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
     }
     return row;
   };
-  const long q_stride = static_cast<long>(mpad) * 4;  // bytes per pair row of Q^T
+  const long q_stride = 64;  // bytes per pair row of a Q^T tile (qt_index)
   const long st_stride = static_cast<long>(mpad) * 4;
   const T* raw[kBlockKeys];
   BlockPrefetcher pf;
-  // Steps per block: one per score call, per key pair of the repack, per P . V call.
-  const int score_calls = split_q ? row_tiles : row_tiles / 2 * (kKeyTiles / 2) + row_tiles % 2;
-  const int prefetch_steps = score_calls + kBlockKeys / 2 + row_tiles * kPairTiles;
+  // Steps per block: one per score call, one per 32-column chunk of P . V.
+  const int score_calls = split_q || kFp16 ? row_tiles : row_tiles / 2 * (kKeyTiles / 2) + row_tiles % 2;
+  const int prefetch_steps = score_calls + kLatentDim / 32;
   int n_next = it.key_end - it.key_begin < kBlockKeys ? it.key_end - it.key_begin : kBlockKeys;
   for (int i = 0; i < n_next; ++i) pf.rows[i] = reinterpret_cast<const char*>(next_row());
   const uint16_t* bad_rows[kBlockKeys];  // band keys with a non-finite V value: original rows
+  const uint16_t* bad_rows_lo[kBlockKeys];  // fp16: their lo parts
   int bad_keys[kBlockKeys];
 
   configure_tiles();
@@ -588,7 +835,7 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
     pf.start(n_next, static_cast<int>(kHeadDim * sizeof(T)), prefetch_steps);
 
     // 1. Key tiles: in place when 16 bf16 rows are equally spaced, else copied / widened.
-    KeyTiles kt;
+    KeyTiles kt, kt_lo;
     for (int k = 0; k < kKeyTiles; ++k) {
       const int i0 = 16 * k;
       const int cnt = n - i0 < 0 ? 0 : (n - i0 > 16 ? 16 : n - i0);
@@ -599,37 +846,55 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
           for (int i = 1; i < 16 && in_place; ++i) in_place = raw[i0 + i] == raw[i0] + static_cast<int64_t>(i) * p.cache_token_stride;
         }
       }
+      kt_lo.base[k] = zero;
+      kt_lo.stride[k] = 0;
       if (cnt == 0) {
         kt.base[k] = zero;  // stride 0: the zero row, 16 times
         kt.stride[k] = 0;
+      } else if (kFp16) {
+        for (int i = 0; i < cnt; ++i)
+          row_to_bf16_parts(reinterpret_cast<const uint16_t*>(raw[i0 + i]), kbuf + (i0 + i) * kHeadDim,
+                            kbuf_lo + (i0 + i) * kHeadDim);
+        kt.base[k] = kbuf + i0 * kHeadDim;
+        kt.stride[k] = kHeadDim * 2;
+        kt_lo.base[k] = kbuf_lo + i0 * kHeadDim;
+        kt_lo.stride[k] = kHeadDim * 2;
       } else if (in_place) {
         kt.base[k] = reinterpret_cast<const uint16_t*>(raw[i0]);
         kt.stride[k] = static_cast<long>(p.cache_token_stride) * 2;
-      } else {
+      } else if constexpr (!kFp16) {
         // Rows past cnt keep whatever the buffer held: their scores are never used.
         for (int i = 0; i < cnt; ++i) row_to_bf16<CT>(raw[i0 + i], kbuf + (i0 + i) * kHeadDim);
         kt.base[k] = kbuf + i0 * kHeadDim;
         kt.stride[k] = kHeadDim * 2;
       }
-      for (int i = 0; i < 16; ++i)
+      for (int i = 0; i < 16; ++i) {
         krow[i0 + i] = i >= cnt ? zero : (in_place ? reinterpret_cast<const uint16_t*>(raw[i0 + i]) : kbuf + (i0 + i) * kHeadDim);
+        if (kFp16) krow_lo[i0 + i] = i >= cnt ? zero : kbuf_lo + (i0 + i) * kHeadDim;
+      }
     }
 
     // 2. S^T = K . Q^T.
     int rt = 0;
-    if (kSplitQ && split_q) {
+    if constexpr (kFp16) {
       for (; rt < row_tiles; ++rt) {
-        scores_1row_split(kt, q_hi + rt * 16, q_mid + rt * 16, q_lo + rt * 16, q_stride, st + rt * 16, st_stride);
+        scores_1row_fp16(kt, kt_lo, q_hi + qt_index(0, 16 * rt), q_mid + qt_index(0, 16 * rt), split_q, q_stride,
+                         st + rt * 16, st_stride);
+        pf.step();
+      }
+    } else if (kSplitQ && split_q) {
+      for (; rt < row_tiles; ++rt) {
+        scores_1row_split(kt, q_hi + qt_index(0, 16 * rt), q_mid + qt_index(0, 16 * rt), q_lo + qt_index(0, 16 * rt), q_stride, st + rt * 16, st_stride);
         pf.step();
       }
     } else {
       for (; rt + 2 <= row_tiles; rt += 2)
         for (int k = 0; k < kKeyTiles; k += 2) {
-          scores_2x2(kt, k, q_hi + rt * 16, q_hi + (rt + 1) * 16, q_stride, st + rt * 16, st + (rt + 1) * 16, st_stride);
+          scores_2x2(kt, k, q_hi + qt_index(0, 16 * rt), q_hi + qt_index(0, 16 * rt + 16), q_stride, st + rt * 16, st + (rt + 1) * 16, st_stride);
           pf.step();
         }
       for (; rt < row_tiles; ++rt) {
-        scores_1row(kt, q_hi + rt * 16, q_stride, st + rt * 16, st_stride);
+        scores_1row(kt, q_hi + qt_index(0, 16 * rt), q_stride, st + rt * 16, st_stride);
         pf.step();
       }
     }
@@ -637,50 +902,42 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
     // 3-4. Online softmax and P, per row tile.
     for (rt = 0; rt < row_tiles; ++rt)
       softmax_tile(st + rt * 16, mpad, n, t0, limit + rt * 16, s2scale, ref_max + rt * 16, sum + rt * 16,
-                   p_hi + rt * 16 * kBlockKeys, p_mid + rt * 16 * kBlockKeys, p_lo + rt * 16 * kBlockKeys,
-                   o + static_cast<int64_t>(rt) * 16 * kLatentDim);
+                   p_hi + rt * 16 * kBlockKeys, p_mid + rt * 16 * kBlockKeys,
+                   o_tile(o, rt, 0));
 
     // A masked key has P = 0, but 0 * inf / NaN is NaN: a key of the causal band whose V
     // holds a non-finite value leaves the tile product (its V row reads as zeros) and is
     // added below only to the rows that see it (rare; finite data never).
     int n_bad = 0;
     for (int i = min_limit > t0 ? min_limit - t0 : 0; i < n; ++i) {
-      if (v_has_nonfinite<CacheBF16>(krow[i])) {
+      if (v_has_nonfinite<CacheBF16>(krow[i])) {  // fp16: inf and NaN stay so in the hi part
         bad_rows[n_bad] = krow[i];
+        if (kFp16) bad_rows_lo[n_bad] = krow_lo[i];
         bad_keys[n_bad++] = i;
         krow[i] = zero;
+        if (kFp16) krow_lo[i] = zero;
       }
     }
 
-    // 5. V in the VNNI layout, once per block.
-    repack_v(krow, vnni, pf);
-
-    // 6. O += P . V.
-    const int pair_tiles = (n + 31) / 32;  // a tail block may fill only the first
-    for (rt = 0; rt < row_tiles; ++rt) {
-      const int64_t pr = static_cast<int64_t>(rt) * 16 * kBlockKeys;
-      for (int kk = 0; kk < pair_tiles; ++kk) {
-        pv_1row(p_hi + pr + 32 * kk, p_mid + pr + 32 * kk, p_lo + pr + 32 * kk, vnni + kk * 16 * 2 * kLatentDim,
-                o + static_cast<int64_t>(rt) * 16 * kLatentDim);
-        pf.step();
-      }
-    }
-
+    // 5-6. O += P . V, V repacked per 32-column chunk.
+    if constexpr (kFp16) pv_block_fp16(krow, krow_lo, p_hi, p_mid, row_tiles, (n + 31) / 32, o, vbuf, vbuf_lo, pf);
+    else pv_block(krow, p_hi, p_mid, row_tiles, (n + 31) / 32, o, vbuf, pf);
     for (int b = 0; b < n_bad; ++b) {
       const int t = bad_keys[b];
       for (int32_t r = 0; r < rows; ++r) {
         if (t0 + t >= limit[r]) continue;
-        const float pr = bf16_value(p_hi[r * kBlockKeys + t]) + bf16_value(p_mid[r * kBlockKeys + t]) +
-                         bf16_value(p_lo[r * kBlockKeys + t]);
-        float* orow = o + static_cast<int64_t>(r) * kLatentDim;
-        for (int d = 0; d < kLatentDim; ++d) orow[d] += pr * bf16_value(bad_rows[b][d]);
+        const float pr = bf16_value(p_hi[r * kBlockKeys + t]) + bf16_value(p_mid[r * kBlockKeys + t]);
+        for (int d = 0; d < kLatentDim; ++d) {
+          const int pos = unpack_order_position(d);
+          const float v = kFp16 ? bf16_value(bad_rows[b][d]) + bf16_value(bad_rows_lo[b][d]) : bf16_value(bad_rows[b][d]);
+          o_tile(o, r / 16, pos / 16)[(r % 16) * 16 + pos % 16] += pr * v;
+        }
       }
     }
   }
   release_tiles();
 
-  if (o != out.acc)
-    for (int64_t i = 0; i < static_cast<int64_t>(rows) * kLatentDim; ++i) out.acc[i] = o[i];
+  unpermute_o(o, out.acc, rows);
   for (int32_t r = 0; r < rows; ++r) {
     out.max[r] = ref_max[r];
     out.sum[r] = sum[r];
@@ -689,12 +946,13 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
 
 }  // namespace amx
 
-bool amx_supports(DType t) { return t == DType::kBFloat16 || t == DType::kFloat8E4M3; }
+bool amx_supports(DType t) { return t == DType::kBFloat16 || t == DType::kFloat8E4M3 || t == DType::kFloat16; }
 
 size_t amx_scratch_bytes(int32_t max_rows) { return amx::Layout(max_rows).total; }
 
 void amx_run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void* scratch) {
   if (p.cache_dtype == DType::kBFloat16) amx::run_item<CacheBF16>(p, it, out, scratch);
+  else if (p.cache_dtype == DType::kFloat16) amx::run_item<CacheF16>(p, it, out, scratch);
   else amx::run_item<CacheFP8>(p, it, out, scratch);
 }
 
@@ -709,7 +967,7 @@ namespace mla::cpu {
 
 const DecodeIsa* decode_isa_amx() {
 #ifdef MLA_HAVE_AMX_KERNEL
-  static const DecodeIsa isa{[](DType) { return "amx-bf16"; }, &amx_supports, &amx_scratch_bytes, &amx_run_item};
+  static const DecodeIsa isa{[](DType t) { return t == DType::kFloat16 ? "amx-bf16x2" : "amx-bf16"; }, &amx_supports, &amx_scratch_bytes, &amx_run_item};
   return &isa;
 #else
   return nullptr;

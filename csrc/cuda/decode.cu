@@ -210,8 +210,8 @@ DecodePlan plan_decode(const DecodeParams& p, int device, DecodeImpl requested) 
   const int64_t sm90_units = static_cast<int64_t>(p.batch) * ((M + sm90::kDecodeBlockM - 1) / sm90::kDecodeBlockM);
   const bool sm90_fits = sm90_units * ((capacity + sm90::kDecodeBlockN - 1) / sm90::kDecodeBlockN + kSchedFixedCost) <
                          (int64_t{1} << 31);
-  if (requested == DecodeImpl::kSm90 && aligned && p.q_dtype == DType::kBFloat16 && sm90_fits &&
-      (p.cache_dtype == DType::kBFloat16 || fp8) && sm90::kDecodeSmemBytes <= static_cast<size_t>(info.smem_optin)) {
+  if (requested == DecodeImpl::kSm90 && aligned && half_type && sm90_fits &&
+      sm90::kDecodeSmemBytes <= static_cast<size_t>(info.smem_optin)) {  // bf16 / fp16 q, same-type or fp8 cache
     plan.impl = DecodeImpl::kSm90;
   } else if (requested != DecodeImpl::kSimple && half_type && aligned) {
     for (int c = 0; c < kNumTcConfigs; ++c) {  // largest first
@@ -262,7 +262,7 @@ cudaError_t decode(const DecodeParams& params, const DecodePlan& plan, cudaStrea
   if (plan.impl == DecodeImpl::kSm90) {
     // Metadata kernel, persistent decode kernel, combine: same stream, no host sync.
     p.sched_ctas = plan.sched_ctas;
-    return run_scheduled<sm90::kDecodeBlockM, sm90::kDecodeBlockN>(p, stream, sm90::launch_decode_sm90_bf16);
+    return run_scheduled<sm90::kDecodeBlockM, sm90::kDecodeBlockN>(p, stream, sm90::launch_decode_sm90);
   }
   if (plan.impl == DecodeImpl::kTensorCore) {
     const bool bf16 = p.q_dtype == DType::kBFloat16;

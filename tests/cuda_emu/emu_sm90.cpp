@@ -199,11 +199,18 @@ bool land_all(Mbarrier& b) {
   // The copies land in whichever thread polls; for TSan they follow their issue (released at
   // issue_copy) like the async proxy's writes would.
   TSAN_ACQUIRE(&b.tsan_sync);
-  for (BulkCopy& c : copies) {
-    land(c);
-    b.tx -= copy_bytes(c);
+  for (size_t i = 0; i < copies.size(); ++i) {
+    land(copies[i]);
+    b.tx -= copy_bytes(copies[i]);
     TSAN_RELEASE(&b.tsan_sync);  // the copy's writes happen before the phase completes
+    const uint64_t phase = b.phase;
     maybe_complete(b);
+    // A phase that completes while copies issued before it are still in flight: their bytes would
+    // count towards the next phase (expect_tx short of the bytes issued), and a GPU's waiter may
+    // read their destination before they land.
+    if (b.phase != phase && i + 1 < copies.size())
+      fail("mbarrier phase " + std::to_string(phase) + " completed with " + std::to_string(copies.size() - i - 1) +
+           " of its bulk copies still in flight (expect_tx smaller than the bytes issued?)");
   }
   note_progress();
   return true;
@@ -554,7 +561,13 @@ void bulk_copy_g2s(void* smem_dst, const void* global_src, uint32_t bytes, void*
   issue_copy(c, bar, "cp.async.bulk");
 }
 
+namespace {
+uint64_t g_tma_boxes = 0;
+}  // namespace
+uint64_t tma_boxes_issued() { return g_tma_boxes; }
+
 void tma_load_2d(void* smem_dst, const TensorMap2D* map, int32_t c0, int32_t c1, void* bar) {
+  ++g_tma_boxes;
   const TensorMap2D& m = *map;
   const uint32_t row_bytes = m.box[0] * m.elem_bytes;
   if (m.elem_bytes != 1 && m.elem_bytes != 2 && m.elem_bytes != 4) error("tensor map: element size");

@@ -70,6 +70,8 @@ struct TensorMap2D {
   int swizzle_bytes = 0;           // 0 (none), 32, 64 or 128
 };
 void tma_load_2d(void* smem_dst, const TensorMap2D* map, int32_t c0, int32_t c1, void* bar);
+// TMA box copies issued since the process started (tests assert that a path used TMA).
+uint64_t tma_boxes_issued();
 
 // ---- Named barriers (ids 1..15; 0 is __syncthreads'), `threads` a multiple of 32.
 void named_barrier_sync(int id, int threads);

@@ -26,6 +26,7 @@
 
 #include "cuda_kernels.h"  // csrc/cuda (or a mutated copy of it) is on the include path
 #include "sparse_kernels.h"
+#include "emu_sm90.h"  // tma_boxes_issued
 #include "emu_runtime.h"
 
 namespace {
@@ -259,9 +260,10 @@ int main(int argc, char** argv) {
   }
   const mla_emu::Stats& s = mla_emu::stats();
   std::printf("%s, \"launches\": %llu, \"blocks\": %llu, \"barriers\": %llu, \"shuffles\": %llu, \"ldmatrix\": %llu, "
-              "\"mma\": %llu, \"cp_async\": %llu, \"switches\": %llu}\n",
+              "\"mma\": %llu, \"cp_async\": %llu, \"switches\": %llu, \"tma_boxes\": %llu}\n",
               json.c_str(), (unsigned long long)s.launches, (unsigned long long)s.blocks,
               (unsigned long long)s.barriers, (unsigned long long)s.shuffles, (unsigned long long)s.ldmatrix,
-              (unsigned long long)s.mma, (unsigned long long)s.cp_async, (unsigned long long)s.switches);
+              (unsigned long long)s.mma, (unsigned long long)s.cp_async, (unsigned long long)s.switches,
+              (unsigned long long)mla_emu::sm90::tma_boxes_issued());
   return 0;
 }

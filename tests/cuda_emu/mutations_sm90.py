@@ -30,6 +30,7 @@ from cuda_emu import runner, sm90_runner  # noqa: E402
 
 PROBE = "cuda/sm90/gemm_probe.cuh"
 DECODE = "cuda/sm90/decode_sm90.cuh"
+DECODE_HOST = "cuda/sm90/decode_sm90.cu"  # the launcher: the cache's tensor map (TMA path)
 
 
 @dataclass
@@ -108,7 +109,7 @@ DECODE_MUTATIONS = [
       "key < range.tile_end * kBlockN ? cache_row<CacheT>(p, b, key) : nullptr",
       [(MAIN, "plain", "forward")]),
     M("decode: band path adds the non-finite V entries but never zeroes them (0 x NaN reaches masked rows)", DECODE,
-      "              *v2 = __floats2bfloat162_rn(nonfinite(v0) ? 0.f : v0, nonfinite(v1) ? 0.f : v1);\n",
+      "              *reinterpret_cast<uint32_t*>(v2) = TypeTraits<T>::pack2(nonfinite(v0) ? 0.f : v0, nonfinite(v1) ? 0.f : v1);\n",
       "              (void)v2;\n",
       [(NAN_CHECK, "plain", "forward")]),
     M("decode: band path skipped (no scalar add, no zeroing)", DECODE,
@@ -125,6 +126,41 @@ DECODE_MUTATIONS = [
     M("decode: split partial written to split 0's slot", DECODE,
       "const int64_t base = static_cast<int64_t>(w.slot) * min(M, kBlockM) - m0;",
       "const int64_t base = static_cast<int64_t>(0) * min(M, kBlockM) - m0;", [("bf16 split-KV", "plain", "forward")]),
+]
+
+# The TMA producer path (bf16 cache, block_size % 64 == 0): cases of their own, by name.
+TMA_BS128 = "TMA: block_size=128 s_q=2, split-KV, partial last tiles"
+TMA_BS64 = "TMA: block_size=64 s_q=2 causal, partial last tiles"
+EXTRA_CASES = {
+    TMA_BS128: dict(block_size=128, s_q=2, lens=(700, 77), extra_cols=30),
+    TMA_BS64: dict(block_size=64, s_q=2, lens=(0, 1, 64, 77, 300)),
+}
+DECODE_MUTATIONS += [
+    M("decode TMA: expect_tx one box short (the phase completes before the last box lands)", DECODE,
+      "mbarrier_arrive_expect_tx(&full[s], kTileBytes);", "mbarrier_arrive_expect_tx(&full[s], kTileBytes - kChunkBytes);",
+      [(TMA_BS64, "plain", "forward")]),
+    M("decode TMA: box row ignores the tile's offset in its block (block_size 128 reads keys 0-63 twice)", DECODE,
+      "block * p.block_size + key0 % p.block_size", "block * p.block_size", [(TMA_BS128, "plain", "forward")]),
+    M("decode TMA: every box at column 0 (the 9 chunks all hold columns 0-63)", DECODE,
+      "c * kChunkCols, row0, &full[s]", "0, row0, &full[s]", [(TMA_BS64, "plain", "forward")]),
+    M("decode TMA: partial last tiles through TMA too (the tail's poisoned neighbour rows reach P V)", DECODE,
+      "cache_tma && (tile + 1) * kBlockN <= range.key_end", "cache_tma && tile * kBlockN < range.key_end",
+      [(TMA_BS64, "plain", "forward")]),
+    M("decode TMA: box issued to stage 0 whatever the stage (the ring's second stage never filled)", DECODE,
+      "tma_load_2d(ring + s * kStageBytes + c * kChunkBytes", "tma_load_2d(ring + c * kChunkBytes",
+      [(TMA_BS64, "plain", "forward")]),
+    M("decode TMA: an out-of-range block id loads block 0 instead of a zero-filled box", DECODE,
+      ": p.num_blocks * p.block_size;  // zero-filled", ": 0;", [("TMA: bad block id", "plain", "forward")]),
+    M("decode TMA host: tensor map for a block size not a multiple of 64 (tiles straddle blocks)", DECODE_HOST,
+      "p.block_size % kBlockN != 0 ||", "p.block_size % 16 != 0 ||", [(MAIN, "plain", "forward")]),
+    M("decode fp16: S = Q K^T wgmma run as bf16 whatever T (fp16 operands read as bf16)", DECODE,
+      "wgmma_ss<T, kBlockN, 0, 0>", "wgmma_ss<__nv_bfloat16, kBlockN, 0, 0>", [("fp16 s_q=2 causal", "plain", "forward")]),
+    M("decode fp16: P packed as bf16 for an fp16 P V wgmma", DECODE,
+      "pa[ks][j] = TypeTraits<T>::pack2(p0, p1);", "pa[ks][j] = TypeTraits<__nv_bfloat16>::pack2(p0, p1);",
+      [("fp8 cache, fp16 q, block_size=7", "plain", "forward")]),
+    M("decode TMA host: tensor map for padded blocks (block stride ignored)", DECODE_HOST,
+      "p.cache_block_stride != static_cast<int64_t>(p.block_size) * p.cache_token_stride ||", "",
+      [("TMA: padded block stride", "plain", "forward")]),
 ]
 
 # The device-side schedule (csrc/cuda/schedule.cuh) and the shared combine (csrc/cuda/combine.cuh),
@@ -175,6 +211,7 @@ def sched_cases():
 def run_decode_check(name: str, flavor: str, order: str, exe: Path) -> str | None:
     """None if the shared decode case passed through the sm90 kernel, else how it failed."""
     from cuda_cases import DECODE_CASES, SCALE, DecodeCase, check_close
+    ref = None  # (out, lse) when the case's expected result is not the reference on its own inputs
     sms = None
     if name.startswith("sched:"):
         case, sms = sched_cases()[name]
@@ -184,8 +221,21 @@ def run_decode_check(name: str, flavor: str, order: str, exe: Path) -> str | Non
         q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
         last = int(seqlens[0]) - 1
         cache[int(table[0, last // case.block_size]), last % case.block_size, 300] = float("nan")
+    elif name == "TMA: bad block id":  # table entry 1 of sequence 0 is -1: zero rows expected
+        case = DecodeCase("sm90 TMA bad block id", s_q=2, block_size=64, lens=(300, 70))
+        q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+        table[0, 1] = -1
+        ref = case.reference(q_nope, q_pe, torch.cat([cache, torch.zeros_like(cache[:1])]),
+                             torch.where(table == -1, cache.shape[0], table), seqlens, scale)
+    elif name == "TMA: padded block stride":  # blocks of 64 rows, 65 rows apart
+        case = DecodeCase("sm90 TMA padded block stride", s_q=2, block_size=64, lens=(70, 200))
+        q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
+        padded = torch.full((cache.shape[0], 65, cache.shape[2]), float("nan"), dtype=cache.dtype)
+        padded[:, :64] = cache
+        cache = padded[:, :64]
     else:
-        case = next(c for c in DECODE_CASES if c.name == name)
+        case = DecodeCase(f"sm90 {name}", **EXTRA_CASES[name]) if name in EXTRA_CASES else \
+            next(c for c in DECODE_CASES if c.name == name)
         q_nope, q_pe, cache, table, seqlens, scale = case.inputs()
     try:
         out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
@@ -195,7 +245,7 @@ def run_decode_check(name: str, flavor: str, order: str, exe: Path) -> str | Non
         return "error: " + (lines[0] if lines else str(e).splitlines()[0])[:150]
     if info["impl"] != "sm90":
         return f"ran {info['impl']}, not sm90"
-    ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
+    ref_out, ref_lse = ref or case.reference(q_nope, q_pe, cache, table, seqlens, scale)
     try:
         if name == NAN_CHECK:  # query 0 of sequence 0 must not see the NaN; query 1 must be all NaN
             if not torch.isnan(out[0, 1]).all():

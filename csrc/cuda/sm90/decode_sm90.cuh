@@ -1,9 +1,12 @@
-// Hopper (sm_90a) MLA decode, bf16 query and cache (issue 11, stage 2). Torch-free; the same
-// DecodeParams, split-KV partials and combine pass as the sm80 tensor-core kernel
-// (decode_tc.cuh), so csrc/cuda/decode.cu's combine kernel finishes split-KV.
+// Hopper (sm_90a) MLA decode, bf16 or fp16 query with a cache of the same type or fp8 (issue 11,
+// stage 2). Torch-free; the same DecodeParams and split-KV partial format as the sm80 tensor-core
+// kernel (decode_tc.cuh), but scheduled on the device: persistent CTAs walk the pieces that
+// schedule.cuh's metadata kernel assigned from the actual seqlens, and combine.cuh merges the
+// units that were cut.
 //
-// One CTA = (row block of 64 query rows, KV split, sequence); rows r = j * h + head of the
-// sequence's M = s_q * h, as in decode_tc.cuh. 384 threads, three warpgroups:
+// A piece = (row block of 64 query rows of a sequence, a range of its 64-key tiles); one CTA
+// does its pieces in turn; rows r = j * h + head of the sequence's M = s_q * h, as in
+// decode_tc.cuh. 384 threads, three warpgroups:
 //   WG 0, WG 1  consumers. Each computes the whole S = Q K^T [64 x 64] of a key tile with
 //               wgmma (A = Q, B = K, both K-major from shared memory), the online softmax in
 //               registers, P -> bf16 registers, and O += P V with wgmma RS (A = P from
@@ -14,10 +17,25 @@
 //               scores are computed by both (redundant tensor work, 576 of 1664 MACs per key
 //               and row, but no cross-warpgroup softmax exchange: decode is bound by the
 //               cache bytes, not by the tensor cores).
-//   WG 2        producer: gathers cache rows through the block table with 16-byte cp.async
-//               (any block_size; keys past the split's end or in an out-of-range block are
-//               zero rows, so NaN-poisoned unused slots never reach a product) into a
-//               2-stage ring of 128-byte-swizzled [64 x 576] tiles, full / empty mbarriers.
+//   WG 2        producer: fills a 2-stage ring of 128-byte-swizzled [64 x 576] tiles, full /
+//               empty mbarriers (full counts the 128 producer threads' arrivals + TMA bytes).
+//               TMA (16-bit cache, block_size % 64 == 0, blocks evenly spaced: the host passes a
+//               2-D tensor map of the cache's NB * BS rows of 576 elements, cache_tma): a tile
+//               whose 64 keys are all valid (tile end <= the split's key_end) lies in ONE block
+//               (tile starts are multiples of 64, so of no block boundary but block_size's), so
+//               one elected thread issues 9 boxes [64 rows x 64 columns] (one per 128-byte
+//               chunk, swizzled by the TMA unit exactly as swizzled_offset) with expect_tx of
+//               the tile's 73728 bytes; the other 127 threads just arrive. An out-of-range block
+//               id gets a box past the tensor's last row: zero-filled, like the gather's zero rows.
+//               Every other tile (the partial last tile of a split / sequence, whose rows past
+//               key_end are valid memory holding another sequence's or poisoned slots: TMA
+//               zero-fills only at the tensor's edge; any block_size; the fp8 cache) is gathered
+//               with 16-byte cp.async, rows past key_end zero-filled. So no tile ever holds a
+//               NaN-poisoned unused slot and the consumers need no masking of P or V fix-up for
+//               them: at most one tile per split takes the slower gather.
+//               The fp8 cache stays on cp.async: its stage is half the bytes and the consumers'
+//               conversion (not the copy) is its critical path; a TMA box of raw fp8 rows would
+//               need a different raw layout (3 boxes of 192 bytes) for the same gain.
 //
 // Shared tiles (Q and each ring stage): 9 column chunks of [64 rows x 64 bf16 = 128 bytes],
 // 8 KB each, 1024-aligned; element (r, c) at chunk c / 64, byte r * 128 + (16-byte unit ^ (r % 8))
@@ -150,11 +168,10 @@ __device__ __forceinline__ void load_q_block(const DecodeParams& p, unsigned cha
 
 // The consumer warpgroups' work on one piece: S = Q K^T, online softmax, O += P V over its
 // tiles (`it` counts the ring's tiles across pieces), then the epilogue.
-template <bool kFp8>
+template <typename T, bool kFp8>
 __device__ __forceinline__ void consume_piece(const DecodeParams& p, unsigned char* q_tile, unsigned char* conv,
                                               unsigned char* ring, uint64_t* full, uint64_t* empty,
                                               const Sm90Work& w, int& it) {
-  using T = __nv_bfloat16;
   const int32_t h = p.num_heads, M = p.seqlen_q * h, b = w.b, m0 = w.m0, L = w.L;
   const SplitRange range = w.range;
   const int wg = threadIdx.x / 128;  // output columns [256 wg, 256 wg + 256)
@@ -276,9 +293,8 @@ __device__ __forceinline__ void consume_piece(const DecodeParams& p, unsigned ch
         const float p_lo = exp2f(s_lo - use_lo), p_hi = exp2f(s_hi - use_hi);
 #pragma unroll
         for (int t = 0; t < kOCols / 8; ++t) {
-          const __nv_bfloat162 v2 =
-              *reinterpret_cast<const __nv_bfloat162*>(v_tile + swizzled_offset(kr, 32 * wg + t) + 4 * (lane % 4));
-          const float v0 = __low2float(v2), v1 = __high2float(v2);
+          const T* v2 = reinterpret_cast<const T*>(v_tile + swizzled_offset(kr, 32 * wg + t) + 4 * (lane % 4));
+          const float v0 = TypeTraits<T>::to_float(v2[0]), v1 = TypeTraits<T>::to_float(v2[1]);
           if (nonfinite(v0)) {
             if (see_lo) o[4 * t] += p_lo * v0;
             if (see_hi) o[4 * t + 2] += p_hi * v0;
@@ -295,11 +311,10 @@ __device__ __forceinline__ void consume_piece(const DecodeParams& p, unsigned ch
         for (int32_t key = fix_lo; key < fix_hi; ++key)
 #pragma unroll 1
           for (int t = 0; t < kOCols / 8; ++t) {
-            __nv_bfloat162* v2 = reinterpret_cast<__nv_bfloat162*>(
-                v_tile + swizzled_offset(key - tile * kBlockN, 32 * wg + t) + 4 * lane);
-            const float v0 = __low2float(*v2), v1 = __high2float(*v2);
-            if (nonfinite(v0) || nonfinite(v1))
-              *v2 = __floats2bfloat162_rn(nonfinite(v0) ? 0.f : v0, nonfinite(v1) ? 0.f : v1);
+            T* v2 = reinterpret_cast<T*>(v_tile + swizzled_offset(key - tile * kBlockN, 32 * wg + t) + 4 * lane);
+            const float v0 = TypeTraits<T>::to_float(v2[0]), v1 = TypeTraits<T>::to_float(v2[1]);
+            if (nonfinite(v0) || nonfinite(v1))  // finite entries are exact in T: repacked unchanged
+              *reinterpret_cast<uint32_t*>(v2) = TypeTraits<T>::pack2(nonfinite(v0) ? 0.f : v0, nonfinite(v1) ? 0.f : v1);
           }
         fence_proxy_async();  // the generic-proxy stores before the wgmma (async proxy) reads
       }
@@ -355,11 +370,16 @@ __device__ __forceinline__ void consume_piece(const DecodeParams& p, unsigned ch
   }
 }
 
-// kFp8 = false: bf16 cache; true: float8_e4m3fn cache (p.kv_scale). Query and output bf16.
-template <bool kFp8>
-__global__ void __launch_bounds__(kThreads, 1) decode_sm90_kernel(const DecodeParams p) {
+// T: the query / output / compute type (__nv_bfloat16 or __half: wgmma .bf16 / .f16, P rounded to
+// T). kFp8 = false: a T cache; true: float8_e4m3fn cache (p.kv_scale), converted to T in shared
+// memory (exact for both: every e4m3 value is a bf16 and an fp16 number).
+// cache_map / cache_tma: the TMA view of the cache (decode_sm90.cu make_cache_map), used when
+// cache_tma (never for kFp8).
+template <typename T, bool kFp8>
+__global__ void __launch_bounds__(kThreads, 1)
+    decode_sm90_kernel(const DecodeParams p, const __grid_constant__ TensorMap cache_map, const bool cache_tma) {
 #if defined(MLA_CUDA_EMULATION) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using T = __nv_bfloat16;
+  static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "bf16 or fp16");
   unsigned char* raw = dynamic_smem();
   // 1024-align the tiles in the shared window (the swizzle acts on address bits 4-9).
   unsigned char* smem = raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
@@ -378,7 +398,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_kernel(const DecodePa
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&full[s], 128);   // every producer thread, after its copies landed
+      mbarrier_init(&full[s], 128);   // every producer thread (after its cp.async landed) + TMA bytes
       mbarrier_init(&empty[s], 256);  // every consumer thread, after its wgmmas read the stage
     }
     fence_mbarrier_init();
@@ -403,6 +423,21 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_kernel(const DecodePa
       for (int tile = range.tile_begin; tile < range.tile_end; ++it, ++tile) {
         const int s = it % kStages;
         if (it >= kStages) mbarrier_wait_parity(&empty[s], ((it / kStages) - 1) & 1);
+        if (!kFp8 && cache_tma && (tile + 1) * kBlockN <= range.key_end) {
+          // TMA: 64 valid keys in one block (header comment); thread 0 issues, the others arrive.
+          if (t == 0) {
+            const int32_t key0 = tile * kBlockN;
+            const int32_t block = p.block_table[static_cast<int64_t>(b) * p.block_table_batch_stride + key0 / p.block_size];
+            const int32_t row0 = block >= 0 && block < p.num_blocks ? block * p.block_size + key0 % p.block_size
+                                                                    : p.num_blocks * p.block_size;  // zero-filled
+            mbarrier_arrive_expect_tx(&full[s], kTileBytes);
+            for (int c = 0; c < kChunks; ++c)
+              tma_load_2d(ring + s * kStageBytes + c * kChunkBytes, &cache_map, c * kChunkCols, row0, &full[s]);
+          } else {
+            mbarrier_arrive(&full[s]);
+          }
+          continue;
+        }
         const int32_t key = tile * kBlockN + row;
         const CacheT* src = key < range.key_end ? cache_row<CacheT>(p, b, key) : nullptr;  // nullptr: bad block id too
         const bool valid = src != nullptr;
@@ -426,8 +461,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90_kernel(const DecodePa
   int it = 0;
   for (SchedPiece piece; cursor.next(piece);) {
     const Sm90Work w = sm90_work(p, piece, m_blocks);
-    if (w.range.tile_begin < w.range.tile_end) load_q_block<__nv_bfloat16>(p, q_tile, w);  // (uniform)
-    consume_piece<kFp8>(p, q_tile, conv, ring, full, empty, w, it);
+    if (w.range.tile_begin < w.range.tile_end) load_q_block<T>(p, q_tile, w);  // (uniform)
+    consume_piece<T, kFp8>(p, q_tile, conv, ring, full, empty, w, it);
   }
 #else
   __trap();  // built without sm_90a (TORCH_CUDA_ARCH_LIST needs 9.0a): never dispatched silently
