@@ -14,9 +14,10 @@ constexpr int kDecodeBlockN = 64;  // keys per tile (the split granularity)
 // Dynamic shared memory of one CTA: alignment slack + Q + 2 ring stages + mbarriers.
 constexpr size_t kDecodeSmemBytes = 1024 + 3 * 9 * 64 * 128 + 4 * 8;
 
-// bf16 or fp16 query; a cache of the same type, or float8_e4m3fn with p.kv_scale; 16-byte aligned rows. Grid: p.sched_ctas
-// persistent CTAs of 384 threads that walk the schedule in p.sched (csrc/cuda/schedule.cuh: the metadata
-// kernel must have filled it on the same stream before; decode.cu's decode() launches all three kernels).
+// bf16 or fp16 query; a cache of the same type, or float8_e4m3fn with p.kv_scale; 16-byte
+// aligned rows. Grid: p.sched_ctas persistent CTAs of 384 threads that walk the schedule in p.sched
+// (csrc/cuda/schedule.cuh: the metadata kernel must have filled it on the same stream before;
+// decode.cu's decode() launches all three kernels).
 // The kernel body exists only in an sm_90a build (elsewhere it traps): decode.cu dispatches it
 // only when asked to (MLA_EXT_CUDA_SM90=1 on an sm_90 device).
 cudaError_t launch_decode_sm90(const DecodeParams& p, cudaStream_t stream);
