@@ -18,7 +18,7 @@ pytestmark = [
     pytest.mark.skipif(runner.available() is not None, reason=f"CUDA emulation unavailable: {runner.available()}"),
 ]
 
-FULL = os.environ.get("MLA_EXT_EMU_FULL") == "1"
+FULL = os.environ.get("MLA_EXT_EMU_FULL") in ("1", "sample")  # "sample": conftest keeps a share of the extra modes
 # (build flavour, thread order). Every mode also randomises nothing else: inputs are per case.
 MODES = [("plain", "forward")] + ([("plain", "reverse"), ("plain", "random"), ("asan", "random"),
                                    ("tsan", "forward")] if FULL else [])

@@ -37,7 +37,7 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = os.environ.get("MLA_EXT_EMU_FULL") == "1"
+FULL = os.environ.get("MLA_EXT_EMU_FULL") in ("1", "sample")  # "sample": conftest keeps a share of the extra modes
 MODES = [("plain", "forward")] + ([("plain", "reverse"), ("plain", "random"), ("asan", "random"),
                                    ("tsan", "forward")] if FULL else [])
 
