@@ -310,8 +310,26 @@ inline int64_t qt_index(int i, int r) {
   return ((static_cast<int64_t>(r / 16) * kChunks + i / 16) * 16 + i % 16) * 16 + r % 16;
 }
 
-// Q^T in the VNNI layout of a B operand: q_hi[p * mpad + r] = the bf16 pair (q[r][2p],
-// q[r][2p + 1]) of query row r; rows >= rows are zero. An fp32 query is split into three
+// 32 fp32 values -> three bf16 parts x = hi + mid + lo (up to 2^-24 |x|), each rounded from
+// the exact fp32 residual of the ones before, as bf16_bits would, 32 lanes at a time.
+inline void fp32x32_to_bf16_parts3(const float* src, uint16_t* hi, uint16_t* mid, uint16_t* lo) {
+  __m512 x0 = _mm512_loadu_ps(src), x1 = _mm512_loadu_ps(src + 16);
+  uint16_t* const out[3] = {hi, mid, lo};
+  for (int part = 0; part < 3; ++part) {
+    const __m512i b = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);  // 32 bf16: x0's 16, then x1's
+    _mm512_storeu_si512(out[part], b);
+    if (part == 2) break;
+    // The residual, exact in fp32.
+    x0 = _mm512_sub_ps(x0, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(b)), 16)));
+    x1 = _mm512_sub_ps(x1, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(b, 1)), 16)));
+  }
+}
+
+// Q^T in the VNNI layout of a B operand: q_hi[qt_index(p, r)] = the bf16 pair (q[r][2p],
+// q[r][2p + 1]) of query row r; rows >= rows are zero. Per row tile, the rows' parts are
+// converted with vector code and turned into tile rows by 16 x 16 dword transposes (the
+// scalar version cost an fp8 item of 64 rows and 512 keys as much as its keys did).
+// An fp32 query is split into three
 // bf16 parts, q = hi + mid + lo exactly up to 2^-24 |q| (8 + 8 + 8 significant bits).
 // Returns whether some row needs mid / lo (false: every value of q is a bf16 number, as
 // when the caller's query was bf16 and the glue widened it for an fp8 cache).
@@ -320,45 +338,46 @@ inline int64_t qt_index(int i, int r) {
 template <class QT, bool kFp16 = false>
 bool load_q(const DecodeParams& p, int32_t seq, int32_t row_begin, int32_t rows, int32_t mpad, uint32_t* q_hi,
             uint32_t* q_mid, uint32_t* q_lo) {
+  // Parts of the query: an fp32 query three, an fp16 one two (exact), a bf16 one itself.
+  constexpr int kParts = sizeof(QT) == 4 ? 3 : (kFp16 ? 2 : 1);
+  uint32_t* const dst[3] = {q_hi, q_mid, q_lo};
+  // One row tile's parts, bf16, columns in order (55 KB at most). Pair i of row rr is the
+  // dword at part[k][rr] + 2i: (q[rr][2i], q[rr][2i + 1]), low half first.
+  alignas(64) uint16_t part[kParts][16][kHeadDim];
   uint32_t residual_bits = 0;
-  for (int32_t r = 0; r < mpad; ++r) {
-    if (r >= rows) {
-      for (int i = 0; i < kPairs; ++i) {
-        q_hi[qt_index(i, r)] = 0;
-        if constexpr (sizeof(QT) == 4) q_mid[qt_index(i, r)] = q_lo[qt_index(i, r)] = 0;
-        if constexpr (kFp16) q_mid[qt_index(i, r)] = 0;
+  for (int32_t r0 = 0; r0 < mpad; r0 += 16) {
+    for (int rr = 0; rr < 16; ++rr) {
+      const int32_t r = r0 + rr;
+      if (r >= rows) {
+        for (int k = 0; k < kParts; ++k) __builtin_memset(part[k][rr], 0, sizeof(part[k][rr]));
+        continue;
       }
-      continue;
-    }
-    const QueryRow<QT> src = query_row<QT>(p, seq, row_begin + r);
-    if constexpr (kFp16) {
-      alignas(64) uint16_t hi[kHeadDim], lo[kHeadDim];
-      for (int d = 0; d < kLatentDim; d += 16) fp16x16_to_bf16_parts(src.nope + d, hi + d, lo + d);
-      for (int d = 0; d < kHeadDim - kLatentDim; d += 16)
-        fp16x16_to_bf16_parts(src.pe + d, hi + kLatentDim + d, lo + kLatentDim + d);
-      for (int i = 0; i < kPairs; ++i) {
-        q_hi[qt_index(i, r)] = static_cast<uint32_t>(hi[2 * i]) | (static_cast<uint32_t>(hi[2 * i + 1]) << 16);
-        q_mid[qt_index(i, r)] = static_cast<uint32_t>(lo[2 * i]) | (static_cast<uint32_t>(lo[2 * i + 1]) << 16);
-        residual_bits |= (lo[2 * i] | lo[2 * i + 1]) & 0x7fffu;
-      }
-      continue;
-    }
-    for (int i = 0; i < kPairs; ++i) {
-      const int d = 2 * i;
-      const QT* x = d < kLatentDim ? src.nope + d : src.pe + (d - kLatentDim);
-      if constexpr (sizeof(QT) == 2) {
-        q_hi[qt_index(i, r)] = static_cast<uint32_t>(x[0]) | (static_cast<uint32_t>(x[1]) << 16);
+      const QueryRow<QT> src = query_row<QT>(p, seq, row_begin + r);
+      if constexpr (kFp16) {
+        for (int d = 0; d < kLatentDim; d += 16) fp16x16_to_bf16_parts(src.nope + d, part[0][rr] + d, part[1][rr] + d);
+        for (int d = 0; d < kHeadDim - kLatentDim; d += 16)
+          fp16x16_to_bf16_parts(src.pe + d, part[0][rr] + kLatentDim + d, part[1][rr] + kLatentDim + d);
+      } else if constexpr (sizeof(QT) == 2) {
+        __builtin_memcpy(part[0][rr], src.nope, sizeof(uint16_t) * kLatentDim);
+        __builtin_memcpy(part[0][rr] + kLatentDim, src.pe, sizeof(uint16_t) * (kHeadDim - kLatentDim));
       } else {
-        const uint16_t h0 = bf16_bits(x[0]), h1 = bf16_bits(x[1]);
-        const float r0 = x[0] - bf16_value(h0), r1 = x[1] - bf16_value(h1);  // exact in fp32
-        const uint16_t m0 = bf16_bits(r0), m1 = bf16_bits(r1);
-        const uint16_t l0 = bf16_bits(r0 - bf16_value(m0)), l1 = bf16_bits(r1 - bf16_value(m1));
-        q_hi[qt_index(i, r)] = static_cast<uint32_t>(h0) | (static_cast<uint32_t>(h1) << 16);
-        q_mid[qt_index(i, r)] = static_cast<uint32_t>(m0) | (static_cast<uint32_t>(m1) << 16);
-        q_lo[qt_index(i, r)] = static_cast<uint32_t>(l0) | (static_cast<uint32_t>(l1) << 16);
-        residual_bits |= (m0 | m1 | l0 | l1) & 0x7fffu;  // -0 counts as zero
+        for (int d = 0; d < kLatentDim; d += 32)
+          fp32x32_to_bf16_parts3(src.nope + d, part[0][rr] + d, part[1][rr] + d, part[2][rr] + d);
+        for (int d = 0; d < kHeadDim - kLatentDim; d += 32)
+          fp32x32_to_bf16_parts3(src.pe + d, part[0][rr] + kLatentDim + d, part[1][rr] + kLatentDim + d,
+                                 part[2][rr] + kLatentDim + d);
       }
+      for (int k = 1; k < kParts; ++k)
+        for (int d = 0; d < kHeadDim; ++d) residual_bits |= part[k][rr][d] & 0x7fffu;  // -0 counts as zero
     }
+    // Each 16 pairs x 16 rows: a 16 x 16 dword transpose gives the tile's 16 pair rows.
+    for (int k = 0; k < kParts; ++k)
+      for (int c = 0; c < kChunks; ++c) {
+        __m512i t[16];
+        for (int rr = 0; rr < 16; ++rr) t[rr] = _mm512_loadu_si512(part[k][rr] + 32 * c);
+        transpose16x16(t);
+        for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst[k] + qt_index(16 * c + j, r0), t[j]);
+      }
   }
   return residual_bits != 0;
 }
