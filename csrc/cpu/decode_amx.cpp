@@ -121,14 +121,7 @@ struct Layout {
 
 // ---------------------------------------------------------------- conversions
 
-// fp32 -> bf16 bits, round to nearest even (NaN stays NaN).
-inline uint16_t bf16_bits(float x) {
-  uint32_t u;
-  __builtin_memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+// The fp32 value of bf16 bits.
 inline float bf16_value(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
   float x;
@@ -311,7 +304,7 @@ inline int64_t qt_index(int i, int r) {
 }
 
 // 32 fp32 values -> three bf16 parts x = hi + mid + lo (up to 2^-24 |x|), each rounded from
-// the exact fp32 residual of the ones before, as bf16_bits would, 32 lanes at a time.
+// the exact fp32 residual of the ones before (round to nearest even), 32 lanes at a time.
 inline void fp32x32_to_bf16_parts3(const float* src, uint16_t* hi, uint16_t* mid, uint16_t* lo) {
   __m512 x0 = _mm512_loadu_ps(src), x1 = _mm512_loadu_ps(src + 16);
   uint16_t* const out[3] = {hi, mid, lo};
@@ -817,20 +810,7 @@ void run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void*
   // only when q has bits beyond bf16's).
   const bool split_q = load_q<QT, kFp16>(p, it.seq, it.row_begin, rows, mpad, q_hi, q_mid, q_lo);
 
-  const T* cache = static_cast<const T*>(p.cache);
-  const int32_t* table = p.block_table + static_cast<int64_t>(it.seq) * p.block_table_batch_stride;
-  const int32_t bs = p.block_size;
-  int64_t cursor_block = it.key_begin / bs;
-  int32_t cursor_offset = it.key_begin % bs;
-  const auto next_row = [&]() {
-    const T* row = cache + static_cast<int64_t>(table[cursor_block]) * p.cache_block_stride +
-                   static_cast<int64_t>(cursor_offset) * p.cache_token_stride;
-    if (++cursor_offset == bs) {
-      cursor_offset = 0;
-      ++cursor_block;
-    }
-    return row;
-  };
+  CacheRowCursor<T> next_row(p, it.seq, it.key_begin);
   const long q_stride = 64;  // bytes per pair row of a Q^T tile (qt_index)
   const long st_stride = static_cast<long>(mpad) * 4;
   const T* raw[kBlockKeys];

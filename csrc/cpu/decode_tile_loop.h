@@ -164,6 +164,32 @@ struct ScratchLayout {
 };
 
 // Whether the V part (columns [0, 512)) of a cache row holds an inf or NaN.
+// Cache rows of consecutive keys of one sequence, from key `key` on, walked with a (block,
+// offset) cursor: no division per key. Only blocks holding the keys asked for are looked up.
+template <class T>
+struct CacheRowCursor {
+  const T* cache;
+  const int32_t* table;  // the sequence's block-table row
+  const DecodeParams& p;
+  int64_t block;
+  int32_t offset;
+  CacheRowCursor(const DecodeParams& params, int32_t seq, int32_t key)
+      : cache(static_cast<const T*>(params.cache)),
+        table(params.block_table + static_cast<int64_t>(seq) * params.block_table_batch_stride),
+        p(params),
+        block(key / params.block_size),
+        offset(key % params.block_size) {}
+  const T* operator()() {
+    const T* row = cache + static_cast<int64_t>(table[block]) * p.cache_block_stride +
+                   static_cast<int64_t>(offset) * p.cache_token_stride;
+    if (++offset == p.block_size) {
+      offset = 0;
+      ++block;
+    }
+    return row;
+  }
+};
+
 template <class CT>
 inline bool v_has_nonfinite(const typename CT::T* row) {
   for (int d = 0; d < kLatentDim; ++d) {
@@ -229,27 +255,12 @@ void run_item_impl(const DecodeParams& p, const DecodeItem& it, PartialOut out, 
     run_sum[r] = 0.f;
   }
 
-  const T* cache = static_cast<const T*>(p.cache);
-  const int32_t* table = p.block_table + static_cast<int64_t>(it.seq) * p.block_table_batch_stride;
-  const int32_t bs = p.block_size;
   for (int i = 0; i < kPtrSlots; ++i) {
     raw[i] = reinterpret_cast<const T*>(zero);
     kf[i] = reinterpret_cast<const TileT*>(zero);
   }
 
-  // Cache rows of consecutive keys, walked with a (block, offset) cursor: no division per
-  // key. Only blocks holding keys < key_end <= len are looked up.
-  int64_t cursor_block = it.key_begin / bs;
-  int32_t cursor_offset = it.key_begin % bs;
-  const auto next_row = [&]() {
-    const T* row = cache + static_cast<int64_t>(table[cursor_block]) * p.cache_block_stride +
-                   static_cast<int64_t>(cursor_offset) * p.cache_token_stride;
-    if (++cursor_offset == bs) {
-      cursor_offset = 0;
-      ++cursor_block;
-    }
-    return row;
-  };
+  CacheRowCursor<T> next_row(p, it.seq, it.key_begin);
   // pf.rows always holds the rows of the tile after the current one.
   const int prefetch_steps = K::prefetch_steps(rows);
   const int first_n = it.key_end - it.key_begin < kKeyTile ? it.key_end - it.key_begin : kKeyTile;
