@@ -77,9 +77,9 @@ def set_index_checks(enabled: bool) -> bool:
 
 def cpu_decode_kernel(cache_dtype: torch.dtype) -> str:
     """Name of the CPU decode kernel that runs for a cache of this dtype on this machine:
-    "amx-bf16" (bf16 and fp8 caches on CPUs with AMX), "avx512bf16" (bf16), "avx512-fp32"
-    (fp16 / fp32 on AVX-512-BF16 CPUs), "avx2-bf16" (bf16 and fp8 caches), "avx2" (fp16 /
-    fp32) or "scalar". Chosen per call from the CPU's features; MLA_EXT_CPU_ISA=scalar|avx2|
+    "amx-bf16" (bf16 and fp8 caches on CPUs with AMX), "avx512bf16" (bf16, and fp8 where the
+    CPU also has AVX512-VBMI), "avx512-fp32" (fp16 / fp32 on AVX-512-BF16 CPUs), "avx2-bf16"
+    (bf16 and fp8 caches), "avx2" (fp16 / fp32) or "scalar". Chosen per call from the CPU's features; MLA_EXT_CPU_ISA=scalar|avx2|
     avx512bf16|amx caps it."""
     return torch.ops.mla_ext.cpu_decode_kernel(cache_dtype)
 

@@ -3,8 +3,10 @@
 decode.cpp picks one instruction-set kernel per call (MLA_EXT_CPU_ISA caps the choice):
   * amx-bf16 (bf16 and fp8 caches, CPUs with AMX): tile products, tested at the end of this
     file against the float64 reference;
-  * avx512bf16 (bf16 caches): vdpbf16ps scores, fp32 FMA P.V; avx512-fp32 (fp16 / fp32
-    caches): the avx2 kernel's fp32 tiles on 512-bit FMAs (both under isa=avx512bf16);
+  * avx512bf16 (bf16 caches: vdpbf16ps scores, fp32 FMA P.V; fp8 caches on CPUs with
+    AVX512-VBMI: rows widened to bf16 by table, the fp32 query in up to three bf16 parts,
+    P.V on the bf16 rows' even / odd halves); avx512-fp32 (fp16 / fp32 caches): the avx2
+    kernel's fp32 tiles on 512-bit FMAs (all under isa=avx512bf16);
   * avx2_bf16 (bf16 and fp8 caches): 16-bit tiles read in place, query and accumulators
     de-interleaved per 16 columns, restored by `finish`;
   * avx2 (fp16 and fp32 caches): fp32 tiles;
@@ -17,7 +19,7 @@ merge and the prefetch of each next tile run across block-table jumps.
 Three native checks run here too: the torch-free timing harness of the AVX2 kernels
 (benchmarks/native/cpu_item_bench.cpp, which compares their partial results), every e4m3
 code through the fp8 -> bf16 tile widening (tests/native/fp8_widen_check.cpp), and the
-AVX-512 BF16 kernel's logic under emulated intrinsics (benchmarks/avx512_emulation).
+AVX-512 kernels' logic under emulated intrinsics (benchmarks/avx512_emulation).
 """
 import os
 import shutil
@@ -174,9 +176,10 @@ def test_fp8_tile_widening_every_code(tmp_path):
 
 @NEEDS_GXX
 def test_avx512_kernel_logic_under_emulation():
-    """The AVX-512 BF16 kernel cannot run on an AVX2-only CPU: its logic is checked by
-    recompiling it with the AVX-512 intrinsics emulated in C and comparing it, item by item,
-    with the AVX2 kernel (benchmarks/avx512_emulation/run.sh)."""
+    """The AVX-512 kernels (avx512bf16 for bf16 and fp8 caches, avx512-fp32) cannot run on an
+    AVX2-only CPU: their logic is checked by recompiling decode_avx512.cpp with the AVX-512
+    intrinsics emulated in C and comparing it, item by item, with the AVX2 kernels for every
+    cache dtype, plus every fp8 code widened bit for bit (benchmarks/avx512_emulation/run.sh)."""
     import platform
 
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -184,7 +187,9 @@ def test_avx512_kernel_logic_under_emulation():
     script = os.path.join(ROOT, "benchmarks", "avx512_emulation", "run.sh")
     res = subprocess.run(["sh", script], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "cases agree" in res.stdout
+    for case in ("bf16", "fp16", "fp32", "fp8, bf16-exact query", "fp8, fp32 query"):
+        assert f"{case}" in res.stdout and "cases agree" in res.stdout
+    assert "fp8 widening: ok" in res.stdout
 
 
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
@@ -353,13 +358,15 @@ def test_amx_fp16_split_is_exact_on_every_finite_value(monkeypatch):
     assert torch.equal(out[:, 0], expected)
 
 
-@NEEDS_AMX
-def test_amx_fp8_widening_every_code(monkeypatch):
-    """All 254 finite e4m3fn codes through the AMX kernel's fp8 -> bf16 widening, bit for bit:
-    one key (P = 1 exactly), a zero query, a power-of-two scale, so out = V * scale exactly;
-    the NaN code (0x7f) gives NaN."""
-    monkeypatch.setenv("MLA_EXT_CPU_ISA", "amx")
-    assert mla_ext.cpu_decode_kernel(torch.float8_e4m3fn) == "amx-bf16"
+@pytest.mark.parametrize("isa, kernel", [("amx", "amx-bf16"), ("avx512bf16", "avx512bf16")])
+def test_avx512_fp8_widening_every_code(isa, kernel, monkeypatch):
+    """All 254 finite e4m3fn codes through the AMX and AVX-512 BF16 kernels' fp8 -> bf16
+    widening (vpermi2b tables), bit for bit: one key (P = 1 exactly), a zero query, a
+    power-of-two scale, so out = V * scale exactly; the NaN code (0x7f) gives NaN. Where the
+    CPU lacks the kernel, benchmarks/avx512_emulation checks the AVX-512 one's logic."""
+    monkeypatch.setenv("MLA_EXT_CPU_ISA", isa)
+    if mla_ext.cpu_decode_kernel(torch.float8_e4m3fn) != kernel:
+        pytest.skip(f"this CPU has no {kernel} kernel for fp8 caches")
     codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
     row = torch.zeros(576, dtype=torch.uint8)
     row[:254] = codes
@@ -387,3 +394,12 @@ def test_amx_kernel_is_picked_exactly_when_the_cpu_has_amx():
         assert (_kernel_for("auto", dt) == _AMX_NAME[dt]) == CPU_HAS_AMX
         assert not _kernel_for("avx512bf16", dt).startswith("amx")
     assert not _kernel_for("auto", torch.float32).startswith("amx")
+
+
+def test_fp8_caches_take_the_avx512_kernel_exactly_when_the_cpu_has_vbmi():
+    """Under MLA_EXT_CPU_ISA=avx512bf16 an fp8 cache runs avx512bf16 when the CPU has
+    AVX512_BF16 and AVX512-VBMI (the widening's vpermi2b), else the AVX2 kernel."""
+    flags = _cpu_flags()
+    expected = ("avx512bf16" if {"avx512_bf16", "avx512vbmi"} <= flags
+                else "avx2-bf16" if _cpu_has_avx2() else "scalar")
+    assert _kernel_for("avx512bf16", torch.float8_e4m3fn) == expected

@@ -44,7 +44,7 @@ CpuFeatures detect() {
              avx512vl = b & (1u << 31);
   const unsigned max_sub = a;
   const bool amx_bf16 = d & (1u << 22), amx_tile = d & (1u << 24);
-  const bool avx512vbmi = c & (1u << 1);  // vpermi2b: the AMX kernel's fp8 widening (every AMX CPU has it)
+  const bool avx512vbmi = c & (1u << 1);  // vpermi2b: the fp8 widening of the AVX-512 and AMX kernels
   bool bf16 = false;
   if (max_sub >= 1) {
     __cpuid_count(7, 1, a, b, c, d);
@@ -52,8 +52,9 @@ CpuFeatures detect() {
   }
   f.avx2_fma_f16c = ymm_state && avx2 && fma && f16c;
   f.avx512_bf16 = f.avx2_fma_f16c && zmm_state && avx512f && avx512dq && avx512bw && avx512vl && bf16;
+  f.avx512_bf16_vbmi = f.avx512_bf16 && avx512vbmi;
   const bool tile_state = (xcr0_lo & 0x60000u) == 0x60000u;  // XTILECFG + XTILEDATA
-  f.amx_bf16 = f.avx512_bf16 && avx512vbmi && amx_tile && amx_bf16 && tile_state && request_amx_permission();
+  f.amx_bf16 = f.avx512_bf16_vbmi && amx_tile && amx_bf16 && tile_state && request_amx_permission();
 #endif
   return f;
 }

@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cpu_features.h"
 #include "decode_impl.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 10)
@@ -76,8 +77,10 @@ void prepare_tile(const uint16_t* const* raw, int n, float* kbuf, const float* z
   for (int i = n; i < kKeyTile; ++i) kf[i] = zero;
 }
 
-// s[i][j] = s2scale * (q_i . k_j), bf16 inputs, fp32 accumulation.
-template <int RB>
+// s[i][j] = s2scale * (q_i . k_j), bf16 inputs, fp32 accumulation. Query row i is kParts
+// bf16 rows (q + i * kQRow + part * 576) whose products all go into the same accumulators:
+// one for a bf16 query, up to three for an fp32 one (avx512fp8 below).
+template <int RB, int kParts = 1, int kQRow = kHeadDim>
 inline void score_block(const uint16_t* q, const uint16_t* const* k, float s2scale, float* s) {
   __m512 acc[RB][kScoreKB];
   MLA_UNROLL
@@ -90,9 +93,12 @@ inline void score_block(const uint16_t* q, const uint16_t* const* k, float s2sca
     for (int j = 0; j < kScoreKB; ++j) kv[j] = _mm512_loadu_si512(k[j] + d);
     MLA_UNROLL
     for (int i = 0; i < RB; ++i) {
-      const __m512i qv = _mm512_loadu_si512(q + i * kHeadDim + d);
       MLA_UNROLL
-      for (int j = 0; j < kScoreKB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)qv, (__m512bh)kv[j]);
+      for (int part = 0; part < kParts; ++part) {
+        const __m512i qv = _mm512_loadu_si512(q + i * kQRow + part * kHeadDim + d);
+        MLA_UNROLL
+        for (int j = 0; j < kScoreKB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)qv, (__m512bh)kv[j]);
+      }
     }
   }
   MLA_UNROLL
@@ -101,10 +107,10 @@ inline void score_block(const uint16_t* q, const uint16_t* const* k, float s2sca
     for (int j = 0; j < kScoreKB; ++j) s[i * kScoreStride + j] = _mm512_reduce_add_ps(acc[i][j]) * s2scale;
 }
 
-template <int RB>
+template <int RB, int kParts = 1, int kQRow = kHeadDim>
 inline void score_rows(const uint16_t* q, const uint16_t* const* raw, float s2scale, float* s, Prefetcher& pf) {
   for (int j0 = 0; j0 < kKeyTile; j0 += kScoreKB) {
-    score_block<RB>(q, raw + j0, s2scale, s + j0);
+    score_block<RB, kParts, kQRow>(q, raw + j0, s2scale, s + j0);
     pf.step();
   }
 }
@@ -260,18 +266,191 @@ struct Kernel : KernelDefaults {
 
 }  // namespace avx512f32
 
-bool avx512_supports(DType t) { return t == DType::kBFloat16 || t == DType::kFloat16 || t == DType::kFloat32; }
+// fp8 e4m3 caches (the same "avx512bf16" kernel name), on CPUs that also have AVX512-VBMI:
+// each tile's rows are widened once to bf16 by table (exact, value / 256, see kFp8TileScale)
+// into the per-thread buffer, where every query row block meets them.
+//   * scores: vdpbf16ps on those rows. The glue hands an fp8 cache an fp32 query; it is
+//     split into up to three bf16 parts (exact, fp32x32_to_bf16_parts3) and each row keeps
+//     how many it needs: one when every value is a bf16 number (the usual case: a bf16
+//     model's query, widened by the glue), so such a query costs what it costs a bf16 cache.
+//   * P.V reads the same bf16 rows, no fp32 copy: 32 bf16 loaded as 16 dwords give the 16
+//     even columns (x << 16) and the 16 odd ones (x & 0xffff0000) as fp32 with one integer
+//     op each, so the accumulators hold each 32 columns as [16 even | 16 odd]; `finish`
+//     restores the natural order once per item (the AVX2 bf16 kernel's trick, 512 bits wide).
+// Own target region: vpermi2b must not leak into the bf16 / fp32 kernels above, which also
+// run on Cooper Lake (AVX512_BF16 without VBMI).
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")
 
-const char* avx512_name(DType t) { return t == DType::kBFloat16 ? "avx512bf16" : "avx512-fp32"; }
+#include "avx512_bf16_conversions.h"
+
+namespace avx512fp8 {
+
+// A prepared query row: its hi, mid and lo bf16 parts (576 values each), then the number of
+// parts it needs in a 64-byte slot of its own.
+constexpr int kQRow = 3 * kHeadDim + 32;
+constexpr int kPartsSlot = 3 * kHeadDim;
+constexpr int kPvRB = 4;     // 16 accumulators + 4 widened value vectors + 1 broadcast + the mask
+constexpr int kPvCols = 64;  // two groups of 32 columns (16 even + 16 odd) per block
+
+void load_q(const DecodeParams& p, int32_t seq, int32_t row_begin, int32_t rows, uint16_t* q) {
+  for (int32_t r = 0; r < rows; ++r) {
+    const QueryRow<float> src = query_row<float>(p, seq, row_begin + r);
+    uint16_t* hi = q + static_cast<int64_t>(r) * kQRow;
+    uint16_t* mid = hi + kHeadDim;
+    uint16_t* lo = mid + kHeadDim;
+    for (int d = 0; d < kLatentDim; d += 32) fp32x32_to_bf16_parts3(src.nope + d, hi + d, mid + d, lo + d);
+    for (int d = 0; d < kRopeDim; d += 32)
+      fp32x32_to_bf16_parts3(src.pe + d, hi + kLatentDim + d, mid + kLatentDim + d, lo + kLatentDim + d);
+    unsigned mid_bits = 0, lo_bits = 0;  // magnitudes only: a -0 part adds nothing
+    for (int d = 0; d < kHeadDim; ++d) {
+      mid_bits |= mid[d] & 0x7fffu;
+      lo_bits |= lo[d] & 0x7fffu;
+    }
+    hi[kPartsSlot] = static_cast<uint16_t>(lo_bits != 0 ? 3 : mid_bits != 0 ? 2 : 1);
+  }
+}
+
+// kb[i] = tile row i as 576 bf16 values in kbuf ([16, 576] bf16, 18 KiB); padding -> zero.
+void prepare_tile(const uint8_t* const* raw, int n, float* kbuf, const float* zero, const uint16_t** kb) {
+  uint16_t* buf = reinterpret_cast<uint16_t*>(kbuf);
+  for (int i = 0; i < n; ++i) {
+    uint16_t* dst = buf + i * kHeadDim;
+    for (int d = 0; d < kHeadDim; d += 64) fp8x64_to_bf16(raw[i] + d, dst + d);
+    kb[i] = dst;
+  }
+  for (int i = n; i < kKeyTile; ++i) kb[i] = reinterpret_cast<const uint16_t*>(zero);
+}
+
+void scores(const uint16_t* q, int rows, const uint16_t* const* kb, float s2scale, float* s, Prefetcher& pf) {
+  for_row_blocks<avx512::kScoreRB>(rows, [&](auto rb, int r) {
+    constexpr int RB = decltype(rb)::value;
+    const uint16_t* qr = q + static_cast<int64_t>(r) * kQRow;
+    int parts = 1;
+    for (int i = 0; i < RB; ++i) parts = qr[i * kQRow + kPartsSlot] > parts ? qr[i * kQRow + kPartsSlot] : parts;
+    float* sr = s + r * kScoreStride;
+    if (parts == 1) avx512::score_rows<RB, 1, kQRow>(qr, kb, s2scale, sr, pf);
+    else if (parts == 2) avx512::score_rows<RB, 2, kQRow>(qr, kb, s2scale, sr, pf);
+    else avx512::score_rows<RB, 3, kQRow>(qr, kb, s2scale, sr, pf);
+  });
+}
+
+// acc[i][c0 .. c0 + 64) (held as [even | odd] per 32 columns) = corr_i acc + sum_t p[i][t] v_t.
+template <int RB>
+inline void pv_block(const float* p, const float* corr, const uint16_t* const* vb, int n, float* acc, int c0) {
+  __m512 a[RB][4];
+  MLA_UNROLL
+  for (int i = 0; i < RB; ++i) {
+    const __m512 c = _mm512_set1_ps(corr[i]);
+    MLA_UNROLL
+    for (int w = 0; w < 4; ++w) a[i][w] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * kLatentDim + c0 + 16 * w), c);
+  }
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  // Pointer walks only (see avx2::pv_block: -fwrapv and int indices spill the accumulators).
+  const uint16_t* const* const vend = vb + n;
+  for (const uint16_t* const* vp = vb; vp != vend; ++vp, ++p) {
+    const __m512i x0 = _mm512_loadu_si512(*vp + c0), x1 = _mm512_loadu_si512(*vp + c0 + 32);
+    const __m512 v[4] = {_mm512_castsi512_ps(_mm512_slli_epi32(x0, 16)), _mm512_castsi512_ps(_mm512_and_si512(x0, high)),
+                         _mm512_castsi512_ps(_mm512_slli_epi32(x1, 16)), _mm512_castsi512_ps(_mm512_and_si512(x1, high))};
+    MLA_UNROLL
+    for (int i = 0; i < RB; ++i) {
+      const __m512 pb = _mm512_set1_ps(p[i * kScoreStride]);
+      MLA_UNROLL
+      for (int w = 0; w < 4; ++w) a[i][w] = _mm512_fmadd_ps(pb, v[w], a[i][w]);
+    }
+  }
+  MLA_UNROLL
+  for (int i = 0; i < RB; ++i)
+    MLA_UNROLL
+    for (int w = 0; w < 4; ++w) _mm512_storeu_ps(acc + i * kLatentDim + c0 + 16 * w, a[i][w]);
+}
+
+void pv(const float* p, const float* corr, const uint16_t* const* vb, int n, int rows, float* acc, Prefetcher& pf) {
+  for_row_blocks<kPvRB>(rows, [&](auto rb, int r) {
+    constexpr int RB = decltype(rb)::value;
+    float* ar = acc + static_cast<int64_t>(r) * kLatentDim;
+    for (int c0 = 0; c0 < kLatentDim; c0 += kPvCols) {
+      pv_block<RB>(p + r * kScoreStride, corr + r, vb, n, ar, c0);
+      pf.step();
+    }
+  });
+}
+
+// Per 32 columns [e0 .. e15 | o0 .. o15] -> e0 o0 e1 o1 ... e15 o15.
+void finish(float* acc, int rows) {
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t g = 0; g < static_cast<int64_t>(rows) * kLatentDim; g += 32) {
+    const __m512 e = _mm512_loadu_ps(acc + g), o = _mm512_loadu_ps(acc + g + 16);
+    _mm512_storeu_ps(acc + g, _mm512_permutex2var_ps(e, first, o));
+    _mm512_storeu_ps(acc + g + 16, _mm512_permutex2var_ps(e, second, o));
+  }
+}
+
+// The kernel interface of decode_tile_loop.h (instantiated for CacheFP8 only).
+struct Kernel {
+  using QElt = uint16_t;
+  static constexpr int kQStride = kQRow;
+  template <class CT>
+  using TileT = uint16_t;
+  static int prefetch_steps(int rows) {
+    return register_block_steps(rows, avx512::kScoreRB, avx512::kScoreKB, kPvRB, kPvCols);
+  }
+  template <class CT>
+  static void load_q(const DecodeParams& p, int32_t seq, int32_t r0, int32_t rows, float, uint16_t* q) {
+    static_assert(CT::kType == DType::kFloat8E4M3, "fp8 only");
+    avx512fp8::load_q(p, seq, r0, rows, q);
+  }
+  template <class CT>
+  static void prepare_tile(const uint8_t* const* raw, int n, float* kbuf, const float* zero, const uint16_t** kb) {
+    avx512fp8::prepare_tile(raw, n, kbuf, zero, kb);
+  }
+  template <class CT>
+  static void scores(const uint16_t* q, int rows, const uint8_t* const*, const uint16_t* const* kb, float s2scale,
+                     float* s, Prefetcher& pf) {
+    avx512fp8::scores(q, rows, kb, s2scale, s, pf);
+  }
+  static void softmax_row(const float* s, int visible, float* max, float* sum, float* p, float* corr) {
+    avx2::softmax_row(s, visible, max, sum, p, corr);
+  }
+  static void pv(const float* p, const float* corr, const uint16_t* const* vb, int n, int rows, float* acc,
+                 Prefetcher& pf) {
+    avx512fp8::pv(p, corr, vb, n, rows, acc, pf);
+  }
+  template <class CT>
+  static void finish(float* acc, int rows) {
+    avx512fp8::finish(acc, rows);
+  }
+};
+
+}  // namespace avx512fp8
+
+void avx512_fp8_run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void* scratch) {
+  run_item_impl<avx512fp8::Kernel, CacheFP8>(p, it, out, scratch);
+}
+
+#pragma GCC pop_options
+
+// fp8 needs AVX512-VBMI on top of what selected this kernel (decode.cpp checks avx512_bf16).
+bool avx512_supports(DType t) {
+  return t == DType::kBFloat16 || t == DType::kFloat16 || t == DType::kFloat32 ||
+         (t == DType::kFloat8E4M3 && cpu_features().avx512_bf16_vbmi);
+}
+
+const char* avx512_name(DType t) {
+  return t == DType::kBFloat16 || t == DType::kFloat8E4M3 ? "avx512bf16" : "avx512-fp32";
+}
 
 size_t avx512_scratch_bytes(int32_t max_rows) {
-  const size_t a = scratch_bytes_impl<avx512::Kernel>(max_rows), b = scratch_bytes_impl<avx512f32::Kernel>(max_rows);
-  return a > b ? a : b;
+  const size_t a = scratch_bytes_impl<avx512::Kernel>(max_rows), b = scratch_bytes_impl<avx512f32::Kernel>(max_rows),
+               c = scratch_bytes_impl<avx512fp8::Kernel>(max_rows);
+  return a > b ? (a > c ? a : c) : (b > c ? b : c);
 }
 
 void avx512_run_item(const DecodeParams& p, const DecodeItem& it, PartialOut out, void* scratch) {
   switch (p.cache_dtype) {
     case DType::kBFloat16: run_item_impl<avx512::Kernel, CacheBF16>(p, it, out, scratch); break;
+    case DType::kFloat8E4M3: avx512_fp8_run_item(p, it, out, scratch); break;
     case DType::kFloat16: run_item_impl<avx512f32::Kernel, CacheF16>(p, it, out, scratch); break;
     default: run_item_impl<avx512f32::Kernel, CacheF32>(p, it, out, scratch); break;
   }
