@@ -1,9 +1,11 @@
 // CPU decode kernels for x86-64 with AVX-512 BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and
-// later): "avx512bf16" for bf16 caches (below), and "avx512-fp32" for fp16 / fp32 caches
-// (fp32 tiles as in the AVX2 kernel, both GEMMs on 512-bit FMAs; at the end of the file).
+// later): "avx512bf16" for bf16 caches (below) and fp8 caches (avx512fp8, on CPUs that also
+// have AVX512-VBMI), and "avx512-fp32" for fp16 / fp32 caches (fp32 tiles as in the AVX2
+// kernel, both GEMMs on 512-bit FMAs).
 //
-// UNTESTED ON HARDWARE: it was written and compiled on an AVX2-only machine (AMD Zen 3)
-// and has never been executed. It mirrors the AVX2 kernel (avx2_kernels.h) step by step:
+// Run on an AMX Xeon (under MLA_EXT_CPU_ISA=avx512bf16) and a Zen 5 for bf16 / fp16 / fp32;
+// the fp8 path was written on an AVX2-only machine and checked under emulation only
+// (benchmarks/avx512_emulation). The bf16 kernel mirrors the AVX2 one (avx2_kernels.h):
 //   * the query stays in bf16 exactly as given (no rounding: q and cache share the dtype),
 //     and softmax_scale * log2(e) multiplies the fp32 dot products instead of q;
 //   * scores: vdpbf16ps straight on the bf16 cache rows (no widening of K): one
@@ -13,7 +15,7 @@
 //     fp32 FMA on 16-lane vectors, 4 rows x 64 columns of accumulators, P stays fp32;
 //   * the online softmax is the AVX2 one (16 keys = two ymm vectors).
 // decode.cpp selects it only when cpuid reports AVX512F/BW/VL/DQ + AVX512_BF16 and the OS
-// enables the ZMM state; MLA_EXT_CPU_ISA=avx2 turns it off.
+// enables the ZMM state (avx512_supports adds VBMI for fp8); MLA_EXT_CPU_ISA=avx2 turns it off.
 #include <immintrin.h>
 
 #include <cstddef>
