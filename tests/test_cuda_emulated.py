@@ -5,36 +5,16 @@
 (MLA_EXT_EMU_FULL=1) adds the reverse and seeded-random thread orders and the ASan+UBSan and
 TSan builds. The cases are tests/cuda_cases.py's, the same ones tests/test_cuda.py runs on a GPU.
 """
-import os
-
 import pytest
 import torch
 
 from cuda_cases import (APPEND_CASES, DECODE_CASES, SCALE, DecodeCase, check_close)
 from cuda_emu import runner
+from cuda_emu.pytest_support import EMULATED, FULL, MODE_IDS, MODES, build_fixture
 
-pytestmark = [
-    pytest.mark.emulated,
-    pytest.mark.skipif(runner.available() is not None, reason=f"CUDA emulation unavailable: {runner.available()}"),
-]
+pytestmark = EMULATED
 
-FULL = os.environ.get("MLA_EXT_EMU_FULL") in ("1", "sample")  # "sample": conftest keeps a share of the extra modes
-# (build flavour, thread order). Every mode also randomises nothing else: inputs are per case.
-MODES = [("plain", "forward")] + ([("plain", "reverse"), ("plain", "random"), ("asan", "random"),
-                                   ("tsan", "forward")] if FULL else [])
-
-
-@pytest.fixture(scope="session")
-def harness():
-    """flavour -> harness binary (built once per session, cached across sessions by content)."""
-    built = {}
-
-    def get(flavor):
-        if flavor not in built:
-            built[flavor] = runner.build(flavor)
-        return built[flavor]
-
-    return get
+harness = build_fixture("harness")
 
 
 def run_case(case: DecodeCase, harness, flavor="plain", order="forward", device="sm90", seed=7, inputs=None):
@@ -50,7 +30,7 @@ def expected_impl(case: DecodeCase):
     return "tc" if case.impl == "auto" and case.q_dtype != torch.float32 else "simple"
 
 
-@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+@pytest.mark.parametrize("flavor,order", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("case", DECODE_CASES, ids=[c.name for c in DECODE_CASES])
 def test_decode(case, flavor, order, harness):
     out, lse, ref_out, ref_lse, info = run_case(case, harness, flavor, order)
@@ -115,7 +95,7 @@ def test_masked_key_with_nan_stays_masked(variant, impl, device, harness):
     check_close(out[1:], lse[1:], ref_out[1:], ref_lse[1:], case.q_dtype, "sequence 1 (no NaN)", tol=tol)
 
 
-@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+@pytest.mark.parametrize("flavor,order", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("case", APPEND_CASES, ids=[c.name for c in APPEND_CASES])
 def test_append(case, flavor, order, harness):
     from mla_ext import reference

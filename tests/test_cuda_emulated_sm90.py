@@ -30,31 +30,17 @@ import torch
 from conftest import randn
 from cuda_cases import DECODE_CASES, SCALE, DecodeCase, check_close
 from cuda_emu import runner, sm90_runner
+from cuda_emu.pytest_support import EMULATED, MODE_IDS, MODES, build_fixture
 
-pytestmark = [
-    pytest.mark.emulated,
-    pytest.mark.skipif(runner.available() is not None, reason=f"CUDA emulation unavailable: {runner.available()}"),
-]
+pytestmark = EMULATED
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = os.environ.get("MLA_EXT_EMU_FULL") in ("1", "sample")  # "sample": conftest keeps a share of the extra modes
-MODES = [("plain", "forward")] + ([("plain", "reverse"), ("plain", "random"), ("asan", "random"),
-                                   ("tsan", "forward")] if FULL else [])
 
 
-@pytest.fixture(scope="session")
-def probe():
-    built = {}
-
-    def get(flavor):
-        if flavor not in built:
-            built[flavor] = runner.build(flavor, program="sm90_gemm_probe")
-        return built[flavor]
-
-    return get
+probe = build_fixture("probe", program="sm90_gemm_probe")
 
 
-@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+@pytest.mark.parametrize("flavor,order", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("n,b_mn,dtype", [(64, False, torch.bfloat16), (64, True, torch.bfloat16),
                                           (256, False, torch.bfloat16), (256, True, torch.bfloat16),
                                           (64, True, torch.float16)],
@@ -87,19 +73,10 @@ def test_gemm_probe_sees_every_operand_element(probe, gen):
         torch.testing.assert_close(c[i].double() - base[i].double(), delta * b[j].double(), rtol=1e-5, atol=1e-4)
 
 
-@pytest.fixture(scope="session")
-def sync_probe():
-    built = {}
-
-    def get(flavor):
-        if flavor not in built:
-            built[flavor] = runner.build(flavor, program="sm90_sync_probe")
-        return built[flavor]
-
-    return get
+sync_probe = build_fixture("sync_probe", program="sm90_sync_probe")
 
 
-@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+@pytest.mark.parametrize("flavor,order", MODES, ids=MODE_IDS)
 def test_bulk_copy_ring(flavor, order, sync_probe):
     """cp.async.bulk rows through a 2-stage full / empty mbarrier ring (8 chunks: both parities of
     both stages) arrive intact (sm90_sync_probe.cpp bulk_ring: 1 per byte equal to the input)."""
@@ -107,7 +84,7 @@ def test_bulk_copy_ring(flavor, order, sync_probe):
     assert out.size == 8 * 32 * 256 and out.all(), f"{int((out == 0).sum())} bytes differ"
 
 
-@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+@pytest.mark.parametrize("flavor,order", MODES, ids=MODE_IDS)
 def test_named_barrier_pingpong(flavor, order, sync_probe):
     """Two warpgroups hand a buffer back and forth 4 times with bar.arrive / bar.sync: 4 x (1 + 2)."""
     out = sm90_runner.run_sync_scenario("named_pingpong", order=order, flavor=flavor, exe=sync_probe(flavor))
@@ -206,16 +183,7 @@ assert len(SM90_CASES) >= 19 and sum(c.fp8 for c in SM90_CASES) >= 6, [c.name fo
 assert sum(c.q_dtype == torch.float16 for c in SM90_CASES) >= 6, [c.name for c in SM90_CASES]
 
 
-@pytest.fixture(scope="session")
-def harness():
-    built = {}
-
-    def get(flavor):
-        if flavor not in built:
-            built[flavor] = runner.build(flavor)
-        return built[flavor]
-
-    return get
+harness = build_fixture("harness")
 
 
 def run_sm90(case: DecodeCase, harness, flavor="plain", order="forward"):
@@ -227,7 +195,7 @@ def run_sm90(case: DecodeCase, harness, flavor="plain", order="forward"):
     return out, lse, ref_out, ref_lse, info
 
 
-@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+@pytest.mark.parametrize("flavor,order", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("case", SM90_CASES, ids=[c.name for c in SM90_CASES])
 def test_decode_sm90(case, flavor, order, harness):
     out, lse, ref_out, ref_lse, info = run_sm90(case, harness, flavor, order)
@@ -317,7 +285,7 @@ TMA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+@pytest.mark.parametrize("flavor,order", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("case", TMA_CASES, ids=[c.name for c in TMA_CASES])
 def test_decode_sm90_tma(case, flavor, order, harness):
     """Full tiles come through TMA boxes (exactly 9 per full tile, counted by the emulator), partial
@@ -521,7 +489,7 @@ SKEW_CASES = [
 ]
 
 
-@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+@pytest.mark.parametrize("flavor,order", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("case,ctas", SKEW_CASES, ids=[c.name for c, _ in SKEW_CASES])
 def test_decode_sm90_schedule(case, ctas, flavor, order, harness):
     """The device-side schedule on skewed lengths: every row against the float64 reference (empty

@@ -6,34 +6,16 @@ float64 reference (mla_ext.sparse.sparse_decode).
 (`make test-emulated`) adds the reverse and seeded-random thread orders and the ASan+UBSan and
 TSan builds. The cases are tests/sparse_cuda_cases.py's, the ones tests/test_cuda.py runs on a GPU.
 """
-import os
-
 import pytest
 import torch
 
 from cuda_emu import runner
+from cuda_emu.pytest_support import EMULATED, FULL, MODE_IDS, MODES, build_fixture
 from sparse_cuda_cases import NAN_BYTE, SCALE, SPARSE_CASES, SparseCase, check_sparse, make_cache, poison_unused
 
-pytestmark = [
-    pytest.mark.emulated,
-    pytest.mark.skipif(runner.available() is not None, reason=f"CUDA emulation unavailable: {runner.available()}"),
-]
+pytestmark = EMULATED
 
-FULL = os.environ.get("MLA_EXT_EMU_FULL") in ("1", "sample")  # "sample": conftest keeps a share of the extra modes
-MODES = [("plain", "forward")] + ([("plain", "reverse"), ("plain", "random"), ("asan", "random"),
-                                   ("tsan", "forward")] if FULL else [])
-
-
-@pytest.fixture(scope="session")
-def harness():
-    built = {}
-
-    def get(flavor):
-        if flavor not in built:
-            built[flavor] = runner.build(flavor)
-        return built[flavor]
-
-    return get
+harness = build_fixture("harness")
 
 
 def run_case(case: SparseCase, harness, flavor="plain", order="forward", device="sm90", impl=None, inputs=None):
@@ -50,7 +32,7 @@ CASE_IMPLS = [(c, "auto") for c in SPARSE_CASES] + [(c, "simple") for c in SPARS
                                                    if c.expected_impl("auto") == "tc"]
 
 
-@pytest.mark.parametrize("flavor,order", MODES, ids=[f"{f}-{o}" for f, o in MODES])
+@pytest.mark.parametrize("flavor,order", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("case,impl", CASE_IMPLS, ids=[f"{c.name}-{i}" for c, i in CASE_IMPLS])
 def test_sparse_decode(case, impl, flavor, order, harness):
     out, lse, ref_out, ref_lse, info = run_case(case, harness, flavor, order, impl=impl)
