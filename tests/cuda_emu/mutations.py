@@ -10,22 +10,15 @@ or its output differs from the float64 reference. Every mutation must be caught.
 """
 from __future__ import annotations
 
-import argparse
-import shutil
 import sys
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/: cuda_cases, cuda_emu
 
-import torch  # noqa: E402
-
 from cuda_cases import DECODE_CASES, SCALE, DecodeCase, check_close  # noqa: E402
-from cuda_emu import runner  # noqa: E402
+from cuda_emu import mutate, runner  # noqa: E402
+from cuda_emu.mutate import Mutation  # noqa: E402
 
 CASES = {c.name: c for c in DECODE_CASES}
 # A key in the causal band holds NaN (see test_masked_key_with_nan_stays_masked).
@@ -34,15 +27,7 @@ NAN_BAND = DecodeCase("nan in a causally masked key", s_q=2, lens=(40, 70))
 TC_LOOP = "cuda/decode_tc.cuh"
 
 
-@dataclass
-class Mutation:
-    name: str
-    path: str                                # relative to csrc/
-    old: str                                 # must occur exactly once
-    new: str
-    checks: List[Tuple[str, str, str, str]]  # (case, flavor, order, device)
-
-
+# checks: (case, flavor, order, device)
 M = Mutation
 MUTATIONS = [
     M("loop-top barrier deleted (next tile's copies overwrite a stage still being read)", TC_LOOP,
@@ -130,13 +115,12 @@ def run_sparse_check(case_name: str, flavor: str, order: str, device: str, exe: 
         out, lse, info = runner.run_sparse_decode(q, cache, idx, SPARSE_SCALE, **kw, impl=case.impl, device=device,
                                                   order=order, seed=11, flavor=flavor, exe=exe)
     except runner.EmulatorError as e:
-        lines = [ln for ln in str(e).splitlines() if "ERROR" in ln or "error" in ln or "SUMMARY" in ln]
-        return "error: " + (lines[0] if lines else str(e).splitlines()[0])[:110]
+        return mutate.emulator_failure(e)
     ref_out, ref_lse = case.reference(q, cache, idx, kw)
     try:
         check_sparse(out, lse, ref_out, ref_lse, case.q_dtype, case.name, tol=case.tolerance(info["impl"]))
     except AssertionError as e:
-        return "wrong result: " + str(e).splitlines()[0][:100]
+        return mutate.wrong_result(e)
     return None
 
 
@@ -153,53 +137,24 @@ def run_check(case_name: str, flavor: str, order: str, device: str, exe: Path) -
         out, lse, _ = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
                                         impl=case.impl, device=device, order=order, seed=11, flavor=flavor, exe=exe)
     except runner.EmulatorError as e:
-        lines = [ln for ln in str(e).splitlines() if "ERROR" in ln or "error" in ln or "SUMMARY" in ln]
-        return "error: " + (lines[0] if lines else str(e).splitlines()[0])[:110]
+        return mutate.emulator_failure(e)
     ref_out, ref_lse = case.reference(q_nope, q_pe, cache, table, seqlens, scale)
     try:
         if case is NAN_BAND:  # only query 0 must match (query 1 sees the NaN)
             out, lse, ref_out, ref_lse = out[:, 0], lse[:, 0], ref_out[:, 0], ref_lse[:, 0]
         check_close(out, lse, ref_out, ref_lse, case.q_dtype, case.name, tol=case.tolerance())
     except AssertionError as e:
-        return "wrong result: " + str(e).splitlines()[0][:100]
+        return mutate.wrong_result(e)
     return None
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="", help="run the mutations whose name contains this")
-    args = ap.parse_args()
-    src = runner.REPO / "csrc"
-    survivors = 0
-    rows = []
-    for m in MUTATIONS:
-        if args.only not in m.name:
-            continue
-        t0 = time.time()
-        with tempfile.TemporaryDirectory(prefix="mla-mutant-") as d:
-            mutant = Path(d) / "csrc"
-            shutil.copytree(src, mutant)
-            target = mutant / m.path
-            text = target.read_text()
-            if text.count(m.old) != 1:
-                print(f"FAIL  {m.name}: the planted line occurs {text.count(m.old)} times in {m.path}", flush=True)
-                survivors += 1
-                continue
-            target.write_text(text.replace(m.old, m.new))
-            verdicts = []
-            for case_name, flavor, order, device in m.checks:
-                exe = runner.build(flavor, csrc=mutant)
-                verdicts.append((f"{case_name} [{flavor} {order} {device}]", run_check(case_name, flavor, order,
-                                                                                       device, exe)))
-        caught = any(v for _, v in verdicts)
-        survivors += not caught
-        rows.append((m.name, verdicts, caught))
-        print(f"{'caught' if caught else 'SURVIVED':8} {m.name} ({time.time() - t0:.0f} s)", flush=True)
-        for what, v in verdicts:
-            print(f"           {what}: {v or 'passed'}", flush=True)
-    print(f"\n{len(rows) - survivors} of {len(rows)} planted bugs caught")
-    return 1 if survivors else 0
+def evaluate(m: Mutation, mutant: Path):
+    verdicts = []
+    for case_name, flavor, order, device in m.checks:
+        exe = runner.build(flavor, csrc=mutant)
+        verdicts.append((f"{case_name} [{flavor} {order} {device}]", run_check(case_name, flavor, order, device, exe)))
+    return verdicts
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(mutate.main(MUTATIONS, evaluate, __doc__))

@@ -12,36 +12,23 @@ sanitizer error or a result that differs from the float64 matmul. Every mutation
 """
 from __future__ import annotations
 
-import argparse
-import shutil
 import sys
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/
 
 import torch  # noqa: E402
 
-from cuda_emu import runner, sm90_runner  # noqa: E402
+from cuda_emu import mutate, runner, sm90_runner  # noqa: E402
+from cuda_emu.mutate import Mutation  # noqa: E402
 
 PROBE = "cuda/sm90/gemm_probe.cuh"
 DECODE = "cuda/sm90/decode_sm90.cuh"
 DECODE_HOST = "cuda/sm90/decode_sm90.cu"  # the launcher: the cache's tensor map (TMA path)
 
 
-@dataclass
-class Mutation:
-    name: str
-    path: str                                # relative to csrc/
-    old: str                                 # must occur exactly once
-    new: str
-    checks: List[tuple]                      # (N, B MN-major, flavor, order); decode: (case, flavor, order)
-
-
+# checks: (N, B MN-major, flavor, order) for the probe; (case, flavor, order) for the decode kernel
 M = Mutation
 MUTATIONS = [
     M("A descriptor: 64-byte swizzle instead of 128", PROBE,
@@ -241,8 +228,7 @@ def run_decode_check(name: str, flavor: str, order: str, exe: Path) -> str | Non
         out, lse, info = runner.run_decode(q_nope, q_pe, cache, table, seqlens, SCALE, case.causal, kv_scale=scale,
                                            impl="sm90", order=order, seed=3, flavor=flavor, exe=exe, sms=sms)
     except runner.EmulatorError as e:
-        lines = [ln for ln in str(e).splitlines() if "error" in ln or "WARNING" in ln or "SUMMARY" in ln]
-        return "error: " + (lines[0] if lines else str(e).splitlines()[0])[:150]
+        return mutate.emulator_failure(e)
     if info["impl"] != "sm90":
         return f"ran {info['impl']}, not sm90"
     ref_out, ref_lse = ref or case.reference(q_nope, q_pe, cache, table, seqlens, scale)
@@ -254,7 +240,7 @@ def run_decode_check(name: str, flavor: str, order: str, exe: Path) -> str | Non
         else:
             check_close(out, lse, ref_out, ref_lse, case.q_dtype, name, tol=case.tolerance())
     except AssertionError as e:
-        return "wrong result: " + str(e).splitlines()[0][:150]
+        return mutate.wrong_result(e)
     return None
 
 
@@ -267,8 +253,7 @@ def run_check(n: int, b_mn: bool, flavor: str, order: str, exe: Path) -> str | N
     try:
         c = sm90_runner.run_gemm(a, b, b_mn, order=order, seed=3, flavor=flavor, exe=exe)
     except runner.EmulatorError as e:
-        lines = [ln for ln in str(e).splitlines() if "error" in ln or "WARNING" in ln or "SUMMARY" in ln]
-        return "error: " + (lines[0] if lines else str(e).splitlines()[0])[:150]
+        return mutate.emulator_failure(e)
     ref = a.double() @ (b.double() if b_mn else b.double().T)
     err = (c.double() - ref).abs().max().item()
     if not err <= 1e-4:  # the tolerance of tests/test_cuda_emulated_sm90.py (NaN fails too)
@@ -276,45 +261,18 @@ def run_check(n: int, b_mn: bool, flavor: str, order: str, exe: Path) -> str | N
     return None
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="", help="run the mutations whose name contains this")
-    args = ap.parse_args()
-    src = runner.REPO / "csrc"
-    survivors, rows = 0, 0
-    for m in MUTATIONS + DECODE_MUTATIONS + SCHED_MUTATIONS:
-        if args.only not in m.name:
-            continue
-        rows += 1
-        t0 = time.time()
-        with tempfile.TemporaryDirectory(prefix="mla-mutant-sm90-") as d:
-            mutant = Path(d) / "csrc"
-            shutil.copytree(src, mutant)
-            target = mutant / m.path
-            text = target.read_text()
-            if text.count(m.old) != 1:
-                print(f"FAIL     {m.name}: the planted text occurs {text.count(m.old)} times in {m.path}", flush=True)
-                survivors += 1
-                continue
-            target.write_text(text.replace(m.old, m.new))
-            verdicts = []
-            if m.path != PROBE:  # the decode kernel, its schedule or the combine
-                for name, flavor, order in m.checks:
-                    exe = runner.build(flavor, csrc=mutant)
-                    verdicts.append((f"{name} [{flavor} {order}]", run_decode_check(name, flavor, order, exe)))
-            else:
-                for n, b_mn, flavor, order in m.checks:
-                    exe = runner.build(flavor, csrc=mutant, program="sm90_gemm_probe")
-                    verdicts.append((f"N={n} {'B MN' if b_mn else 'B K'} [{flavor} {order}]",
-                                     run_check(n, b_mn, flavor, order, exe)))
-        caught = any(v for _, v in verdicts)
-        survivors += not caught
-        print(f"{'caught' if caught else 'SURVIVED':8} {m.name} ({time.time() - t0:.0f} s)", flush=True)
-        for what, v in verdicts:
-            print(f"           {what}: {v or 'passed'}", flush=True)
-    print(f"\n{rows - survivors} of {rows} planted bugs caught")
-    return 1 if survivors else 0
+def evaluate(m: Mutation, mutant: Path):
+    verdicts = []
+    if m.path != PROBE:  # the decode kernel, its schedule or the combine
+        for name, flavor, order in m.checks:
+            exe = runner.build(flavor, csrc=mutant)
+            verdicts.append((f"{name} [{flavor} {order}]", run_decode_check(name, flavor, order, exe)))
+    else:
+        for n, b_mn, flavor, order in m.checks:
+            exe = runner.build(flavor, csrc=mutant, program="sm90_gemm_probe")
+            verdicts.append((f"N={n} {'B MN' if b_mn else 'B K'} [{flavor} {order}]", run_check(n, b_mn, flavor, order, exe)))
+    return verdicts
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(mutate.main(MUTATIONS + DECODE_MUTATIONS + SCHED_MUTATIONS, evaluate, __doc__))
