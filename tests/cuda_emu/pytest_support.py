@@ -38,5 +38,4 @@ def build_fixture(name: str, program: str = "harness"):
 
         return get
 
-    fixture.__name__ = name
     return pytest.fixture(scope="session", name=name)(fixture)
